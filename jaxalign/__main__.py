@@ -1,0 +1,3 @@
+from jaxalign.cli import run
+
+run()

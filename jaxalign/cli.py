@@ -1,0 +1,78 @@
+"""The `jaxalign` command line: `jaxalign <command> [--flags]`.
+
+Each command lives in `jaxalign/commands/<name>.py` and defines its absl flags at import and a
+`main(argv)`. Only the chosen command's module is imported, so commands never fight over flag names.
+Bad input (an `InputError`, a missing path) exits with status 2 and one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app
+
+from jaxalign.errors import InputError
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+  "demo": ("jaxalign.commands.demo", "make a realistic EM stack, distort it, align it, write a report"),
+  "import": ("jaxalign.commands.import_stack", "import a PNG/TIFF stack into a volume"),
+  "export": ("jaxalign.commands.export", "export a volume to PNG/TIFF sections"),
+  "pyramid": ("jaxalign.commands.pyramid", "build MIP levels of a volume"),
+  "align": ("jaxalign.commands.align", "align a volume (blocks, voting, composition with decay)"),
+  "render": ("jaxalign.commands.render", "warp a volume by a field volume"),
+  "eval": ("jaxalign.commands.eval", "evaluate alignment (CPC; EPE with ground truth)"),
+  "train": ("jaxalign.commands.train", "train a SEAMLeSS pyramid"),
+  "view": ("jaxalign.commands.view", "write neuroglancer output and print a link"),
+  "detect": ("jaxalign.commands.detect", "detect cracks, folds and tissue"),
+  "train-detector": ("jaxalign.commands.train_detector", "train the defect/tissue detector"),
+}
+
+
+def _usage() -> str:
+  lines = ["usage: jaxalign <command> [--flags]   (jaxalign <command> --helpfull for flags)", "", "commands:"]
+  for name, (mod, doc) in COMMANDS.items():
+    try:
+      importlib.util.find_spec(mod)
+      available = importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:
+      available = False
+    if available:
+      lines.append(f"  {name:16s}{doc}")
+  return "\n".join(lines)
+
+
+def fail(command: str, message: str) -> "NoReturn":  # noqa: F821
+  """Prints one line naming the problem and exits with status 2."""
+  sys.stderr.write(f"jaxalign {command}: error: {message}\n")
+  sys.exit(2)
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Console-script entry point."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    sys.stdout.write(_usage() + "\n")
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    fail(command, f"unknown command {command!r}\n{_usage()}")
+  module = importlib.import_module(COMMANDS[command][0])
+
+  def main(args):
+    try:
+      return module.main(args)
+    except InputError as e:
+      fail(command, str(e))
+    except FileNotFoundError as e:
+      fail(command, f"missing path: {e.filename or e}")
+
+  try:
+    app.run(main, argv=[f"jaxalign {command}"] + argv[2:])
+  except app.UsageError as e:  # pragma: no cover - absl handles most itself
+    fail(command, str(e))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""One module per `jaxalign` subcommand (see jaxalign/cli.py)."""

@@ -1,0 +1,83 @@
+"""Input validation shared by every public entry point.
+
+Kernels stay pure and trace-friendly: they only check *static* properties (shapes, ndim) at trace
+time. Value checks (NaN, empty sections) run on concrete host arrays at the API boundary
+(`align_pair`, `align_block`, CLI commands) through the helpers below.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class InputError(ValueError):
+  """Bad user input. The CLI turns it into exit status 2 and one line naming the problem."""
+
+
+def check_image(x, name: str = "image", *, ndim: int | Sequence[int] = 2,
+                allow_empty: bool = False) -> np.ndarray:
+  """Checks a concrete image array and returns it as float32 NumPy.
+
+  Args:
+    x: array-like `[H, W]` (or `ndim` dims), any real dtype (uint8/uint16/float).
+    name: how the error message names this input.
+    ndim: accepted number(s) of dimensions.
+    allow_empty: if False, an all-zero image (no data at all) is rejected.
+  Returns:
+    float32 ndarray of the same shape.
+  """
+  ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+  try:
+    arr = np.asarray(x)
+  except Exception as e:  # noqa: BLE001 - anything unconvertible is a user error
+    raise InputError(f"{name}: cannot convert to an array ({e})") from None
+  if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    raise InputError(f"{name}: dtype {arr.dtype} is not a real numeric type (expected uint8/uint16/float32)")
+  if arr.ndim not in ndims:
+    raise InputError(f"{name}: expected {' or '.join(map(str, ndims))} dimensions, got shape {arr.shape}")
+  if arr.size == 0 or min(arr.shape) == 0:
+    raise InputError(f"{name}: empty array of shape {arr.shape}")
+  arr = arr.astype(np.float32, copy=False)
+  if not np.all(np.isfinite(arr)):
+    raise InputError(f"{name}: contains NaN or Inf values")
+  if not allow_empty and not np.any(arr):
+    raise InputError(f"{name}: all pixels are zero (no data)")
+  return arr
+
+
+def check_field(f, name: str = "field", *, shape: tuple[int, ...] | None = None) -> np.ndarray:
+  """Checks a concrete displacement field `[..., H, W, 2]` (pixels, (dy, dx)); returns float32."""
+  arr = np.asarray(f)
+  if not np.issubdtype(arr.dtype, np.floating):
+    raise InputError(f"{name}: dtype {arr.dtype} is not floating point (expected float32 pixels)")
+  if arr.ndim < 3 or arr.shape[-1] != 2:
+    raise InputError(f"{name}: expected shape [..., H, W, 2], got {arr.shape}")
+  if shape is not None and tuple(arr.shape[-3:-1]) != tuple(shape):
+    raise InputError(f"{name}: spatial shape {arr.shape[-3:-1]} does not match {tuple(shape)}")
+  if not np.all(np.isfinite(arr)):
+    raise InputError(f"{name}: contains NaN or Inf values")
+  return arr.astype(np.float32, copy=False)
+
+
+def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+  """Raises InputError if the two arrays' shapes differ."""
+  if tuple(np.shape(a)) != tuple(np.shape(b)):
+    raise InputError(f"{name_a} shape {tuple(np.shape(a))} does not match {name_b} shape {tuple(np.shape(b))}")
+
+
+def check_mask(m, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+  """Checks an optional mask (bool or 0/1 numbers) of the given shape; returns bool or None."""
+  if m is None:
+    return None
+  arr = np.asarray(m)
+  if tuple(arr.shape) != tuple(shape):
+    raise InputError(f"{name}: shape {arr.shape} does not match image shape {tuple(shape)}")
+  if arr.dtype != bool:
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+      raise InputError(f"{name}: dtype {arr.dtype} is not a mask dtype")
+    if not np.all(np.isfinite(arr)):
+      raise InputError(f"{name}: contains NaN or Inf values")
+    arr = arr > 0.5 if np.issubdtype(arr.dtype, np.floating) else arr != 0
+  return arr

@@ -1,0 +1,39 @@
+"""Shared fixtures: real EM data from ../shared/data/em (never copied into the project)."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+EM_DATA = pathlib.Path(os.environ.get("JAXALIGN_EM_DATA",
+                                      pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em")).resolve()
+
+
+def em_stack_path(name: str) -> pathlib.Path:
+  """Path of a shared stack folder; skips the test with a clear reason when absent."""
+  p = EM_DATA / name
+  if not p.is_dir():
+    pytest.skip(f"shared EM data {p} not present (tests read ../shared/data/em; set JAXALIGN_EM_DATA)")
+  return p
+
+
+def load_sections(name: str, indices, crop: int | None = None) -> np.ndarray:
+  """Loads sections `indices` of a shared stack as float32 [Z, H, W] in [0, 1], optionally centre-cropped."""
+  from PIL import Image
+  folder = em_stack_path(name)
+  out = []
+  for i in indices:
+    img = np.asarray(Image.open(folder / f"{i:03d}.png"), dtype=np.float32) / 255.0
+    if crop is not None:
+      h, w = img.shape
+      y0, x0 = (h - crop) // 2, (w - crop) // 2
+      img = img[y0:y0 + crop, x0:x0 + crop]
+    out.append(img)
+  return np.stack(out)
+
+
+@pytest.fixture
+def em_section():
+  """One real ssTEM section (ISBI 2012 #0), float32 [512, 512] in [0, 1]."""
+  return load_sections("isbi2012_train", [0])[0]
