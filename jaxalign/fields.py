@@ -1,0 +1,319 @@
+"""Displacement-field kernels: warp, compose, invert, resampling between MIP levels, blurs.
+
+Conventions (../shared/DESIGN.md §1):
+  * image: float32 `[..., H, W]` (or channels-last `[..., H, W, C]` encodings); 0 means no data.
+  * field: float32 `[..., H, W, 2]`, pixels of its own level, components (dy, dx), pull semantics:
+    `warp(M, u)[i, j] = M(i + u[i, j, 0], j + u[i, j, 1])`, bilinear, pixel centres at integer
+    coordinates, outside the image = `fill`.
+  * `compose(a, b)` is `c` with `warp(warp(M, a), b) == warp(M, c)`: `c(r) = b(r) + a(r + b(r))`.
+  * Level k+1 is 2x coarser: fields are 2x2-averaged and halved going down, bilinearly
+    upsampled and doubled going up.
+
+Every kernel is a pure function, jit-compiled at the boundary, vmappable and differentiable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.errors import InputError
+
+# Gaussian kernels are truncated at this many standard deviations.
+GAUSSIAN_TRUNCATE = 3.0
+# Fixed-point iterations of `invert`; contraction rate is the field's gradient norm, so 30 steps
+# bring a smooth field (|grad| <~ 0.3) far below 1e-3 px.
+INVERT_ITERATIONS = 30
+
+
+def _flatten_leading(x: jax.Array, core_ndim: int):
+  """Reshapes `[..., *core]` to `[B, *core]`; returns the array and the leading shape."""
+  lead = x.shape[:x.ndim - core_ndim]
+  return x.reshape((-1,) + x.shape[x.ndim - core_ndim:]), lead
+
+
+def _sample_bilinear(image: jax.Array, coords: jax.Array, *, fill: float | jax.Array,
+                     clamp: bool) -> jax.Array:
+  """Bilinear sampling of one channels-last image at arbitrary coordinates.
+
+  Args:
+    image: `[H, W, C]` float32.
+    coords: `[..., 2]` float32, absolute (y, x) sample positions in pixels.
+    fill: value of the image outside `[0, H-1] x [0, W-1]` (ignored when `clamp`).
+    clamp: if True, coordinates are clamped to the image (border replicated) instead of filled.
+  Returns:
+    `[..., C]` float32.
+  """
+  h, w, c = image.shape
+  y, x = coords[..., 0], coords[..., 1]
+  if clamp:
+    y = jnp.clip(y, 0.0, h - 1.0)
+    x = jnp.clip(x, 0.0, w - 1.0)
+  y0 = jnp.floor(y)
+  x0 = jnp.floor(x)
+  wy = (y - y0)[..., None]
+  wx = (x - x0)[..., None]
+  y0 = y0.astype(jnp.int32)
+  x0 = x0.astype(jnp.int32)
+  flat = image.reshape(h * w, c)
+
+  def corner(yi, xi):
+    inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+    vals = jnp.take(flat, idx, axis=0)
+    return jnp.where(inside[..., None], vals, fill)
+
+  v00 = corner(y0, x0)
+  v01 = corner(y0, x0 + 1)
+  v10 = corner(y0 + 1, x0)
+  v11 = corner(y0 + 1, x0 + 1)
+  top = v00 + (v01 - v00) * wx
+  bottom = v10 + (v11 - v10) * wx
+  return top + (bottom - top) * wy
+
+
+def _sample_nearest(image: jax.Array, coords: jax.Array, *, fill) -> jax.Array:
+  """Nearest-neighbour sampling; `image [H, W, C]`, `coords [..., 2]` (y, x) px -> `[..., C]`."""
+  h, w, c = image.shape
+  yi = jnp.floor(coords[..., 0] + 0.5).astype(jnp.int32)
+  xi = jnp.floor(coords[..., 1] + 0.5).astype(jnp.int32)
+  inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+  idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+  vals = jnp.take(image.reshape(h * w, c), idx, axis=0)
+  return jnp.where(inside[..., None], vals, fill)
+
+
+def _grid(h: int, w: int) -> jax.Array:
+  """`[H, W, 2]` float32 absolute (y, x) pixel coordinates."""
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+  return jnp.stack([yy, xx], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("mode",))
+def warp(image: jax.Array, field: jax.Array, *, mode: str = "bilinear",
+         fill: float | jax.Array = 0.0) -> jax.Array:
+  """Pulls `image` through `field`: `out[i, j] = image(i + field[i, j, 0], j + field[i, j, 1])`.
+
+  Args:
+    image: `[..., H, W]` float32 (then `image.ndim == field.ndim - 1`), or channels-last
+      `[..., H, W, C]` (then `image.ndim == field.ndim`). Leading dims equal the field's.
+    field: `[..., H, W, 2]` float32, pixels, (dy, dx).
+    mode: "bilinear" (blends towards `fill` across the border, like scipy
+      `map_coordinates(order=1, mode="grid-constant")`) or "nearest".
+    fill: value outside the image (0 = no data).
+  Returns:
+    Warped image with the shape of `image`, float32.
+  """
+  if field.shape[-1] != 2:
+    raise InputError(f"field must have shape [..., H, W, 2], got {field.shape}")
+  channels_last = image.ndim == field.ndim
+  if not channels_last and image.ndim != field.ndim - 1:
+    raise InputError(f"image shape {image.shape} does not fit field shape {field.shape}")
+  img = image if channels_last else image[..., None]
+  if img.shape[:-1] != field.shape[:-1]:
+    raise InputError(f"image shape {image.shape} does not match field shape {field.shape}")
+  if mode not in ("bilinear", "nearest"):
+    raise InputError(f"warp mode must be 'bilinear' or 'nearest', got {mode!r}")
+  img_b, lead = _flatten_leading(img.astype(jnp.float32), 3)
+  fld_b, _ = _flatten_leading(field.astype(jnp.float32), 3)
+  h, w = fld_b.shape[1:3]
+  grid = _grid(h, w)
+  fill = jnp.asarray(fill, jnp.float32)
+
+  def one(im, f):
+    coords = grid + f
+    if mode == "nearest":
+      return _sample_nearest(im, coords, fill=fill)
+    return _sample_bilinear(im, coords, fill=fill, clamp=False)
+
+  out = jax.vmap(one)(img_b, fld_b).reshape(lead + img.shape[-3:])
+  return out if channels_last else out[..., 0]
+
+
+@jax.jit
+def compose(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Composition `c(r) = b(r) + a(r + b(r))` so that `warp(warp(M, a), b) == warp(M, c)`.
+
+  Args:
+    a: `[..., H, W, 2]` float32, pixels, (dy, dx): the field applied first.
+    b: `[..., H, W, 2]` float32, pixels, (dy, dx): the field applied second.
+  Returns:
+    `[..., H, W, 2]` float32; `a` is sampled bilinearly with coordinates clamped to the border.
+  """
+  if a.shape != b.shape or a.shape[-1] != 2:
+    raise InputError(f"compose needs two fields of equal shape [..., H, W, 2], got {a.shape} and {b.shape}")
+  a_b, lead = _flatten_leading(a.astype(jnp.float32), 3)
+  b_b, _ = _flatten_leading(b.astype(jnp.float32), 3)
+  grid = _grid(*a.shape[-3:-1])
+
+  def one(fa, fb):
+    return fb + _sample_bilinear(fa, grid + fb, fill=0.0, clamp=True)
+
+  return jax.vmap(one)(a_b, b_b).reshape(a.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def invert(field: jax.Array, *, iterations: int = INVERT_ITERATIONS) -> jax.Array:
+  """Approximate inverse `g` with `compose(field, g) ≈ 0` (so `warp(warp(M, field), g) ≈ M`).
+
+  Solves `g(r) = -field(r + g(r))` by fixed-point iteration; converges where the field's
+  Jacobian has norm < 1 (any smooth, folding-free field).
+
+  Args:
+    field: `[..., H, W, 2]` float32, pixels, (dy, dx).
+    iterations: fixed-point steps (static: it fixes the unrolled loop structure for autodiff).
+  Returns:
+    `[..., H, W, 2]` float32 inverse field.
+  """
+  f_b, _ = _flatten_leading(field.astype(jnp.float32), 3)
+  grid = _grid(*field.shape[-3:-1])
+
+  def one(f):
+    def step(_, g):
+      return -_sample_bilinear(f, grid + g, fill=0.0, clamp=True)
+    return jax.lax.fori_loop(0, iterations, step, -f)
+
+  return jax.vmap(one)(f_b).reshape(field.shape)
+
+
+def identity(shape) -> jax.Array:
+  """Zero field for images of `shape = (..., H, W)`: `[..., H, W, 2]` float32."""
+  return jnp.zeros(tuple(shape) + (2,), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def from_affine(matrix: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """Field of an affine map given in (y, x) pixel coordinates.
+
+  Args:
+    matrix: `[2, 3]` float32: the sample point of output pixel (y, x) is
+      `(y', x') = matrix @ (y, x, 1)`.
+    shape: (H, W).
+  Returns:
+    `[H, W, 2]` float32 field `(y' - y, x' - x)`, pixels, (dy, dx).
+  """
+  matrix = jnp.asarray(matrix, jnp.float32)
+  if matrix.shape != (2, 3):
+    raise InputError(f"affine matrix must be [2, 3] in (y, x) pixel coordinates, got {matrix.shape}")
+  grid = _grid(*shape)
+  homog = jnp.concatenate([grid, jnp.ones(grid.shape[:-1] + (1,), jnp.float32)], axis=-1)
+  return homog @ matrix.T - grid
+
+
+def _check_even(shape, what: str) -> None:
+  h, w = shape
+  if h % 2 or w % 2:
+    raise InputError(f"{what}: spatial size {h}x{w} must be even to go one MIP level down "
+                     "(pad to a multiple of 2**levels first)")
+
+
+@functools.partial(jax.jit, static_argnames=("reduce",))
+def downsample_image(image: jax.Array, reduce: str = "mean") -> jax.Array:
+  """One MIP level down: `[..., H, W]` -> `[..., H/2, W/2]` by 2x2 mean, max or min.
+
+  Images use "mean", defect masks "max", tissue masks "min" (DESIGN.md §1).
+  """
+  _check_even(image.shape[-2:], "downsample_image")
+  h, w = image.shape[-2:]
+  blocks = image.reshape(image.shape[:-2] + (h // 2, 2, w // 2, 2))
+  if reduce == "mean":
+    return blocks.mean(axis=(-3, -1))
+  if reduce == "max":
+    return blocks.max(axis=(-3, -1))
+  if reduce == "min":
+    return blocks.min(axis=(-3, -1))
+  raise InputError(f"reduce must be 'mean', 'max' or 'min', got {reduce!r}")
+
+
+@jax.jit
+def downsample_field(field: jax.Array) -> jax.Array:
+  """One MIP level down: `[..., H, W, 2]` -> `[..., H/2, W/2, 2]`, 2x2 mean times 0.5 (px of level k+1)."""
+  _check_even(field.shape[-3:-1], "downsample_field")
+  h, w = field.shape[-3:-1]
+  blocks = field.reshape(field.shape[:-3] + (h // 2, 2, w // 2, 2, 2))
+  return 0.5 * blocks.mean(axis=(-4, -2))
+
+
+def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
+  """Doubles `axis` by linear interpolation with half-pixel centres (fine j <- coarse (j - 0.5) / 2)."""
+  n = x.shape[axis]
+  fine = jnp.arange(2 * n, dtype=jnp.float32)
+  pos = jnp.clip((fine - 0.5) / 2.0, 0.0, n - 1.0)
+  i0 = jnp.floor(pos).astype(jnp.int32)
+  i1 = jnp.minimum(i0 + 1, n - 1)
+  t = pos - i0
+  shape = [1] * x.ndim
+  shape[axis] = 2 * n
+  t = t.reshape(shape)
+  return jnp.take(x, i0, axis=axis) * (1 - t) + jnp.take(x, i1, axis=axis) * t
+
+
+@jax.jit
+def upsample_image(image: jax.Array) -> jax.Array:
+  """One MIP level up: `[..., H, W]` -> `[..., 2H, 2W]`, bilinear with half-pixel centres, edges clamped."""
+  return _upsample_axis(_upsample_axis(image, image.ndim - 2), image.ndim - 1)
+
+
+@jax.jit
+def upsample_field(field: jax.Array) -> jax.Array:
+  """One MIP level up: `[..., H, W, 2]` -> `[..., 2H, 2W, 2]`, bilinear, times 2 (px of level k-1)."""
+  return 2.0 * _upsample_axis(_upsample_axis(field, field.ndim - 3), field.ndim - 2)
+
+
+def pyramid(image: jax.Array, levels: int, reduce: str = "mean") -> list[jax.Array]:
+  """MIP pyramid `[level 0 = image, level 1, ..., level levels-1]`, each `[..., H/2^k, W/2^k]`.
+
+  Args:
+    image: `[..., H, W]` float32 (H, W divisible by 2**(levels-1)).
+    levels: number of levels returned (>= 1).
+    reduce: "mean" for images, "max" for defect masks, "min" for tissue masks.
+  """
+  if levels < 1:
+    raise InputError(f"pyramid needs levels >= 1, got {levels}")
+  out = [jnp.asarray(image)]
+  for _ in range(levels - 1):
+    out.append(downsample_image(out[-1], reduce=reduce))
+  return out
+
+
+def gaussian_kernel(sigma: float) -> jax.Array:
+  """Normalised 1-D Gaussian taps `[2r+1]`, r = ceil(GAUSSIAN_TRUNCATE * sigma)."""
+  radius = max(1, int(math.ceil(GAUSSIAN_TRUNCATE * sigma)))
+  x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  k = jnp.exp(-0.5 * (x / sigma) ** 2)
+  return k / k.sum()
+
+
+@functools.partial(jax.jit, static_argnames=("sigma",))
+def gaussian_blur(image: jax.Array, sigma: float) -> jax.Array:
+  """Separable Gaussian blur over the last two axes, reflect-padded.
+
+  Args:
+    image: `[..., H, W]` float32.
+    sigma: standard deviation in pixels (static: it fixes the kernel size); 0 returns the input.
+  Returns:
+    `[..., H, W]` float32.
+  """
+  if sigma <= 0:
+    return image
+  k = gaussian_kernel(sigma)
+  r = (k.shape[0] - 1) // 2
+  x, lead = _flatten_leading(image.astype(jnp.float32), 2)
+  h, w = x.shape[1:]
+  # Reflect padding needs r < size; fall back to edge replication for tiny images.
+  pad_mode = "reflect" if r < min(h, w) else "edge"
+  x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode=pad_mode)[:, None]  # [B, 1, H+2r, W+2r]
+  dn = ("NCHW", "OIHW", "NCHW")
+  x = jax.lax.conv_general_dilated(x, k.reshape(1, 1, -1, 1), (1, 1), "VALID", dimension_numbers=dn)
+  x = jax.lax.conv_general_dilated(x, k.reshape(1, 1, 1, -1), (1, 1), "VALID", dimension_numbers=dn)
+  return x[:, 0].reshape(lead + (h, w))
+
+
+@functools.partial(jax.jit, static_argnames=("sigma",))
+def blur_field(field: jax.Array, sigma: float) -> jax.Array:
+  """Gaussian blur of each component of `[..., H, W, 2]` over (H, W); sigma in pixels (static)."""
+  return jnp.moveaxis(gaussian_blur(jnp.moveaxis(field, -1, 0), sigma), 0, -1)

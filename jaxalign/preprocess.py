@@ -1,0 +1,43 @@
+"""Per-section preprocessing: masking and normalisation that ignore 'no data' (zero) pixels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Keeps normalisation finite on flat (zero-variance) sections.
+NORMALIZE_EPS = 1e-6
+
+
+@jax.jit
+def apply_mask(image: jax.Array, exclude: jax.Array | None) -> jax.Array:
+  """Zeroes pixels to be ignored (defects, non-tissue): `[..., H, W]` -> `[..., H, W]`.
+
+  Args:
+    image: `[..., H, W]` float32.
+    exclude: `[..., H, W]` bool (True = no data there), or None.
+  """
+  if exclude is None:
+    return image
+  return jnp.where(jnp.asarray(exclude, bool), 0.0, image)
+
+
+@jax.jit
+def normalize(image: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Zero-mean, unit-variance over non-zero pixels only; zeros (no data) stay zero.
+
+  Args:
+    image: `[H, W]` float32 (vmap for stacks).
+    mask: optional `[H, W]` bool of pixels to use (True = tissue); combined with `image != 0`.
+  Returns:
+    `[H, W]` float32.
+  """
+  image = jnp.asarray(image, jnp.float32)
+  valid = image != 0
+  if mask is not None:
+    valid = valid & jnp.asarray(mask, bool)
+  n = jnp.maximum(valid.sum(), 1)
+  mean = jnp.where(valid, image, 0.0).sum() / n
+  var = jnp.where(valid, (image - mean) ** 2, 0.0).sum() / n
+  out = (image - mean) / jnp.sqrt(var + NORMALIZE_EPS)
+  return jnp.where(valid, out, 0.0)
