@@ -61,7 +61,8 @@ def decay_field(field: jax.Array, distance: float | jax.Array, *,
     `[H, W, 2]` float32: `clip(1 - d/decay_distance, 0, 1) * lowpass_{blur_rate * d}(field)`.
   """
   distance = jnp.maximum(jnp.asarray(distance, jnp.float32), 0.0)
-  gain = jnp.clip(1.0 - distance / decay_distance, 0.0, 1.0)
+  # (D - d) / D rather than 1 - d / D: exactly 0 at d = D in float32.
+  gain = jnp.clip((decay_distance - distance) / decay_distance, 0.0, 1.0)
   hier = _hierarchy(field.astype(jnp.float32))
   top = hier.shape[0] - 1
   # A 2^l-px box average followed by bilinear upsampling acts like a blur of sigma ~ 2^l - 1 px.

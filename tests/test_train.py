@@ -1,0 +1,283 @@
+"""Training: losses vs NumPy references, augmentation geometry, a tiny model learning, compile-once,
+checkpoint/resume, and clear errors for malformed configs and datasets."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import ndimage
+
+from jaxalign import losses, models, train
+from jaxalign.errors import InputError
+from tests.conftest import load_sections
+
+
+def np_warp(img, field):
+  """float64 reference warp (pull, bilinear, outside = 0) of `[H, W]` by `[H, W, 2]`."""
+  h, w = img.shape
+  yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  coords = np.stack([yy + field[..., 0], xx + field[..., 1]])
+  return ndimage.map_coordinates(np.asarray(img, np.float64), coords, order=1, mode="grid-constant", cval=0.0)
+
+
+def tiny_level_cfg(mip=0):
+  return models.LevelConfig(mip=mip, encoder=models.EncoderConfig(channels=4, blocks=1, out_channels=3),
+                            aligner=models.AlignerConfig(scales=2, channels=6, dilations=(1, 2)), finetune=None)
+
+
+def tiny_train_cfg(**kw):
+  base = dict(pyramid=models.PyramidConfig(levels=(tiny_level_cfg(0),)), crop=32, batch_size=2, chunk=16,
+              stage1_epochs=1, stage2_epochs=1, eval_every=2, checkpoint_every=2, keep_last=2,
+              learning_rate=3e-3)
+  base.update(kw)
+  return train.TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+def test_stage1_loss_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  b, h, w = 2, 24, 28
+  src = rng.normal(size=(b, h, w)).astype(np.float32)
+  tgt = rng.normal(size=(b, h, w)).astype(np.float32)
+  src[0, 5:9, 5:9] = 0.0    # no data in src
+  tgt[1, 10:14, 2:6] = 0.0  # no data in tgt
+  defects = np.zeros((b, h, w), bool)
+  defects[0, 15:18, 15:20] = True
+  field = (rng.normal(size=(b, h, w, 2)) * 1.5).astype(np.float32)
+
+  # reference masks and MSE, float64
+  num = den = 0.0
+  for i in range(b):
+    warped = np_warp(src[i], field[i])
+    support = np_warp((src[i] != 0).astype(float), field[i]) > train.FULL_SUPPORT
+    mask = support & (tgt[i] != 0)
+    num += ((warped - tgt[i]) ** 2)[mask].sum()
+    den += mask.sum()
+  mse_ref = num / den
+  el_mask_ref = 1.0 - (np.stack([np_warp(defects[i].astype(float), field[i]) for i in range(b)]) > 0)
+
+  loss0, terms = train.stage1_loss(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field), jnp.asarray(defects), 0.0)
+  np.testing.assert_allclose(float(loss0), mse_ref, rtol=1e-4)
+  np.testing.assert_allclose(float(terms["mse"]), mse_ref, rtol=1e-4)
+  # the elastic term is gamma times the kernel's masked elastic loss, with the weight zeroed on defects
+  gamma = 7.0
+  loss_g, _ = train.stage1_loss(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field), jnp.asarray(defects), gamma)
+  el_ref = float(losses.elastic_loss(jnp.asarray(field), jnp.asarray(el_mask_ref, jnp.float32)))
+  np.testing.assert_allclose(float(loss_g) - float(loss0), gamma * el_ref, rtol=1e-4)
+  assert el_mask_ref.min() == 0.0  # the defect really released some springs
+
+
+def np_best_sample(a, b, mask, chunk, pct):
+  """Loop reference: chunks with >= 50 % valid pixels, keep those <= the k-th percentile, average."""
+  vals = []
+  for n in range(a.shape[0]):
+    mses = []
+    for y in range(0, a.shape[1], chunk):
+      for x in range(0, a.shape[2], chunk):
+        m = mask[n, y:y + chunk, x:x + chunk].astype(np.float64)
+        if m.sum() / chunk ** 2 < train.MIN_CHUNK_COVERAGE:
+          continue
+        d = ((a[n, y:y + chunk, x:x + chunk] - b[n, y:y + chunk, x:x + chunk]) ** 2).mean(-1)
+        mses.append((d * m).sum() / m.sum())
+    if mses:
+      mses = np.array(mses)
+      thr = np.percentile(mses, pct)
+      vals.append(mses[mses <= thr].mean())
+  return float(np.mean(vals))
+
+
+@pytest.mark.parametrize("pct", [50.0, 25.0, 100.0])
+def test_best_sample_selection_matches_numpy(pct):
+  rng = np.random.default_rng(1)
+  bsz, h, w, c, chunk = 3, 64, 96, 4, 16
+  a = rng.normal(size=(bsz, h, w, c)).astype(np.float32)
+  # chunks of very different similarity, so the selection matters
+  scale = rng.uniform(0.05, 2.0, size=(bsz, h // chunk, w // chunk))
+  noise = rng.normal(size=a.shape) * np.repeat(np.repeat(scale, chunk, 1), chunk, 2)[..., None]
+  b = (a + noise).astype(np.float32)
+  mask = np.ones((bsz, h, w), np.float32)
+  mask[0, :20, :40] = 0.0          # partly empty chunks (some under 50 % coverage)
+  mask[2, 30:, :] = 0.0
+  got = float(train.best_sample_similarity(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask), chunk=chunk,
+                                           percentile=pct))
+  np.testing.assert_allclose(got, np_best_sample(a, b, mask, chunk, pct), rtol=1e-5)
+  # the bottom half is strictly more similar than all chunks together
+  if pct == 50.0:
+    assert got < np_best_sample(a, b, mask, chunk, 100.0)
+
+
+def test_stage2_loss_matches_numpy_reference():
+  rng = np.random.default_rng(2)
+  bsz, h, w, c = 2, 32, 32, 3
+  se = rng.normal(size=(bsz, h, w, c)).astype(np.float32)
+  te = rng.normal(size=(bsz, h, w, c)).astype(np.float32)
+  field = (rng.normal(size=(bsz, h, w, 2)) * 0.8).astype(np.float32)
+  init = np.zeros_like(field)
+  defects = np.zeros((bsz, h, w), bool)
+  alpha = 0.7
+  loss, terms = train.stage2_loss(jnp.asarray(se), jnp.asarray(te), jnp.asarray(init), jnp.asarray(field),
+                                  jnp.asarray(defects), 0.0, alpha, 16, 50.0)
+  num = den = 0.0
+  for i in range(bsz):
+    warped = np.stack([np_warp(se[i, ..., k], field[i]) for k in range(c)], -1)
+    mask = np_warp(np.ones((h, w)), field[i]) > train.FULL_SUPPORT
+    num += ((warped - te[i]) ** 2).mean(-1)[mask].sum()
+    den += mask.sum()
+  mse_ref = num / den
+  pre_mask = np.ones((bsz, h, w))
+  pre_ref = np_best_sample(se, te, pre_mask, 16, 50.0)
+  np.testing.assert_allclose(float(terms["mse"]), mse_ref, rtol=1e-4)
+  np.testing.assert_allclose(float(terms["best_sample"]), pre_ref, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), mse_ref - alpha * pre_ref, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and augmentation
+# ------------------------------------------------------------------------------------------------
+
+def test_augment_keeps_pair_geometry():
+  """After random flips/transposes, the transformed field still maps the transformed src onto tgt."""
+  rng = np.random.default_rng(3)
+  n = 48
+  base = ndimage.gaussian_filter(rng.normal(size=(n + 16, n + 16)), 2.0)
+  tgt = base[8:8 + n, 8:8 + n]
+  shift = np.array([2.0, -3.0])   # warp(src, shift) == tgt  <=>  src(r + shift) = tgt(r)
+  src = base[8 - 2:8 - 2 + n, 8 + 3:8 + 3 + n]
+  field = np.broadcast_to(shift, (n, n, 2)).astype(np.float32)
+  np.testing.assert_allclose(np_warp(src, field)[4:-4, 4:-4], tgt[4:-4, 4:-4], atol=1e-6)
+  bsz = 8
+  batch = train.Batch(jnp.asarray(np.stack([src + 5] * bsz), jnp.float32),
+                      jnp.asarray(np.stack([tgt + 5] * bsz), jnp.float32),
+                      jnp.zeros((bsz, n, n)), jnp.asarray(np.stack([field] * bsz)))
+  out = train.augment(jax.random.PRNGKey(0), batch, (1.0, 1.0))
+  fields_seen = set()
+  for i in range(bsz):
+    s, t, f = np.asarray(out.src[i]), np.asarray(out.tgt[i]), np.asarray(out.init[i])
+    fields_seen.add(tuple(np.round(f[0, 0], 3)))
+    np.testing.assert_allclose(np_warp(s, f)[4:-4, 4:-4], t[4:-4, 4:-4], atol=1e-4)
+  assert len(fields_seen) >= 3  # several different flips/transposes happened
+
+
+def test_make_pairs_ground_truth_aligns_real_sections():
+  """The generated ground truth undoes the random distortion: warp(src, gt) ≈ the undistorted section."""
+  secs = load_sections("flyem_medulla_fibsem", [0, 1], crop=128)
+  aug = dataclasses.replace(train.AugmentConfig(), stripe_probability=0.0, blob_probability=0.0,
+                            swap_probability=0.0)
+  ps = train.make_pairs(secs, jax.random.PRNGKey(0), aug)
+  assert ps.src.shape == (1, 128, 128) and ps.gt.shape == (1, 128, 128, 2)
+  back = np_warp(ps.src[0], ps.gt[0])
+  inner = (slice(30, -30), slice(30, -30))
+  err = np.abs(back[inner] - secs[0][inner]).mean()
+  err_distorted = np.abs(ps.src[0][inner] - secs[0][inner]).mean()
+  # what is left is bilinear resampling blur (two interpolations), far below the distortion's error
+  assert err < 0.2 * err_distorted, (err, err_distorted)
+  assert np.abs(ps.gt[0]).max() > 2.0  # a real distortion was applied
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pairs():
+  secs = load_sections("isbi2012_train", range(5), crop=64)
+  aug = dataclasses.replace(train.AugmentConfig(), max_translation=3.0, smooth_amplitude=1.5,
+                            smooth_spacing=16, max_rotation_deg=0.5)
+  return (train.make_pairs(secs[:3], jax.random.PRNGKey(0), aug, multiple=2, name="t"),
+          train.make_pairs(secs[3:], jax.random.PRNGKey(1), aug, multiple=2, name="v"))
+
+
+def test_tiny_model_trains_and_compiles_once(tiny_pairs):
+  cfg = tiny_train_cfg()
+  level = models.Level(tiny_level_cfg(), rngs=nnx.Rngs(0))
+  opt = train.make_optimizer(level, cfg, 100)
+  ts = train.TrainStep(level, opt, cfg, 0, stage=1)
+  data = train.level_data(tiny_pairs[0], 0, None)
+  rng = np.random.default_rng(0)
+  fixed = train.sample_batch(rng, [data], cfg.batch_size, cfg.crop)
+  key = jax.random.PRNGKey(0)
+  first = float(ts(fixed, key)["loss"])
+  for i in range(12):
+    # fresh batches too: the step must not retrace for new data
+    ts(train.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(i + 1))
+    ts(fixed, key)
+  last = float(ts(fixed, key)["loss"])
+  assert ts.traces == 1
+  assert last < 0.95 * first, (first, last)
+
+
+def test_checkpoint_resume_and_restore(tmp_path, tiny_pairs):
+  cfg = tiny_train_cfg()
+  n_pairs = tiny_pairs[0].src.shape[0]
+  total = sum(p.steps for p in train.schedule(cfg, n_pairs))
+  assert total == 4  # 2 pairs / batch 2 = 1 step per epoch... x2 stages? (validated below)
+  wd = tmp_path / "run"
+  part = train.train(cfg, wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]), max_steps=2)
+  assert part.step == 2 and not (wd / "pyramid.npz").exists()
+  full = train.train(cfg, wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]))
+  assert full.step == total
+  recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in recs if "loss" in r]
+  assert steps == sorted(steps) and steps.count(2) == 1 and steps[-1] == total  # resumed after 2, no redo
+
+  # restore the last checkpoint into a fresh pyramid: identical outputs
+  src = jnp.asarray(tiny_pairs[1].src[:1, :32, :32])
+  tgt = jnp.asarray(tiny_pairs[1].tgt[:1, :32, :32])
+  init = jnp.zeros((1, 32, 32, 2))
+  fresh = models.Pyramid(cfg.pyramid, rngs=nnx.Rngs(123))
+  before = np.asarray(fresh.levels[0](src, tgt, init))
+  ck = train.Checkpoints(wd, cfg.keep_last)
+  assert ck.latest_step() == total
+  ck.restore(total, fresh)
+  ck.close()
+  want = np.asarray(full.pyramid.levels[0](src, tgt, init))
+  np.testing.assert_array_equal(np.asarray(fresh.levels[0](src, tgt, init)), want)
+  assert not np.array_equal(before, want)
+  # the exported compact weights give the same outputs too
+  loaded = models.load_weights(wd / "pyramid")
+  np.testing.assert_array_equal(np.asarray(loaded.levels[0](src, tgt, init)), want)
+  # a different config in the same workdir is refused instead of mixing runs
+  with pytest.raises(InputError, match="different config"):
+    train.train(dataclasses.replace(cfg, learning_rate=1e-2), wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(crop=40), "multiple"),
+    (dict(stage1_epochs=0, stage2_epochs=0), "epochs"),
+    (dict(percentile=0.0), "percentile"),
+    (dict(gammas=(-1.0,)), "gammas"),
+    (dict(pyramid=models.PyramidConfig(levels=(tiny_level_cfg(0), tiny_level_cfg(1)))), "coarse to fine"),
+])
+def test_malformed_config_is_input_error(kw, msg):
+  with pytest.raises(InputError, match=msg):
+    train.validate_train_config(tiny_train_cfg(**kw))
+
+
+def test_malformed_dataset_and_config_dict_are_input_errors(tmp_path):
+  with pytest.raises(InputError, match="does not exist"):
+    train.build_dataset(tiny_train_cfg(data_root=str(tmp_path / "nope")))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match="at least 2 sections"):
+    train.build_dataset(tiny_train_cfg(data_root=str(tmp_path), stacks=(("empty", 1),)))
+  with pytest.raises(InputError, match="stack"):
+    train.make_pairs(np.zeros((1, 8, 8)), jax.random.PRNGKey(0), train.AugmentConfig())
+  d = train.config_to_dict(tiny_train_cfg())
+  assert train.config_from_dict(d) == tiny_train_cfg()
+  d["pyramid"]["levels"][0]["encoder"]["channels"] = "wide"
+  with pytest.raises(InputError):
+    train.config_from_dict(d)
+  del d["pyramid"]
+  with pytest.raises(InputError, match="malformed"):
+    train.config_from_dict(d)
