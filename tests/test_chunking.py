@@ -110,3 +110,14 @@ def test_bad_arguments():
     chunking.map_chunks(lambda a, b: a, (np.zeros((10, 10)), np.zeros((10, 11))), 8, 1)
   with pytest.raises(InputError, match="mode"):
     chunking.map_chunks(lambda a: a, np.zeros((10, 10)), 8, 1, mode="average")
+
+
+def test_chunks_stream_from_a_volume(tmp_path):
+  from jaxalign import io
+  x = load_sections("isbi2012_train", [5, 6], crop=128)
+  vol = io.create_volume(str(tmp_path / "v"), x.shape, np.float32, (50, 4, 4), chunks=(1, 32, 32))
+  vol.write(x)
+  ref = ndi.maximum_filter(x[1], size=7, mode="nearest")
+  got = chunking.map_chunks(lambda a: ndi.maximum_filter(a, size=7, mode="nearest"), vol.array(0)[1], 48, 4,
+                            batch=None)
+  np.testing.assert_array_equal(got, ref)

@@ -27,7 +27,7 @@ def reference_warp(img, field, order=1, cval=0.0):
   h, w = img.shape
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
   coords = [yy + field[..., 0], xx + field[..., 1]]
-  mode = "grid-constant" if order == 1 else "constant"
+  mode = "grid-constant" if order == 1 else "mirror"
   return ndimage.map_coordinates(img.astype(np.float64), coords, order=order, mode=mode, cval=cval)
 
 
