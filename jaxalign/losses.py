@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Offsets of the four spring directions; the other four are the same springs seen from the
 # other end, so each spring is counted once per endpoint with half its energy.
@@ -80,8 +81,28 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
 @jax.jit
 def elastic_loss(field: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Masked mean spring energy (scalar, px^2) of `field [..., H, W, 2]` over pixels in `mask [..., H, W]`."""
-  return masked_mean(elastic_energy(field, mask), mask)
+  """Masked mean spring energy (scalar, px^2) of `field [..., H, W, 2]` over pixels in `mask [..., H, W]`.
+
+  Equals `sum(elastic_energy(field, mask)) / sum(mask)` for a 0/1 mask, computed spring by spring
+  on overlapping slices (no per-pixel map, no padding): this is the finetuner's inner loop.
+  """
+  field = field.astype(jnp.float32)
+  h, w = field.shape[-3:-1]
+  m = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, jnp.float32), field.shape[:-1])
+  total = jnp.zeros(field.shape[:-3], jnp.float32)
+  for dy, dx in _SPRING_OFFSETS:
+    rest = float(np.hypot(dy, dx))
+    x0, x1 = max(0, -dx), w - max(0, dx)
+    p = field[..., 0:h - dy, x0:x1, :]
+    q = field[..., dy:h, x0 + dx:x1 + dx, :]
+    vy = q[..., 0] - p[..., 0] + dy
+    vx = q[..., 1] - p[..., 1] + dx
+    spring = (jnp.sqrt(vy * vy + vx * vx + _LENGTH_EPS) - rest) ** 2
+    if m is not None:
+      spring = spring * m[..., 0:h - dy, x0:x1] * m[..., dy:h, x0 + dx:x1 + dx]
+    total = total + spring.sum(axis=(-2, -1))
+  count = jnp.float32(h * w) if m is None else jnp.maximum(m.sum(axis=(-2, -1)), 1e-12)
+  return (total / count).mean()
 
 
 @jax.jit

@@ -41,3 +41,34 @@ def normalize(image: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   var = jnp.where(valid, (image - mean) ** 2, 0.0).sum() / n
   out = (image - mean) / jnp.sqrt(var + NORMALIZE_EPS)
   return jnp.where(valid, out, 0.0)
+
+
+@jax.jit
+def preprocess_section(image: jax.Array, defects: jax.Array | None = None,
+                       tissue: jax.Array | None = None) -> jax.Array:
+  """Masks then normalises one section (DESIGN.md §3 step 1).
+
+  Defect pixels (cracks, folds) and non-tissue pixels are zeroed ("no data"), then the remaining
+  non-zero pixels are normalised to zero mean and unit variance; zeros stay zero.
+
+  Args:
+    image: `[H, W]` float32 (any intensity scale; 0 = no data).
+    defects: optional `[H, W]` bool, True on defects.
+    tissue: optional `[H, W]` bool, True on tissue.
+  Returns:
+    `[H, W]` float32.
+  """
+  image = jnp.asarray(image, jnp.float32)
+  exclude = jnp.zeros(image.shape, bool)
+  if defects is not None:
+    exclude = exclude | jnp.asarray(defects, bool)
+  if tissue is not None:
+    exclude = exclude | ~jnp.asarray(tissue, bool)
+  return normalize(apply_mask(image, exclude))
+
+
+@jax.jit
+def preprocess_stack(images: jax.Array, defects: jax.Array | None = None,
+                     tissue: jax.Array | None = None) -> jax.Array:
+  """`preprocess_section` on every section of `[Z, H, W]` (vmapped); masks `[Z, H, W]` bool or None."""
+  return jax.vmap(preprocess_section)(images, defects, tissue)

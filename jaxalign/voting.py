@@ -14,7 +14,6 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxalign.errors import InputError
 from jaxalign.fields import blur_field
@@ -25,34 +24,31 @@ DEFAULT_TEMPERATURE = 5.7
 DEFAULT_BLUR_SIGMA = 1.0
 
 
-def _subsets(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Membership `[S, n]` (float) of all k-subsets of n, and pair lists `[S, P, 2]` of each subset."""
-  combos = list(itertools.combinations(range(n), k))
-  member = np.zeros((len(combos), n), np.float32)
-  for s, c in enumerate(combos):
-    member[s, list(c)] = 1.0
-  pairs = np.array([list(itertools.combinations(c, 2)) or [(c[0], c[0])] for c in combos], np.int32)
-  return member, pairs
-
-
-def _weights_for_size(dist: jax.Array, valid: jax.Array, k: int, temperature) -> jax.Array:
-  """Per-field weights `[n, H, W]` from a softmin over valid k-subsets.
+def _weights_for_size(dist: dict, valid: jax.Array | None, n: int, k: int, temperature) -> jax.Array:
+  """Per-field weights `[n, H, W]` from a softmin over (valid) k-subsets.
 
   Args:
-    dist: `[n, n, H, W]` pairwise distances (px).
-    valid: `[n, H, W]` float 0/1.
+    dist: {(i, j): `[H, W]` distance (px) between fields i < j}.
+    valid: `[n, H, W]` float 0/1, or None when every voter is valid.
+    n, k: number of voters and subset size (static).
   """
-  n = valid.shape[0]
-  member, pairs = _subsets(n, k)
-  pair_d = dist[pairs[..., 0], pairs[..., 1]]  # [S, P, H, W]
-  mean_d = pair_d.mean(axis=1)  # [S, H, W]
-  # A subset is admissible only if all its members are valid voters.
-  admissible = jnp.einsum("sn,nhw->shw", jnp.asarray(member), 1.0 - valid) == 0
-  logits = jnp.where(admissible, -mean_d / temperature, -jnp.inf)
-  any_ok = admissible.any(axis=0)
-  logits = jnp.where(any_ok[None], logits, 0.0)
+  subsets = list(itertools.combinations(range(n), k))
+  # n and k are tiny (paper: n = 3 or 5), so subsets are unrolled at trace time: plain
+  # elementwise arithmetic, no gathers over the image.
+  logits = []
+  for subset in subsets:
+    pairs = list(itertools.combinations(subset, 2))
+    mean_d = sum(dist[p] for p in pairs) / len(pairs) if pairs else jnp.zeros_like(dist[(0, 1)])
+    logits.append(-mean_d / temperature)
+  logits = jnp.stack(logits)  # [S, H, W]
+  if valid is not None:
+    # A subset is admissible only if all its members are valid voters.
+    admissible = jnp.stack([functools.reduce(jnp.multiply, [valid[i] for i in subset]) for subset in subsets]) > 0
+    logits = jnp.where(admissible, logits, -jnp.inf)
+    logits = jnp.where(admissible.any(axis=0)[None], logits, 0.0)
   subset_w = jax.nn.softmax(logits, axis=0)  # [S, H, W]
-  return jnp.einsum("sn,shw->nhw", jnp.asarray(member), subset_w) / k
+  per_field = [sum(subset_w[s] for s, subset in enumerate(subsets) if i in subset) / k for i in range(n)]
+  return jnp.stack(per_field)
 
 
 @functools.partial(jax.jit, static_argnames=("blur_sigma",))
@@ -74,10 +70,12 @@ def vote_weights(fields: jax.Array, *, temperature: float | jax.Array = DEFAULT_
     raise InputError(f"vector_vote needs fields of shape [n, H, W, 2], got {fields.shape}")
   n = fields.shape[0]
   blurred = blur_field(fields, blur_sigma) if blur_sigma > 0 else fields
-  diff = blurred[:, None] - blurred[None, :]
-  dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1) + 1e-12)  # [n, n, H, W]
+  if n < 2:
+    raise InputError(f"vector_vote needs at least 2 fields, got {n}")
+  dist = {(i, j): jnp.sqrt(jnp.sum((blurred[i] - blurred[j]) ** 2, axis=-1) + 1e-12)
+          for i, j in itertools.combinations(range(n), 2)}
   if valid is None:
-    return _weights_for_size(dist, jnp.ones(fields.shape[:-1], jnp.float32), n // 2 + 1, temperature)
+    return _weights_for_size(dist, None, n, n // 2 + 1, temperature)
   v = jnp.asarray(valid, jnp.float32)
   m = v.sum(axis=0)  # [H, W]
   v = jnp.where(m[None] > 0, v, 1.0)
@@ -85,7 +83,7 @@ def vote_weights(fields: jax.Array, *, temperature: float | jax.Array = DEFAULT_
   weights = jnp.zeros(fields.shape[:-1], jnp.float32)
   # One softmin per possible valid count; each pixel keeps the one matching its own count.
   for count in range(1, n + 1):
-    w_k = _weights_for_size(dist, v, count // 2 + 1, temperature)
+    w_k = _weights_for_size(dist, v, n, count // 2 + 1, temperature)
     weights = jnp.where((m == count)[None], w_k, weights)
   return weights
 

@@ -1,0 +1,235 @@
+"""Scale benchmarks (issue 7): executor throughput, memory per worker on 8192^2 sections, FAFB projection.
+
+  python experiments/bench_scale.py --mode=throughput   # align_volume, processes x1 vs x2 (+ inline)
+  python experiments/bench_scale.py --mode=memory       # peak RSS: chunked vs whole-section, 8192^2
+  python experiments/bench_scale.py --mode=projection   # per-chunk pair cost -> FAFB-scale cost
+
+Every figure is measured in this run; ratios compare against a peer measured in the same run.
+Results are printed as Markdown (copied into docs/benchmarks/scale.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "all", ["all", "throughput", "memory", "projection"], "which benchmark")
+flags.DEFINE_integer("sections", 16, "throughput: sections in the test volume")
+flags.DEFINE_integer("size", 192, "throughput: section edge, px")
+flags.DEFINE_integer("block_size", 8, "throughput: sections per block")
+flags.DEFINE_integer("big", 8192, "memory: section edge, px")
+flags.DEFINE_list("chunks", ["512", "1024", "2048"], "memory: chunk sizes to measure")
+flags.DEFINE_integer("pair_chunk", 256, "projection: pair chunk edge, px, timed with the default finetuner")
+flags.DEFINE_integer("repeat", 3, "projection: timed repetitions (median)")
+flags.DEFINE_string("workdir", None, "scratch folder (default: a temporary one)")
+
+# FAFB (Zheng et al. 2018; paper Table/DESIGN.md §4): 7,052 sections aligned; ~106 TB of 4 nm
+# images over ~7,000 sections -> ~1.5e10 px per section at 4 nm, i.e. ~2.4e8 px at 32 nm (the
+# finest level of the v15 fine alignment).
+FAFB_SECTIONS = 7052
+FAFB_PX_PER_SECTION_32NM = 106e12 / 7062 / 64
+PAPER_GPU_HOURS = 240 * 128  # 240 h on 128 A100s
+FAFB_BLOCK, FAFB_OVERLAP, FAFB_VOTING = 25, 3, 3
+PYRAMID_FACTOR = 1 + 1 / 4 + 1 / 16  # 32 + 64 + 128 nm levels (512 nm negligible): pixel work vs 32 nm
+
+
+def _rss_script(body: str) -> str:
+  return textwrap.dedent(f"""
+    import sys, json, time
+    sys.path.insert(0, {str(REPO)!r})
+    def peak_mib():
+      for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+          return int(line.split()[1]) / 1024
+    t0 = time.time()
+  """) + textwrap.dedent(body) + textwrap.dedent("""
+    print(json.dumps(dict(peak_mib=peak_mib(), seconds=time.time() - t0)))
+  """)
+
+
+def _run_child(code: str) -> dict:
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if proc.returncode:
+    raise RuntimeError(proc.stderr[-3000:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------- throughput
+
+
+def throughput(work: pathlib.Path) -> None:
+  from jaxalign import distributed as jd
+  from jaxalign import io, pipeline
+  from jaxalign.block import BlockConfig
+  from jaxalign.pair import PairConfig
+  from jaxalign.stack import StackConfig
+  from tests.stack_helpers import random_shifts, texture_stack
+  sections = texture_stack(random_shifts(FLAGS.sections, limit=6), size=FLAGS.size)
+  src = str(work / "src")
+  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  config = pipeline.VolumeConfig(block_size=FLAGS.block_size, overlap=2, pyramid_levels=2,
+                                 stack=StackConfig(block=BlockConfig(pair=PairConfig())))
+  rows = []
+  for kind, workers in (("inline", 1), ("processes", 1), ("processes", 2), ("dask", 2)):
+    dst = str(work / f"dst_{kind}_{workers}")
+    stats = jd.RunStats()
+    t0 = time.perf_counter()
+    with jd.make_executor(kind, workers) as ex:
+      pipeline.align_volume(src, dst, config, executor=ex, progress=False, stats=stats)
+    wall = time.perf_counter() - t0
+    recs = jd.CompletionRecords(dst)
+    task_s = sum(r.get("seconds", 0.0) for k in recs.keys() if isinstance(r := recs.get(k), dict))
+    fields = io.open_volume(dst + "/fields").read()
+    rows.append((kind, workers, wall, task_s, stats.executed, fields))
+    logging.info("%s x%d: %.1f s", kind, workers, wall)
+  base = rows[1][2]
+  print(f"\n### Throughput: align_volume, {FLAGS.sections} sections of {FLAGS.size}^2, blocks of "
+        f"{FLAGS.block_size} (overlap 2), voting distance 3, default finetuner\n")
+  print("| executor | workers | wall s | sections/s | vs processes x1 | sum of task s | tasks | fields == inline |")
+  print("|---|---|---|---|---|---|---|---|")
+  for kind, workers, wall, task_s, n, fields in rows:
+    same = bool(np.array_equal(fields, rows[0][5]))
+    print(f"| {kind} | {workers} | {wall:.1f} | {FLAGS.sections / wall:.3f} | {base / wall:.2f}x | {task_s:.1f} | "
+          f"{n} | {same} |")
+
+
+# ----------------------------------------------------------------------------------- memory
+
+
+def memory(work: pathlib.Path) -> None:
+  from jaxalign import io
+  n = FLAGS.big
+  src, fld = str(work / "big_src"), str(work / "big_field")
+  t0 = time.perf_counter()
+  vol = io.create_volume(src, (1, n, n), "uint8", (40, 4, 4))
+  fvol = io.create_volume(fld, (1, n, n, 2), "float32", (40, 4, 4))
+  rng = np.random.default_rng(0)
+  step = 1024
+  for y in range(0, n, step):  # written in strips so this process never holds the whole section
+    yy, xx = np.mgrid[y:y + step, 0:n].astype(np.float32)
+    vol.write(rng.integers(1, 255, (step, n), dtype=np.uint8), 0, 0, ((y, y + step), (0, n)))
+    f = np.stack([300 + 20 * np.sin(yy / 500), -250 + 20 * np.cos(xx / 700)], -1).astype(np.float32)
+    fvol.write(f, 0, 0, ((y, y + step), (0, n)))
+  logging.info("memory: wrote %d^2 inputs in %.1f s", n, time.perf_counter() - t0)
+  baseline = _run_child(_rss_script(f"""
+    import jax, jax.numpy as jnp
+    from jaxalign import io, chunked, fields
+    io.open_volume({src!r}); io.open_volume({fld!r})
+    fields.warp(jnp.zeros((64, 64)), jnp.zeros((64, 64, 2))).block_until_ready()
+  """))
+  rows = [("imports + open volumes (baseline)", None, baseline)]
+  for c in [int(c) for c in FLAGS.chunks]:
+    out = str(work / f"out_{c}")
+    res = _run_child(_rss_script(f"""
+      from jaxalign import io, chunked
+      src, fld = io.open_volume({src!r}), io.open_volume({fld!r})
+      out = io.create_volume({out!r}, (1, {n}, {n}), 'uint8', (40, 4, 4))
+      import numpy as np
+      cfg = chunked.ChunkConfig(chunk={c}, overlap=0, render_margin=32, batch=1)
+      chunked.render_chunked(chunked.VolumeSource(src, 0), chunked.VolumeSource(fld, 0), config=cfg,
+                             sink=lambda core, a: out.write(np.clip(np.rint(a), 0, 255).astype(np.uint8), 0, 0, core))
+    """))
+    rows.append((f"chunked render, chunk {c}", c, res))
+  out = str(work / "out_whole")
+  res = _run_child(_rss_script(f"""
+    import numpy as np, jax.numpy as jnp
+    from jaxalign import io
+    from jaxalign.render import render
+    src, fld = io.open_volume({src!r}), io.open_volume({fld!r})
+    out = io.create_volume({out!r}, (1, {n}, {n}), 'uint8', (40, 4, 4))
+    a = np.asarray(render(src.read(0)[None].astype(np.float32), fld.read(0)[None], batch_size=1))[0]
+    out.write(np.clip(np.rint(a), 0, 255).astype(np.uint8), 0)
+  """))
+  rows.append(("whole-section render (ja.render)", n, res))
+  # Correctness of the streamed output against the whole-section one (same run).
+  whole = io.open_volume(out).read(0).astype(np.int16)
+  diffs = {c: int(np.abs(io.open_volume(str(work / f"out_{c}")).read(0).astype(np.int16) - whole).max())
+           for c in [int(c) for c in FLAGS.chunks]}
+  section_mib = n * n * (1 + 8) / 2 ** 20
+  print(f"\n### Peak memory per worker: rendering one {n}^2 section (uint8 image + float32 field "
+        f"= {section_mib:.0f} MiB of input), displacements ~300 px\n")
+  print("| what | chunk px | peak RSS MiB | above baseline MiB | wall s | max |diff| vs whole (grey levels) |")
+  print("|---|---|---|---|---|---|")
+  for name, c, r in rows:
+    above = r["peak_mib"] - baseline["peak_mib"]
+    d = diffs.get(c, "-") if c != n else 0
+    print(f"| {name} | {c or '-'} | {r['peak_mib']:.0f} | {above:.0f} | {r['seconds']:.1f} | {d} |")
+
+
+# ----------------------------------------------------------------------------------- projection
+
+
+def projection(work: pathlib.Path) -> None:
+  import jax
+  from jaxalign.pair import PairConfig, align_pairs
+  from tests.stack_helpers import texture_stack
+  c = FLAGS.pair_chunk
+  secs = texture_stack(np.array([[0, 0], [3, -2]]), size=c)
+  b = FAFB_VOTING  # one section's voting candidates are aligned as one batch
+  srcs, tgts = np.repeat(secs[1:], b, 0), np.repeat(secs[:1], b, 0)
+  t0 = time.perf_counter()
+  jax.block_until_ready(align_pairs(srcs, tgts, config=PairConfig()))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(FLAGS.repeat):
+    t0 = time.perf_counter()
+    jax.block_until_ready(align_pairs(srcs, tgts, config=PairConfig()))
+    times.append(time.perf_counter() - t0)
+  per_pair = float(np.median(times)) / b
+  per_px = per_pair / (c * c)
+  # Chunks overlap: each core of (chunk - 2 overlap)^2 costs a whole chunk. At FAFB scale chunks of
+  # 1024 px with 64 px overlap -> (1024 / 896)^2 = 1.31 overhead.
+  chunk_overhead = (1024 / 896) ** 2
+  # Each interface (every block_size - overlap sections) aligns its `overlap` shared sections once more.
+  stitch_per_section = FAFB_OVERLAP / (FAFB_BLOCK - FAFB_OVERLAP)
+  pairs = FAFB_SECTIONS * (FAFB_VOTING + stitch_per_section)
+  px = pairs * FAFB_PX_PER_SECTION_32NM * chunk_overhead * PYRAMID_FACTOR
+  core_hours = px * per_px / 3600
+  print(f"\n### FAFB-scale projection from the measured per-chunk cost\n")
+  print(f"Measured: `align_pairs` (default PairConfig: Online Field Finetuner, no model), batch of {b} "
+        f"pairs of {c}^2 px on this 2-core CPU: {per_pair:.2f} s per pair = {per_px * 1e6:.2f} us/px "
+        f"(median of {FLAGS.repeat}; compile + first run {compile_s:.1f} s).\n")
+  print("| quantity | value |")
+  print("|---|---|")
+  print(f"| sections | {FAFB_SECTIONS} |")
+  print(f"| px per section at 32 nm (106 TB / 7,062 sections at 4 nm, / 64) | {FAFB_PX_PER_SECTION_32NM:.2e} |")
+  print(f"| pair alignments (voting {FAFB_VOTING} + stitches, blocks {FAFB_BLOCK}/{FAFB_OVERLAP}) | {pairs:.0f} |")
+  print(f"| px aligned incl. chunk overlap x{chunk_overhead:.2f} and 64/128 nm levels x{PYRAMID_FACTOR:.2f} | {px:.2e} |")
+  print(f"| projected cost on this CPU | {core_hours:.3g} 2-core-machine hours = {core_hours / 24 / 365:.1f} machine-years |")
+  print(f"| paper (FAFB v15, SEAMLeSS + finetuner on GPUs) | 240 h x 128 A100 = {PAPER_GPU_HOURS} GPU-hours |")
+  print(f"| ratio projected / paper (CPU machine-hours vs A100-hours) | {core_hours / PAPER_GPU_HOURS:.1f}x |")
+
+
+def main(argv):
+  del argv
+  work = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+  work.mkdir(parents=True, exist_ok=True)
+  try:
+    if FLAGS.mode in ("all", "throughput"):
+      throughput(work)
+    if FLAGS.mode in ("all", "memory"):
+      memory(work)
+    if FLAGS.mode in ("all", "projection"):
+      projection(work)
+  finally:
+    if FLAGS.workdir is None:
+      shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,27 @@
+"""Trains the default SEAMLeSS pyramid (all levels, coarse to fine) on the shared EM stacks.
+
+Same flags as `jaxalign train`. The shipped weights were made with (2-core CPU VM, no GPU)::
+
+  python experiments/train_pyramid.py --workdir=/tmp/jaxalign_train --stage1_epochs=15 \
+      --stage2_epochs=35 --batch_size=8 --eval_every=50 --checkpoint_every=50 \
+      --export=jaxalign/weights/default
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from jaxalign import train
+
+train.define_flags(flags)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  res = train.main_from_flags(FLAGS)
+  logging.info("trained to step %d; weights %s; metrics %s", res.step, res.weights_path, res.metrics_path)
+
+
+if __name__ == "__main__":
+  app.run(main)

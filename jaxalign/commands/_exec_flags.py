@@ -1,0 +1,34 @@
+"""Executor flags shared by `jaxalign align` and `jaxalign render` (only one is imported per run)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from jaxalign import distributed as jd
+
+
+def define() -> None:
+  flags.DEFINE_enum("executor", "inline", list(jd.EXECUTORS),
+                    "where tasks run: this process, local worker processes, or Dask distributed")
+  flags.DEFINE_integer("workers", None, "worker processes (processes / Dask LocalCluster; default: CPU count)")
+  flags.DEFINE_string("scheduler", None, "Dask scheduler address (e.g. tcp://host:8786); default: a LocalCluster")
+  flags.DEFINE_boolean("progress", True, "show progress bars")
+  flags.DEFINE_string("compilation_cache", "~/.cache/jaxalign/xla",
+                      "JAX persistent compilation cache shared by all workers ('' = off)")
+
+
+def executor() -> jd.Executor:
+  f = flags.FLAGS
+  if f.scheduler and f.executor != "dask":
+    from jaxalign.errors import InputError
+    raise InputError("--scheduler needs --executor=dask")
+  if f.workers is not None and f.workers < 1:
+    from jaxalign.errors import InputError
+    raise InputError(f"--workers must be >= 1, got {f.workers}")
+  jd.enable_compilation_cache(f.compilation_cache)
+  return jd.make_executor(f.executor, f.workers, f.scheduler)
+
+
+def summary(what: str, stats: jd.RunStats, ex: jd.Executor, seconds: float) -> str:
+  return (f"{what}: {stats.executed} task(s) run, {stats.skipped} already done (skipped), "
+          f"{stats.batches} barrier(s), executor {ex.name} x{ex.workers}, {seconds:.1f} s")

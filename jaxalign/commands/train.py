@@ -1,0 +1,25 @@
+"""`jaxalign train`: train a SEAMLeSS pyramid (all levels, coarse to fine) self-supervised.
+
+Example (the shipped default weights; see jaxalign/weights/README.md)::
+
+  jaxalign train --workdir=runs/pyramid --stage1_epochs=15 --stage2_epochs=35 --batch_size=8 \
+      --export=jaxalign/weights/default
+
+Re-running the same command with the same --workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from absl import flags, logging
+
+from jaxalign import train
+
+train.define_flags(flags)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  res = train.main_from_flags(FLAGS)
+  logging.info("trained to step %d; weights %s; metrics %s", res.step, res.weights_path, res.metrics_path)
+  print(f"step {res.step}  weights {res.weights_path}  metrics {res.metrics_path}")

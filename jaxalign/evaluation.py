@@ -1,0 +1,434 @@
+"""Ground-truth benchmark cases and metrics, usable with any aligner.
+
+Case kinds (issue 3 §4):
+* ``same``: distorted section z vs original z (pure registration precision; ssTEM stacks fine);
+* ``neighbour``: distorted section z vs original z-1 (includes natural section-to-section change;
+  use `flyem_medulla_fibsem` every 4th slice: FIB-SEM slices are intrinsically aligned);
+* ``stack``: the whole distorted stack, aligned into the frame of its (undistorted) section 0.
+
+An aligner follows the team protocol `aligner(src, tgt, *, init_field=None, src_defects=None,
+tgt_defects=None) -> [H, W, 2]` with `warp(src, f) ≈ tgt`. For stack cases either a stack aligner
+`fn(sections [Z, H, W], *, defects=[Z, H, W]) -> [Z, H, W, 2]` is passed (`stack_aligner=True`) or the
+pair aligner is chained section by section (each section to the previous aligned one).
+
+On disk a case is a directory with `case.json` (kind, metadata, distortion config, per-section
+parameters, format version) and `arrays.npz` (compressed NumPy arrays, names as in `Case`).
+
+Metrics: endpoint error (px) over valid tissue -- median, p95, p99, fraction > 2 px -- and the same
+within `near_distance` px of a discontinuity; fraction of CPC chunks below 0.25 after downsampling by
+2**cpc_level, next to the fraction with the exact ground-truth field and the undistorted stack's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from jaxalign.errors import InputError
+from jaxalign.fields import downsample_image, warp
+from jaxalign.groundtruth import DistortionConfig, distort_stack
+from jaxalign.metrics import LOW_CPC_THRESHOLD, cpc
+
+CASE_FORMAT_VERSION = 1
+CASE_KINDS = ("same", "neighbour", "stack")
+ARRAY_NAMES = ("src", "tgt", "gt", "valid", "src_defects", "disc_distance", "reference")
+# nm per pixel (xy) and section thickness (nm) of the shared stacks (../shared/data/em/*/SOURCE.txt)
+STACK_RESOLUTION = {
+  "isbi2012_train": (4.0, 50.0),
+  "gerhard_vnc_stack1": (4.6, 50.0),
+  "flyem_medulla_fibsem": (10.0, 10.0),
+  "damaged_pair_dolw7": (50.0, 50.0),
+}
+# A warped data mask counts as data where all bilinear taps had data.
+MASK_THRESHOLD = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Metric settings.
+
+  Attributes:
+    near_distance: px; "near a discontinuity" means within this distance of a crack line or fold strip.
+    epe_threshold: px; reported as the fraction of valid pixels with EPE above it.
+    cpc_level: CPC is computed after 2**cpc_level downsampling (images by mean, masks by min).
+    cpc_chunk: CPC chunk side in pixels of that level.
+    cpc_threshold: a chunk below this correlation counts as misaligned (paper: 0.25).
+  """
+  near_distance: float = 20.0
+  epe_threshold: float = 2.0
+  cpc_level: int = 1
+  cpc_chunk: int = 32
+  cpc_threshold: float = LOW_CPC_THRESHOLD
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A benchmark case. N = pairs (same/neighbour) or sections (stack).
+
+  Attributes:
+    kind: "same", "neighbour" or "stack".
+    src: `[N, H, W]` float32 distorted sections (0 = no data).
+    tgt: `[N, H, W]` float32 targets: original section z (same), z-1 (neighbour), z (stack: the frame).
+    gt: `[N, H, W, 2]` float32 px (dy, dx), ground truth on the target grid:
+      `warp(src[i], gt[i]) ≈` original section on valid tissue.
+    valid: `[N, H, W]` bool, target frame: pixels scored for EPE.
+    src_defects: `[N, H, W]` bool, source frame: cracks and folds (given to aligners).
+    disc_distance: `[N, H, W]` float32 px, target frame: distance to the nearest discontinuity.
+    reference: `[N, H, W]` float32: the undistorted source section (for the reference CPC).
+    meta: JSON-able metadata (stack, indices, resolution, seed, distortion config, parameters).
+  """
+  kind: str
+  src: np.ndarray
+  tgt: np.ndarray
+  gt: np.ndarray
+  valid: np.ndarray
+  src_defects: np.ndarray
+  disc_distance: np.ndarray
+  reference: np.ndarray
+  meta: dict
+
+  def __len__(self) -> int:
+    return int(self.src.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared data and case construction
+
+
+def em_data_dir() -> pathlib.Path:
+  """`$JAXALIGN_EM_DATA`, else `../shared/data/em` next to the repository."""
+  env = os.environ.get("JAXALIGN_EM_DATA")
+  if env:
+    return pathlib.Path(env)
+  return (pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em").resolve()
+
+
+def load_stack(name: str, *, num: int | None = None, start: int = 0, step: int = 1,
+               crop: int | None = None) -> np.ndarray:
+  """Loads sections `start, start+step, ...` (`num` of them) of a shared stack.
+
+  Returns `[Z, H, W]` float32 in [0, 1], centre-cropped to `crop` px if given.
+  Raises InputError when the stack or a section is missing.
+  """
+  from PIL import Image
+  folder = em_data_dir() / name
+  if not folder.is_dir():
+    raise InputError(f"shared stack {name!r} not found at {folder} (set JAXALIGN_EM_DATA)")
+  files = sorted(p for p in folder.glob("[0-9][0-9][0-9].png"))
+  picked = files[start::step]
+  if num is not None:
+    if len(picked) < num:
+      raise InputError(f"stack {name!r} has only {len(picked)} sections from {start} with step {step}, need {num}")
+    picked = picked[:num]
+  if not picked:
+    raise InputError(f"stack {name!r}: no sections selected")
+  out = []
+  for p in picked:
+    img = np.asarray(Image.open(p), dtype=np.float32) / 255.0
+    if crop is not None:
+      h, w = img.shape
+      if crop > min(h, w):
+        raise InputError(f"crop {crop} is larger than the sections ({h}x{w})")
+      y0, x0 = (h - crop) // 2, (w - crop) // 2
+      img = img[y0:y0 + crop, x0:x0 + crop]
+    out.append(img)
+  return np.stack(out)
+
+
+def make_case(kind: str, stack, *, config: DistortionConfig | None = None, meta: dict | None = None,
+              progress: bool = False) -> Case:
+  """Distorts `stack [Z, H, W]` and builds a case of `kind` from it.
+
+  same: pairs (distorted z, original z), z >= 1; neighbour: (distorted z, original z-1), z >= 1;
+  stack: all sections, targets are the original sections (the common frame).
+  """
+  if kind not in CASE_KINDS:
+    raise InputError(f"case kind must be one of {CASE_KINDS}, got {kind!r}")
+  config = config or DistortionConfig()
+  d = distort_stack(stack, config, progress=progress)
+  z_count = d.images.shape[0]
+  if kind != "stack" and z_count < 2:
+    raise InputError(f"a {kind} case needs at least 2 sections, got {z_count}")
+  if kind == "stack":
+    src_idx = np.arange(z_count)
+    tgt_idx = src_idx
+  else:
+    src_idx = np.array([z for z in range(1, z_count)])
+    tgt_idx = src_idx if kind == "same" else src_idx - 1
+  tgt = d.original[tgt_idx]
+  valid = d.valid[src_idx] & (tgt != 0)
+  m = dict(meta or {})
+  m.update(kind=kind, src_sections=src_idx.tolist(), tgt_sections=tgt_idx.tolist(),
+           distortion=_config_json(config), params=[d.params[z] for z in src_idx])
+  return Case(kind=kind, src=d.images[src_idx], tgt=tgt, gt=d.fields[src_idx], valid=valid,
+              src_defects=d.defects[src_idx], disc_distance=d.disc_distance[src_idx],
+              reference=d.original[src_idx], meta=m)
+
+
+def shared_case(kind: str, stack_name: str, *, num: int = 5, step: int | None = None, crop: int | None = None,
+                seed: int = 0, config: DistortionConfig | None = None) -> Case:
+  """A case from a shared stack; neighbour/stack cases default to every 4th slice of FIB-SEM."""
+  if step is None:
+    step = 4 if stack_name == "flyem_medulla_fibsem" and kind != "same" else 1
+  stack = load_stack(stack_name, num=num, step=step, crop=crop)
+  xy, z = STACK_RESOLUTION.get(stack_name, (float("nan"), float("nan")))
+  config = dataclasses.replace(config or DistortionConfig(), seed=seed)
+  meta = dict(stack=stack_name, step=step, crop=crop, resolution_nm=[z * step, xy, xy])
+  return make_case(kind, stack, config=config, meta=meta)
+
+
+def _config_json(config: DistortionConfig) -> dict:
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def save_case(case: Case, directory: str | os.PathLike) -> pathlib.Path:
+  """Writes `case.json` + `arrays.npz` into `directory` (written to a temp dir, then moved in place)."""
+  directory = pathlib.Path(directory)
+  if directory.exists() and any(directory.iterdir()):
+    if not (directory / "case.json").exists():
+      raise InputError(f"{directory} exists and is not a case directory; refusing to overwrite")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".case-", dir=directory.parent))
+  try:
+    np.savez_compressed(tmp / "arrays.npz", **{k: getattr(case, k) for k in ARRAY_NAMES})
+    header = dict(format_version=CASE_FORMAT_VERSION, kind=case.kind, shape=list(case.src.shape),
+                  arrays=list(ARRAY_NAMES), meta=case.meta)
+    (tmp / "case.json").write_text(json.dumps(header, indent=1))
+    if directory.exists():
+      shutil.rmtree(directory)
+    tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def load_case(directory: str | os.PathLike) -> Case:
+  """Reads a case written by `save_case`. Raises InputError if missing or inconsistent."""
+  directory = pathlib.Path(directory)
+  header_path = directory / "case.json"
+  if not header_path.is_file() or not (directory / "arrays.npz").is_file():
+    raise InputError(f"{directory} is not a ground-truth case directory (needs case.json and arrays.npz)")
+  try:
+    header = json.loads(header_path.read_text())
+  except json.JSONDecodeError as e:
+    raise InputError(f"{header_path}: invalid JSON ({e})") from None
+  if header.get("format_version") != CASE_FORMAT_VERSION or header.get("kind") not in CASE_KINDS:
+    raise InputError(f"{header_path}: unsupported case format/kind")
+  with np.load(directory / "arrays.npz") as z:
+    missing = [k for k in ARRAY_NAMES if k not in z]
+    if missing:
+      raise InputError(f"{directory}/arrays.npz lacks arrays {missing}")
+    arrays = {k: z[k] for k in ARRAY_NAMES}
+  n, h, w = arrays["src"].shape
+  for k, v in arrays.items():
+    want = (n, h, w, 2) if k == "gt" else (n, h, w)
+    if v.shape != want:
+      raise InputError(f"{directory}: array {k} has shape {v.shape}, expected {want}")
+  return Case(kind=header["kind"], meta=header.get("meta", {}), **arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def endpoint_errors(pred, gt) -> np.ndarray:
+  """Per-pixel endpoint error `|pred - gt|` in px: `[..., H, W, 2]` x 2 -> `[..., H, W]` float32."""
+  return np.asarray(jnp.linalg.norm(jnp.asarray(pred, jnp.float32) - jnp.asarray(gt, jnp.float32), axis=-1))
+
+
+def epe_stats(errors: np.ndarray, threshold: float = EvalConfig.epe_threshold) -> dict[str, float]:
+  """Median, p95, p99 and fraction above `threshold` of a 1-D array of endpoint errors (px)."""
+  e = np.asarray(errors, np.float64).ravel()
+  if e.size == 0:
+    return dict(median=float("nan"), p95=float("nan"), p99=float("nan"), frac_over=float("nan"), n=0)
+  p50, p95, p99 = np.percentile(e, [50, 95, 99])
+  return dict(median=float(p50), p95=float(p95), p99=float(p99), frac_over=float(np.mean(e > threshold)),
+              n=int(e.size))
+
+
+def cpc_map(a, b, mask=None, *, level: int = EvalConfig.cpc_level, chunk: int = EvalConfig.cpc_chunk) -> np.ndarray:
+  """CPC map after `2**level` downsampling: `[H, W]` x 2 (+ mask) -> `[H' // chunk, W' // chunk]`.
+
+  Images are cropped to a multiple of `2**level`, downsampled by mean; the mask by min.
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  m = jnp.ones(a.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+  f = 2 ** level
+  h, w = a.shape[-2] // f * f, a.shape[-1] // f * f
+  a, b, m = a[..., :h, :w], b[..., :h, :w], m[..., :h, :w]
+  for _ in range(level):
+    a, b, m = downsample_image(a), downsample_image(b), downsample_image(m, reduce="min")
+  if min(a.shape[-2:]) < chunk:
+    raise InputError(f"section {a.shape[-2:]} at level {level} is smaller than a CPC chunk of {chunk} px")
+  return np.asarray(cpc(a, b, chunk=chunk, mask=m > 0))
+
+
+def low_cpc_counts(maps, threshold: float = LOW_CPC_THRESHOLD) -> tuple[int, int]:
+  """(chunks below threshold, scored chunks) pooled over CPC maps (NaN chunks are unscored)."""
+  c = np.concatenate([np.asarray(x).ravel() for x in maps]) if len(maps) else np.zeros(0)
+  scored = ~np.isnan(c)
+  return int(np.sum(c[scored] < threshold)), int(scored.sum())
+
+
+def _fraction(counts: tuple[int, int]) -> float:
+  low, n = counts
+  return low / n if n else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running aligners on cases
+
+
+def identity_aligner(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  """The do-nothing baseline (team aligner protocol): returns `init_field` or zeros `[H, W, 2]`."""
+  h, w = np.shape(src)
+  return np.zeros((h, w, 2), np.float32) if init_field is None else np.asarray(init_field, np.float32)
+
+
+def _has_data(image) -> bool:
+  return bool(np.any(np.asarray(image) != 0))
+
+
+def _chain_stack(aligner: Callable, case: Case, progress: bool):
+  """Sequential stack alignment with a pair aligner: section z to the last aligned section with data."""
+  n, h, w = case.src.shape
+  fields = np.zeros((n, h, w, 2), np.float32)
+  times = []
+  last = 0
+  prev_aligned = np.where(case.src_defects[0], 0.0, case.src[0])
+  for z in tqdm(range(1, n), desc="stack", disable=not progress, leave=False):
+    if not _has_data(case.src[z]):
+      continue
+    t0 = time.perf_counter()
+    f = np.asarray(aligner(case.src[z], prev_aligned, init_field=None, src_defects=case.src_defects[z],
+                           tgt_defects=None), np.float32)
+    times.append(time.perf_counter() - t0)
+    fields[z] = f
+    prev_aligned = np.asarray(warp(jnp.asarray(np.where(case.src_defects[z], 0.0, case.src[z])), jnp.asarray(f)))
+    last = z
+  logging.info("chained %d sections (last with data: %d)", n, last)
+  return fields, times
+
+
+def align_case(aligner: Callable, case: Case, *, stack_aligner: bool = False, progress: bool = True):
+  """Runs `aligner` on every pair (or the stack) of `case`.
+
+  Returns (fields `[N, H, W, 2]`, run mask `[N]` bool: pairs actually aligned, per-call times in s).
+  Pairs whose source has no data (blank sections) are skipped (field 0, not scored).
+  """
+  n, h, w = case.src.shape
+  ran = np.array([_has_data(s) for s in case.src])
+  if case.kind == "stack":
+    if stack_aligner:
+      t0 = time.perf_counter()
+      fields = np.asarray(aligner(case.src, defects=case.src_defects), np.float32)
+      times = [time.perf_counter() - t0]
+    else:
+      fields, times = _chain_stack(aligner, case, progress)
+    ran[0] = False  # section 0 is the undistorted anchor: not an alignment result
+    return fields, ran, times
+  fields = np.zeros((n, h, w, 2), np.float32)
+  times = []
+  for i in tqdm(range(n), desc="pairs", disable=not progress, leave=False):
+    if not ran[i]:
+      continue
+    t0 = time.perf_counter()
+    fields[i] = np.asarray(aligner(case.src[i], case.tgt[i], init_field=None, src_defects=case.src_defects[i],
+                                   tgt_defects=None), np.float32)
+    times.append(time.perf_counter() - t0)
+  return fields, ran, times
+
+
+def score_fields(fields, case: Case, ran=None, *, config: EvalConfig | None = None) -> dict[str, Any]:
+  """Scores fields `[N, H, W, 2]` against a case (see the module docstring for the metrics)."""
+  config = config or EvalConfig()
+  fields = np.asarray(fields, np.float32)
+  if fields.shape != case.gt.shape:
+    raise InputError(f"fields shape {fields.shape} does not match the case's ground truth {case.gt.shape}")
+  if not np.all(np.isfinite(fields)):
+    raise InputError("fields contain NaN or Inf values")
+  ran = np.array([_has_data(s) for s in case.src]) if ran is None else np.asarray(ran, bool)
+  all_e, near_e = [], []
+  maps, maps_gt, maps_ref = [], [], []
+  for i in np.nonzero(ran)[0]:
+    e = endpoint_errors(fields[i], case.gt[i])
+    v = case.valid[i]
+    all_e.append(e[v])
+    near_e.append(e[v & (case.disc_distance[i] <= config.near_distance)])
+    src_data = jnp.asarray((case.src[i] != 0) & ~case.src_defects[i], jnp.float32)
+    src_clean = jnp.asarray(np.where(case.src_defects[i], 0.0, case.src[i]))
+    for f, out in ((fields[i], maps), (case.gt[i], maps_gt)):
+      fj = jnp.asarray(f)
+      mask = (warp(src_data, fj) >= MASK_THRESHOLD) & (case.tgt[i] != 0)
+      out.append(cpc_map(warp(src_clean, fj), case.tgt[i], mask, level=config.cpc_level, chunk=config.cpc_chunk))
+    maps_ref.append(cpc_map(case.reference[i], case.tgt[i], level=config.cpc_level, chunk=config.cpc_chunk))
+  s = epe_stats(np.concatenate(all_e) if all_e else np.zeros(0), config.epe_threshold)
+  sn = epe_stats(np.concatenate(near_e) if near_e else np.zeros(0), config.epe_threshold)
+  return dict(
+    pairs=int(ran.sum()), skipped=int((~ran).sum()) - (1 if case.kind == "stack" else 0),
+    epe_median=s["median"], epe_p95=s["p95"], epe_p99=s["p99"], epe_frac_over=s["frac_over"], epe_n=s["n"],
+    near_median=sn["median"], near_p95=sn["p95"], near_frac_over=sn["frac_over"], near_n=sn["n"],
+    low_cpc=_fraction(low_cpc_counts(maps, config.cpc_threshold)),
+    low_cpc_gt=_fraction(low_cpc_counts(maps_gt, config.cpc_threshold)),
+    low_cpc_undistorted=_fraction(low_cpc_counts(maps_ref, config.cpc_threshold)),
+  )
+
+
+def evaluate(aligner: Callable, case: Case, *, name: str | None = None, stack_aligner: bool = False,
+             config: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
+  """Runs an aligner on a case and returns one table row (dict).
+
+  Args:
+    aligner: team-protocol pair aligner, or (with `stack_aligner=True`, stack cases only)
+      `fn(sections, *, defects) -> [Z, H, W, 2]`.
+    case: a `Case`.
+    name: method name for the row.
+  Returns:
+    dict with method, case, EPE stats (px; all valid tissue and near discontinuities), low-CPC
+    fractions (method / exact ground-truth field / undistorted stack), timings (first call including
+    compilation, and the median of the later calls).
+  """
+  config = config or EvalConfig()
+  fields, ran, times = align_case(aligner, case, stack_aligner=stack_aligner, progress=progress)
+  row = dict(method=name or getattr(aligner, "__name__", "aligner"), case=case.kind,
+             stack=case.meta.get("stack", "?"))
+  row.update(score_fields(fields, case, ran, config=config))
+  row["first_s"] = float(times[0]) if times else float("nan")
+  row["per_call_s"] = float(np.median(times[1:])) if len(times) > 1 else row["first_s"]
+  return row
+
+
+ROW_COLUMNS = (
+  ("method", "method", "{}"), ("case", "case", "{}"), ("pairs", "pairs", "{}"),
+  ("epe_median", "EPE median", "{:.3f}"), ("epe_p95", "p95", "{:.3f}"), ("epe_p99", "p99", "{:.3f}"),
+  ("epe_frac_over", ">2px", "{:.4f}"), ("near_median", "near median", "{:.3f}"), ("near_p95", "near p95", "{:.3f}"),
+  ("low_cpc", "low CPC", "{:.4f}"), ("low_cpc_gt", "low CPC (gt field)", "{:.4f}"),
+  ("low_cpc_undistorted", "low CPC (undistorted)", "{:.4f}"), ("per_call_s", "s/pair", "{:.2f}"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+  """Markdown table of evaluation rows."""
+  head = "| " + " | ".join(title for _, title, _ in ROW_COLUMNS) + " |"
+  sep = "|" + "---|" * len(ROW_COLUMNS)
+  lines = [head, sep]
+  for r in rows:
+    cells = []
+    for key, _, fmt in ROW_COLUMNS:
+      v = r.get(key, "")
+      cells.append(fmt.format(v) if v != "" else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Online Field Finetuner: gradient descent (optax) directly on a displacement field.
+
+Paper: Popovych et al., Nat. Commun. 15, 289 (2024), "Online field finetuner", Methods "Loss masking"
+and "Elastic regularizer". For one level, the field `f [H, W, 2]` (float32, pixels, (dy, dx), pull
+semantics on tgt's grid) minimises
+
+    masked_mse(warp(src, f), tgt, mse_mask) + gamma * elastic_loss(f, elastic_mask)
+
+- `src`, `tgt` are images `[H, W]` or channels-last encodings `[H, W, C]` (SEAMLeSS encoder output).
+- `mse_mask` keeps pixels where tgt has data and where the *warped* src has data on all four bilinear
+  neighbours, so that no-data regions (zeros, masked defects) neither add error nor attract the field.
+- `elastic_mask` is zero where the field samples a (slightly dilated) src defect and on (dilated) tgt
+  defects: the field may tear there, so tissue on both sides of a crack or fold aligns independently.
+  Both masks are recomputed from the current field at every step, with the gradient stopped through them.
+
+The whole loop is one `lax.while_loop` (learning-rate schedule, early stop on plateau), jitted with the
+config static, so it compiles once per (shape, config); `finetune_batch` vmaps it over pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxalign import fields as _fields
+from jaxalign import losses as _losses
+
+# A bilinear sample counts as "has data" only if all four neighbours are valid; float32 rounding of
+# the bilinear weights keeps a fully valid sample a hair below 1.
+_FULL_SUPPORT = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Settings of one finetuner run (one pyramid level). Hashable: it is a static jit argument.
+
+  Attributes:
+    iterations: maximum number of optimiser steps.
+    learning_rate: initial step size. With Adam this is roughly the displacement, in pixels of the
+      current level, that a pixel may move per step.
+    schedule: "cosine" (decays to `final_lr_fraction * learning_rate` over `iterations`),
+      "exponential" (same end point, geometric) or "constant".
+    final_lr_fraction: end-of-schedule learning rate as a fraction of `learning_rate`.
+    optimizer: "adam" (paper, metroem) or "sgd" (momentum 0.9).
+    gamma: weight of the elastic (spring) regulariser; paper 5-25, larger at coarser levels.
+    mask_elastic_at_defects: zero the elastic weight where the field samples src defects and on tgt
+      defects (paper). False is only for the ablation that shows why masking matters.
+    defect_dilation: radius (pixels of this level) by which defect masks are grown before masking the
+      elastic term, so the springs of the pixels right at the tear are released too.
+    defect_push_sigma, defect_push_weight: pixels that sample a src defect have neither data nor springs;
+      they are pushed towards the nearest tissue by `weight * (1 - warp(blur(src tissue, sigma)))`, so the
+      tear shrinks to a line instead of leaving a band of pixels stuck inside the defect.
+    patience: stop after this many steps without a relative loss improvement of `rel_tol`.
+    rel_tol: relative improvement that resets the plateau counter.
+  """
+  iterations: int = 200
+  learning_rate: float = 0.1
+  schedule: str = "cosine"
+  final_lr_fraction: float = 0.05
+  optimizer: str = "adam"
+  gamma: float = 10.0
+  mask_elastic_at_defects: bool = True
+  defect_dilation: int = 0
+  defect_push_sigma: float = 4.0
+  defect_push_weight: float = 1.0
+  patience: int = 30
+  rel_tol: float = 1e-4
+
+  def __post_init__(self):
+    if self.iterations < 1:
+      raise ValueError(f"FinetuneConfig.iterations must be >= 1, got {self.iterations}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}")
+    if self.schedule not in ("cosine", "exponential", "constant"):
+      raise ValueError(f"FinetuneConfig.schedule must be cosine|exponential|constant, got {self.schedule!r}")
+    if self.optimizer not in ("adam", "sgd"):
+      raise ValueError(f"FinetuneConfig.optimizer must be adam|sgd, got {self.optimizer!r}")
+    if self.gamma < 0:
+      raise ValueError(f"FinetuneConfig.gamma must be >= 0, got {self.gamma}")
+    if not 0 < self.final_lr_fraction <= 1:
+      raise ValueError(f"FinetuneConfig.final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
+
+
+class FinetuneStats(NamedTuple):
+  """Diagnostics of a run: steps taken, loss of the first and of the returned field (scalars)."""
+  steps: jax.Array
+  initial_loss: jax.Array
+  final_loss: jax.Array
+
+
+def _schedule(config: FinetuneConfig) -> optax.Schedule:
+  lr = config.learning_rate
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, config.iterations, alpha=config.final_lr_fraction)
+  if config.schedule == "exponential":
+    return optax.exponential_decay(lr, transition_steps=config.iterations,
+                                   decay_rate=config.final_lr_fraction, end_value=lr * config.final_lr_fraction)
+  return optax.constant_schedule(lr)
+
+
+def _optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
+  sched = _schedule(config)
+  if config.optimizer == "adam":
+    return optax.adam(sched)
+  return optax.sgd(sched, momentum=0.9)
+
+
+def _dilate(mask: jax.Array, radius: int) -> jax.Array:
+  """Binary dilation of `[H, W]` float {0, 1} by a (2r+1)² square (max filter)."""
+  if radius <= 0:
+    return mask
+  k = 2 * radius + 1
+  return lax.reduce_window(mask, -jnp.inf, lax.max, (k, k), (1, 1), "SAME")
+
+
+def _data_mask(x: jax.Array) -> jax.Array:
+  """`[H, W]` float {0, 1}: 1 where an image `[H, W]` / encoding `[H, W, C]` is not all zero."""
+  nz = x != 0
+  if x.ndim == 3:
+    nz = jnp.any(nz, axis=-1)
+  return nz.astype(jnp.float32)
+
+
+def _loss_terms(field, src, tgt, src_valid, tgt_valid, src_def, src_def_d, src_def_soft, tgt_def_d,
+                config: FinetuneConfig):
+  """Returns (total, (mse, elastic)) for one field; masks are functions of the stopped field."""
+  fixed = lax.stop_gradient(field)
+  warped_valid = _fields.warp(src_valid, fixed)
+  mse_mask = (warped_valid > _FULL_SUPPORT).astype(jnp.float32) * tgt_valid
+  mse = _losses.masked_mse(_fields.warp(src, field), tgt, mse_mask)
+  if config.mask_elastic_at_defects:
+    torn = jnp.maximum(_fields.warp(src_def_d, fixed) > 0, tgt_def_d > 0)
+    elastic_mask = 1.0 - torn.astype(jnp.float32)
+    in_defect = (_fields.warp(src_def, fixed) > 0).astype(jnp.float32) * tgt_valid
+    push = jnp.mean(in_defect * (1.0 - _fields.warp(src_def_soft, field)))
+  else:
+    elastic_mask = jnp.ones_like(tgt_valid)
+    push = 0.0
+  elastic = _losses.elastic_loss(field, elastic_mask)
+  return mse + config.gamma * elastic + config.defect_push_weight * push, (mse, elastic)
+
+
+def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
+                   config: FinetuneConfig):
+  """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats)."""
+  src_valid = src_valid * (1.0 - src_defects)
+  tgt_valid = tgt_valid * (1.0 - tgt_defects)
+  src_def_d = _dilate(src_defects, config.defect_dilation)
+  tgt_def_d = _dilate(tgt_defects, config.defect_dilation)
+  src_def_soft = _fields.gaussian_blur(1.0 - src_defects, config.defect_push_sigma)
+  opt = _optimizer(config)
+  grad_fn = jax.value_and_grad(_loss_terms, has_aux=True)
+
+  def loss_and_grad(f):
+    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, src_defects, src_def_d, src_def_soft,
+                           tgt_def_d, config)
+    return loss, g
+
+  init_field = init_field.astype(jnp.float32)
+  loss0, _ = loss_and_grad(init_field)
+  inf = jnp.asarray(jnp.inf, jnp.float32)
+  # state: step, field, opt_state, best_field, best_loss, reference loss for plateau, stall count
+  state = (jnp.asarray(0, jnp.int32), init_field, opt.init(init_field), init_field, inf, inf,
+           jnp.asarray(0, jnp.int32))
+
+  def cond(s):
+    step, _, _, _, _, _, stall = s
+    return (step < config.iterations) & (stall < config.patience)
+
+  def body(s):
+    step, f, opt_state, best_f, best_loss, ref_loss, stall = s
+    loss, g = loss_and_grad(f)
+    improved = loss < best_loss
+    best_f = jnp.where(improved, f, best_f)
+    best_loss = jnp.where(improved, loss, best_loss)
+    significant = loss < ref_loss * (1.0 - config.rel_tol)
+    ref_loss = jnp.where(significant, loss, ref_loss)
+    stall = jnp.where(significant, 0, stall + 1)
+    updates, opt_state = opt.update(g, opt_state, f)
+    f = optax.apply_updates(f, updates)
+    return step + 1, f, opt_state, best_f, best_loss, ref_loss, stall
+
+  step, f, _, best_f, best_loss, _, _ = lax.while_loop(cond, body, state)
+  # The last update has not been scored yet; keep it if it is the best.
+  last_loss, _ = loss_and_grad(f)
+  use_last = last_loss < best_loss
+  out = jnp.where(use_last, f, best_f)
+  final = jnp.where(use_last, last_loss, best_loss)
+  return out, FinetuneStats(step, loss0, final)
+
+
+_finetune_jit = jax.jit(_finetune_core, static_argnames=("config",))
+_finetune_batch_jit = jax.jit(jax.vmap(_finetune_core, in_axes=(0, 0, 0, 0, 0, 0, 0, None)),
+                              static_argnames=("config",))
+
+
+def _as_mask(m, like_image: jax.Array, default) -> jax.Array:
+  """Float {0, 1} mask `[..., H, W]`; `default` (an array) when `m` is None."""
+  if m is None:
+    return default
+  return (jnp.asarray(m) > 0).astype(jnp.float32)
+
+
+def _prepare(src, tgt, init_field, src_mask, tgt_mask, src_defects, tgt_defects, spatial_ndim_offset):
+  src = jnp.asarray(src, jnp.float32)
+  tgt = jnp.asarray(tgt, jnp.float32)
+  if src.shape != tgt.shape:
+    raise ValueError(f"finetune: src shape {src.shape} does not match tgt shape {tgt.shape}")
+  channels_last = src.ndim == 3 + spatial_ndim_offset
+  if src.ndim not in (2 + spatial_ndim_offset, 3 + spatial_ndim_offset):
+    raise ValueError(f"finetune: src must be [H, W] or [H, W, C] (plus batch), got {src.shape}")
+  spatial = src.shape[:-1] if channels_last else src.shape
+  if init_field is None:
+    init_field = jnp.zeros(spatial + (2,), jnp.float32)
+  init_field = jnp.asarray(init_field, jnp.float32)
+  if init_field.shape != spatial + (2,):
+    raise ValueError(f"finetune: init_field shape {init_field.shape} != {spatial + (2,)}")
+  data = jax.vmap(_data_mask) if spatial_ndim_offset else _data_mask
+  zeros = jnp.zeros(spatial, jnp.float32)
+  sv = _as_mask(src_mask, src, None) if src_mask is not None else data(src)
+  tv = _as_mask(tgt_mask, tgt, None) if tgt_mask is not None else data(tgt)
+  sd = _as_mask(src_defects, src, zeros)
+  td = _as_mask(tgt_defects, tgt, zeros)
+  for name, m in (("src_mask", sv), ("tgt_mask", tv), ("src_defects", sd), ("tgt_defects", td)):
+    if m.shape != spatial:
+      raise ValueError(f"finetune: {name} shape {m.shape} != {spatial}")
+  return src, tgt, init_field, sv, tv, sd, td
+
+
+def finetune(src, tgt, init_field=None, *, src_mask=None, tgt_mask=None, src_defects=None,
+             tgt_defects=None, config: FinetuneConfig | None = None, return_stats: bool = False):
+  """Refines a field so that `warp(src, field) ≈ tgt` by gradient descent on the field itself.
+
+  Args:
+    src: `[H, W]` float32 image (normalised, 0 = no data) or `[H, W, C]` channels-last encoding.
+    tgt: same shape as `src`.
+    init_field: `[H, W, 2]` float32, pixels, (dy, dx), pull semantics; zeros when None.
+    src_mask, tgt_mask: `[H, W]` bool/0-1, True where the image has data. Default: where the image
+      (any channel of an encoding) is non-zero. Pass them explicitly for encodings of no-data regions.
+    src_defects, tgt_defects: `[H, W]` bool/0-1 cracks/folds (excluded from the MSE; the elastic term
+      is released there so the field can tear).
+    config: `FinetuneConfig` (static: a new config compiles a new loop).
+    return_stats: also return `FinetuneStats` (steps taken, initial and final loss).
+  Returns:
+    `[H, W, 2]` float32 field in pixels, (dy, dx) (and `FinetuneStats` if `return_stats`).
+  """
+  config = config or FinetuneConfig()
+  args = _prepare(src, tgt, init_field, src_mask, tgt_mask, src_defects, tgt_defects, 0)
+  field, stats = _finetune_jit(*args, config=config)
+  return (field, stats) if return_stats else field
+
+
+def finetune_batch(srcs, tgts, init_fields=None, *, src_masks=None, tgt_masks=None, src_defects=None,
+                   tgt_defects=None, config: FinetuneConfig | None = None, return_stats: bool = False):
+  """`finetune` vmapped over a leading batch axis B (one compile per (B, H, W[, C]) and config).
+
+  Args:
+    srcs, tgts: `[B, H, W]` or `[B, H, W, C]` float32.
+    init_fields: `[B, H, W, 2]` float32 pixels (dy, dx), zeros when None.
+    src_masks, tgt_masks, src_defects, tgt_defects: `[B, H, W]` or None (as in `finetune`).
+  Returns:
+    `[B, H, W, 2]` float32 fields (and batched `FinetuneStats` if `return_stats`).
+  """
+  config = config or FinetuneConfig()
+  args = _prepare(srcs, tgts, init_fields, src_masks, tgt_masks, src_defects, tgt_defects, 1)
+  field, stats = _finetune_batch_jit(*args, config=config)
+  return (field, stats) if return_stats else field

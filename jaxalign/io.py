@@ -1,0 +1,893 @@
+"""Volumes on tensorstore: zarr v3 (default), neuroglancer_precomputed and N5, with MIP levels.
+
+A volume is a stack of sections `[Z, H, W]` (images and masks) or of displacement fields
+`[Z, H, W, 2]` float32 (pixels of their own level, (dy, dx)). It knows its resolution in nm
+(z, y, x) at level 0, and level k is 2^k coarser in y and x (z unchanged).
+
+On-disk layout (see docs/io.md); every piece is standard metadata, so plain tensorstore / zarr /
+neuroglancer / N5 tools read the pixels without jaxalign:
+
+- zarr3: `URL/zarr.json` is a zarr v3 group whose `attributes.jaxalign` holds
+  `{kind, resolution, levels, axes}` (and `attributes.ome` OME-Zarr 0.5 multiscales for
+  images/masks); level k is the array `URL/k` (`[Z, H, W]` or `[Z, H, W, 2]`, C order,
+  `dimension_names` z, y, x[, c], zstd), with its own resolution in `attributes`.
+- n5: `URL/attributes.json` holds `jaxalign` plus the n5-viewer keys `scales`/`resolution`/`units`;
+  level k is the dataset `URL/s{k}` in N5's native axis order `[x, y, z]` (`[x, y, z, c]` for fields).
+- neuroglancer_precomputed: `URL/info` with one scale per level (native `[x, y, z, channel]`,
+  per-scale `resolution`), and the `jaxalign` key in `info`.
+
+Level k has shape `ceil(H / 2^k) x ceil(W / 2^k)`: an odd last row/column is downsampled with
+itself (edge replication), so no data is dropped and zeros (no data) never leak in at the border.
+
+Writes go through tensorstore, which writes every chunk atomically; `write`, `import_stack` and
+`build_pyramid` issue chunk-aligned writes (sections, or tiles that are multiples of the chunk), so a
+run that fails part-way leaves the chunks already written valid and can simply be repeated. All
+checks on user input happen before anything is written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+from absl import logging
+
+from jaxalign.errors import InputError
+
+FORMATS = ("zarr3", "neuroglancer_precomputed", "n5")
+FORMAT_ALIASES = {"zarr": "zarr3", "zarr3": "zarr3", "precomputed": "neuroglancer_precomputed",
+                  "neuroglancer_precomputed": "neuroglancer_precomputed", "n5": "n5"}
+KINDS = ("image", "field", "mask", "defect", "tissue")
+# kind -> how a level is reduced to the next (DESIGN.md §1); "mask" needs an explicit choice.
+PYRAMID_REDUCE = {"image": "mean", "defect": "max", "tissue": "min", "field": "field"}
+DTYPES = ("uint8", "uint16", "uint32", "float32")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+METADATA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class IOConfig:
+  """Defaults for volume layout and I/O concurrency.
+
+  Attributes:
+    chunk_yx: chunk edge in y and x (pixels); one section per chunk in z so section writes align.
+    zstd_level: zstd compression level for zarr3 / N5 chunks.
+    pyramid_tile: tile edge (pixels of the finer level) processed at once by `build_pyramid`;
+      a multiple of 2 * chunk_yx keeps the coarser level's writes chunk-aligned.
+    pyramid_batch: tiles per jitted downsampling call (the last batch is padded, not recompiled).
+    inflight: how many section reads/writes `import_stack` / `export_stack` keep in flight.
+    file_sync: fsync every local chunk file before it is renamed into place (tensorstore's default).
+      Durable across power loss; turning it off makes local writes several times faster and still
+      never exposes a torn chunk after a process crash (writes go to a temp file + rename).
+  """
+  chunk_yx: int = 512
+  zstd_level: int = 3
+  pyramid_tile: int = 2048
+  pyramid_batch: int = 4
+  inflight: int = 8
+  file_sync: bool = True
+
+
+DEFAULT_CONFIG = IOConfig()
+_CONTEXTS: dict[bool, ts.Context] = {}
+
+
+def _context(config: IOConfig) -> ts.Context:
+  """One shared tensorstore context (cache pools, thread pools) per sync setting."""
+  if config.file_sync not in _CONTEXTS:
+    _CONTEXTS[config.file_sync] = ts.Context({"file_io_sync": bool(config.file_sync)})
+  return _CONTEXTS[config.file_sync]
+
+
+# ----------------------------------------------------------------------------------------------
+# URLs and small metadata files
+
+
+def _is_remote(url: str) -> bool:
+  return "://" in url and not url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+  return os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def _kvstore(url: str, sub: str = "") -> Any:
+  """Tensorstore kvstore spec for `url/sub`; gs:// and s3:// URLs go to tensorstore unchanged."""
+  if _is_remote(url):
+    base = url.rstrip("/") + "/"
+    return base + (sub.strip("/") + "/" if sub else "")
+  path = _local_path(url)
+  return {"driver": "file", "path": os.path.join(path, sub) + "/" if sub else path + "/"}
+
+
+def _read_json(url: str, key: str) -> dict | None:
+  kv = ts.KvStore.open(_kvstore(url), context=_context(DEFAULT_CONFIG)).result()
+  r = kv.read(key).result()
+  if r.state != "value":
+    return None
+  return json.loads(bytes(r.value))
+
+
+def _write_json(url: str, key: str, obj: dict) -> None:
+  kv = ts.KvStore.open(_kvstore(url), context=_context(DEFAULT_CONFIG)).result()
+  kv.write(key, json.dumps(obj, indent=1).encode()).result()
+
+
+def _normalize_format(fmt: str) -> str:
+  f = FORMAT_ALIASES.get(str(fmt).lower())
+  if f is None:
+    raise InputError(f"unknown volume format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  return f
+
+
+def _detect_format(url: str) -> str | None:
+  if _read_json(url, "zarr.json") is not None:
+    return "zarr3"
+  if _read_json(url, "attributes.json") is not None:
+    return "n5"
+  if _read_json(url, "info") is not None:
+    return "neuroglancer_precomputed"
+  return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _check_resolution(resolution) -> tuple[float, float, float]:
+  try:
+    res = tuple(float(r) for r in resolution)
+  except (TypeError, ValueError):
+    raise InputError(f"resolution must be three numbers (z, y, x) in nm, got {resolution!r}") from None
+  if len(res) != 3 or not all(math.isfinite(r) and r > 0 for r in res):
+    raise InputError(f"resolution must be three positive numbers (z, y, x) in nm, got {resolution!r}")
+  return res
+
+
+def parse_resolution(text: str) -> tuple[float, float, float]:
+  """Parses 'z,y,x' (nm) as used on the command line."""
+  parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
+  return _check_resolution(parts)
+
+
+def level_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
+  """Shape of MIP `level` for a level-0 `shape` `[Z, H, W(, 2)]`: H and W divided by 2^level, rounded up."""
+  f = 2 ** level
+  out = list(shape)
+  out[1] = -(-shape[1] // f)
+  out[2] = -(-shape[2] // f)
+  return tuple(int(s) for s in out)
+
+
+def level_resolution(resolution: Sequence[float], level: int) -> tuple[float, float, float]:
+  """nm per pixel (z, y, x) at MIP `level` given level-0 `resolution`."""
+  rz, ry, rx = resolution
+  return (float(rz), float(ry) * 2 ** level, float(rx) * 2 ** level)
+
+
+def _infer_kind(shape, kind: str | None) -> str:
+  if kind is None:
+    return "field" if len(shape) == 4 else "image"
+  if kind not in KINDS:
+    raise InputError(f"unknown volume kind {kind!r}; expected one of {', '.join(KINDS)}")
+  return kind
+
+
+def _check_layout(shape, dtype, kind: str) -> tuple[tuple[int, ...], np.dtype]:
+  try:
+    shape = tuple(int(s) for s in shape)
+  except (TypeError, ValueError):
+    raise InputError(f"shape must be integers [Z, H, W] or [Z, H, W, 2], got {shape!r}") from None
+  dt = np.dtype(dtype)
+  if dt == np.bool_:
+    dt = np.dtype(np.uint8)  # masks are stored as 0/1 uint8 (precomputed has no bool)
+  if dt.name not in DTYPES:
+    raise InputError(f"volume dtype {dt} not supported; expected one of {', '.join(DTYPES)}")
+  if kind == "field":
+    if len(shape) != 4 or shape[3] != 2:
+      raise InputError(f"a field volume has shape [Z, H, W, 2], got {shape}")
+    if dt != np.float32:
+      raise InputError(f"a field volume has dtype float32, got {dt}")
+  elif len(shape) != 3:
+    raise InputError(f"a {kind} volume has shape [Z, H, W], got {shape}")
+  if min(shape) <= 0:
+    raise InputError(f"volume shape {shape} has an empty dimension")
+  return shape, dt
+
+
+def _default_chunks(shape, config: IOConfig) -> tuple[int, int, int]:
+  return (1, min(config.chunk_yx, shape[1]), min(config.chunk_yx, shape[2]))
+
+
+def _check_chunks(chunks, shape) -> tuple[int, int, int]:
+  try:
+    c = tuple(int(v) for v in chunks)
+  except (TypeError, ValueError):
+    raise InputError(f"chunks must be three integers (z, y, x), got {chunks!r}") from None
+  if len(c) != 3 or min(c) <= 0:
+    raise InputError(f"chunks must be three positive integers (z, y, x), got {chunks!r}")
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-format array specs
+
+
+def _level_key(fmt: str, level: int) -> str:
+  return f"s{level}" if fmt == "n5" else str(level)
+
+
+def _units(res: Sequence[float]) -> list[str]:
+  return [f"{r:g}nm" for r in res]
+
+
+def _array_spec(url: str, fmt: str, level: int, meta: dict | None = None) -> dict:
+  """Tensorstore spec of one level; `meta` (shape/dtype/chunks/resolution/kind) when creating."""
+  if fmt == "neuroglancer_precomputed":
+    spec: dict = {"driver": fmt, "kvstore": _kvstore(url), "scale_index": level}
+    if meta is not None:
+      shape, res, ch = meta["shape"], meta["resolution"], meta["chunks"]
+      spec.pop("scale_index")
+      spec["multiscale_metadata"] = {"type": "image", "data_type": meta["dtype"],
+                                     "num_channels": 2 if meta["kind"] == "field" else 1}
+      spec["scale_metadata"] = {"size": [shape[2], shape[1], shape[0]], "resolution": [res[2], res[1], res[0]],
+                                "chunk_size": [ch[2], ch[1], ch[0]], "encoding": "raw",
+                                "key": _level_key(fmt, level)}
+    return spec
+  spec = {"driver": fmt, "kvstore": _kvstore(url, _level_key(fmt, level))}
+  if meta is None:
+    return spec
+  shape, res, ch, field = meta["shape"], meta["resolution"], meta["chunks"], meta["kind"] == "field"
+  extra = {"jaxalign": {"kind": meta["kind"], "level": level, "resolution": list(res)}}
+  if fmt == "zarr3":
+    names = ["z", "y", "x"] + (["c"] if field else [])
+    spec["metadata"] = {
+        "shape": list(shape), "data_type": meta["dtype"],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(ch) + ([2] if field else [])}},
+        "dimension_names": names,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                   {"name": "zstd", "configuration": {"level": meta["zstd_level"]}}],
+        "attributes": extra, "fill_value": 0}
+    spec["schema"] = {"dimension_units": _units(res) + ([None] if field else [])}
+  else:  # n5, native axis order [x, y, z(, c)]
+    dims = [shape[2], shape[1], shape[0]] + ([2] if field else [])
+    block = [ch[2], ch[1], ch[0]] + ([2] if field else [])
+    spec["metadata"] = {"dimensions": dims, "blockSize": block, "dataType": meta["dtype"],
+                        "compression": {"type": "zstd", "level": meta["zstd_level"]}}
+    spec["schema"] = {"dimension_units": _units(res[::-1]) + ([None] if field else [])}
+  return spec
+
+
+def _zyx_view(arr: ts.TensorStore, fmt: str, field: bool) -> ts.TensorStore:
+  """Presents a level as `[Z, H, W]` / `[Z, H, W, 2]` whatever the on-disk axis order."""
+  if fmt == "zarr3":
+    return arr
+  if fmt == "neuroglancer_precomputed":
+    view = arr[ts.d[0, 1, 2].transpose[2, 1, 0]]  # [z, y, x, channel]
+    return view if field else view[..., 0]
+  return arr[ts.d[0, 1, 2].transpose[2, 1, 0]]  # n5: [x, y, z(, c)] -> [z, y, x(, c)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Volume
+
+
+class Volume:
+  """An open volume: sections `[Z, H, W]` (fields `[Z, H, W, 2]` float32) with MIP levels.
+
+  Attributes:
+    url: where it lives (local path, file://, gs://, s3://).
+    format: "zarr3", "neuroglancer_precomputed" or "n5".
+    kind: "image", "field", "mask", "defect" or "tissue".
+    dtype: NumPy dtype of the stored values.
+    resolution: nm per pixel (z, y, x) at level 0.
+    levels: number of MIP levels present (level 0 = full resolution).
+  """
+
+  def __init__(self, url: str, fmt: str, meta: dict, config: IOConfig = DEFAULT_CONFIG):
+    self.url = url
+    self.config = config
+    self.format = fmt
+    self.kind = meta["kind"]
+    self.dtype = np.dtype(meta["dtype"])
+    self.resolution = tuple(float(r) for r in meta["resolution"])
+    self.levels = int(meta["levels"])
+    self._shape0 = tuple(int(s) for s in meta["shape"])
+    self._arrays: dict[int, ts.TensorStore] = {}
+
+  def __repr__(self) -> str:
+    return (f"Volume({self.url!r}, format={self.format}, kind={self.kind}, shape={self.shape()}, "
+            f"dtype={self.dtype}, resolution={self.resolution} nm, levels={self.levels})")
+
+  @property
+  def is_field(self) -> bool:
+    return self.kind == "field"
+
+  def shape(self, level: int = 0) -> tuple[int, ...]:
+    """`[Z, H, W]` (or `[Z, H, W, 2]`) at `level`."""
+    self._check_level(level)
+    return level_shape(self._shape0, level)
+
+  def resolution_at(self, level: int) -> tuple[float, float, float]:
+    """nm per pixel (z, y, x) at `level`."""
+    self._check_level(level)
+    return level_resolution(self.resolution, level)
+
+  def chunks(self, level: int = 0) -> tuple[int, int, int]:
+    """Chunk shape (z, y, x) of `level`."""
+    shape = self.array(level).chunk_layout.write_chunk.shape
+    return tuple(int(s) for s in shape[:3])
+
+  def array(self, level: int = 0) -> ts.TensorStore:
+    """The tensorstore of `level`, presented as `[Z, H, W(, 2)]` (for direct async use)."""
+    self._check_level(level)
+    if level not in self._arrays:
+      arr = ts.open(_array_spec(self.url, self.format, level), open=True, context=_context(self.config)).result()
+      self._arrays[level] = _zyx_view(arr, self.format, self.is_field)
+    return self._arrays[level]
+
+  def _check_level(self, level: int) -> None:
+    if not isinstance(level, (int, np.integer)) or not 0 <= level < self.levels:
+      raise InputError(f"{self.url}: level {level!r} not present (volume has {self.levels} level(s))")
+
+  def _index(self, z, level: int, box) -> tuple[tuple, bool]:
+    """Index tuple for (z, box) at `level`; also whether z was a single section."""
+    shape = self.shape(level)
+    single = isinstance(z, (int, np.integer))
+    if z is None:
+      zs = slice(0, shape[0])
+    elif single:
+      if not 0 <= z < shape[0]:
+        raise InputError(f"{self.url}: section z={z} out of range [0, {shape[0]})")
+      zs = slice(int(z), int(z) + 1)
+    else:
+      if isinstance(z, range):
+        if z.step != 1:
+          raise InputError(f"{self.url}: z range must be contiguous, got {z}")
+        z = slice(z.start, z.stop)
+      if isinstance(z, (tuple, list)):
+        z = slice(*z)
+      if not isinstance(z, slice) or z.step not in (None, 1):
+        raise InputError(f"{self.url}: z must be an int, a contiguous slice/range or (z0, z1), got {z!r}")
+      z0, z1 = z.start or 0, shape[0] if z.stop is None else z.stop
+      if not 0 <= z0 < z1 <= shape[0]:
+        raise InputError(f"{self.url}: z range [{z0}, {z1}) out of range [0, {shape[0]})")
+      zs = slice(int(z0), int(z1))
+    if box is None:
+      ys, xs = slice(0, shape[1]), slice(0, shape[2])
+    else:
+      try:
+        (y0, y1), (x0, x1) = [(b.start, b.stop) if isinstance(b, slice) else tuple(b) for b in box]
+      except (TypeError, ValueError):
+        raise InputError(f"box must be ((y0, y1), (x0, x1)) in pixels of the level, got {box!r}") from None
+      if not (0 <= y0 < y1 <= shape[1] and 0 <= x0 < x1 <= shape[2]):
+        raise InputError(f"{self.url}: box {box!r} outside the level-{level} section of size {shape[1:3]}")
+      ys, xs = slice(int(y0), int(y1)), slice(int(x0), int(x1))
+    return (zs, ys, xs), single
+
+  def read(self, z=None, level: int = 0, box=None) -> np.ndarray:
+    """Reads sections.
+
+    Args:
+      z: a section index (returns `[H, W]`), a contiguous slice / range / (z0, z1) (returns
+        `[n, H, W]`), or None for all sections.
+      level: MIP level.
+      box: optional ((y0, y1), (x0, x1)) sub-box in pixels of `level`.
+    Returns:
+      ndarray of the volume's dtype, with a trailing (dy, dx) axis for fields.
+    """
+    return self.read_async(z, level, box).result()
+
+  def read_async(self, z=None, level: int = 0, box=None):
+    """Like `read` but returns a future (`.result()` gives the array) so reads overlap."""
+    idx, single = self._index(z, level, box)
+    view = self.array(level)[(idx[0].start,) + idx[1:] if single else idx]
+    return view.read()
+
+  def write(self, data, z=None, level: int = 0, box=None, *, wait: bool = True):
+    """Writes sections (validated first: nothing is written on bad input).
+
+    Args:
+      data: `[H, W(, 2)]` for a single z, or `[n, H, W(, 2)]`; dtype castable to the volume's
+        (integer data must fit the integer range; float data into an integer volume is refused);
+        fields must be finite.
+      z, level, box: as in `read`.
+      wait: if False, returns the tensorstore write future instead of waiting for it.
+    """
+    idx, single = self._index(z, level, box)
+    arr = self._check_data(data, idx, single)
+    target = self.array(level)[idx]
+    fut = target.write(arr[None] if single else arr)
+    if wait:
+      fut.result()
+      return None
+    return fut
+
+  def _check_data(self, data, idx, single: bool) -> np.ndarray:
+    try:
+      arr = np.asarray(data)
+    except Exception as e:  # noqa: BLE001 - anything unconvertible is a user error
+      raise InputError(f"{self.url}: data cannot be converted to an array ({e})") from None
+    want = tuple(s.stop - s.start for s in idx) + ((2,) if self.is_field else ())
+    if single:
+      want = want[1:]
+    if arr.shape != want:
+      raise InputError(f"{self.url}: data shape {arr.shape} does not match the target region shape {want}")
+    if arr.dtype == np.bool_ and np.issubdtype(self.dtype, np.integer):
+      return arr.astype(self.dtype)
+    if np.issubdtype(self.dtype, np.integer):
+      if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{self.url}: data dtype {arr.dtype} does not match volume dtype {self.dtype}")
+      info = np.iinfo(self.dtype)
+      if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise InputError(f"{self.url}: data values [{arr.min()}, {arr.max()}] do not fit volume dtype {self.dtype}")
+      return arr.astype(self.dtype, copy=False)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+      raise InputError(f"{self.url}: data dtype {arr.dtype} does not match volume dtype {self.dtype}")
+    arr = arr.astype(self.dtype, copy=False)
+    if not np.all(np.isfinite(arr)):
+      what = "field" if self.is_field else "float"
+      raise InputError(f"{self.url}: NaN or Inf written into a {what} volume")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------
+# Group metadata per format
+
+
+def _group_meta(shape, dtype, resolution, kind, levels) -> dict:
+  return {"version": METADATA_VERSION, "kind": kind, "shape": list(shape), "dtype": np.dtype(dtype).name,
+          "resolution": list(resolution), "levels": int(levels),
+          "axes": ["z", "y", "x"] + (["c"] if kind == "field" else [])}
+
+
+def _ome_multiscales(resolution, levels: int) -> dict:
+  datasets = []
+  for k in range(levels):
+    rz, ry, rx = level_resolution(resolution, k)
+    # pixel centres of level k sit at the centre of their 2^k x 2^k level-0 block
+    shift = (2 ** k - 1) / 2
+    datasets.append({"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [rz, ry, rx]},
+        {"type": "translation", "translation": [0.0, shift * resolution[1], shift * resolution[2]]}]})
+  axes = [{"name": n, "type": "space", "unit": "nanometer"} for n in ("z", "y", "x")]
+  return {"version": "0.5", "multiscales": [{"name": "jaxalign", "axes": axes, "datasets": datasets}]}
+
+
+def _write_group(url: str, fmt: str, meta: dict) -> None:
+  """Writes the volume-level metadata (last, so it marks a complete volume)."""
+  if fmt == "zarr3":
+    attrs: dict = {"jaxalign": meta}
+    if meta["kind"] != "field":  # OME-Zarr wants channels before space axes; fields are channels-last
+      attrs["ome"] = _ome_multiscales(meta["resolution"], meta["levels"])
+    _write_json(url, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+  elif fmt == "n5":
+    rz, ry, rx = meta["resolution"]
+    attrs = _read_json(url, "attributes.json") or {}
+    attrs.update({"n5": "4.0.0", "jaxalign": meta, "resolution": [rx, ry, rz], "units": ["nm"] * 3,
+                  "axes": ["x", "y", "z"],
+                  "scales": [[2 ** k, 2 ** k, 1] for k in range(meta["levels"])]})
+    _write_json(url, "attributes.json", attrs)
+  else:
+    info = _read_json(url, "info")
+    info["jaxalign"] = meta
+    _write_json(url, "info", info)
+
+
+def _read_group(url: str, fmt: str) -> dict | None:
+  if fmt == "zarr3":
+    g = _read_json(url, "zarr.json")
+    return None if g is None else g.get("attributes", {}).get("jaxalign")
+  if fmt == "n5":
+    g = _read_json(url, "attributes.json")
+    return None if g is None else g.get("jaxalign")
+  g = _read_json(url, "info")
+  if g is None:
+    return None
+  meta = g.get("jaxalign")
+  if meta is None:  # a precomputed volume written by another tool: derive what we need
+    s0 = g["scales"][0]
+    kind = "field" if g.get("num_channels", 1) == 2 and g["data_type"] == "float32" else "image"
+    shape = [s0["size"][2], s0["size"][1], s0["size"][0]] + ([2] if kind == "field" else [])
+    res = [s0["resolution"][2], s0["resolution"][1], s0["resolution"][0]]
+    meta = _group_meta(shape, g["data_type"], res, kind, len(g["scales"]))
+  meta = dict(meta)
+  meta["levels"] = len(g["scales"])
+  return meta
+
+
+def _create_level(url: str, fmt: str, meta: dict, level: int, chunks, config: IOConfig) -> None:
+  shape = level_shape(meta["shape"], level)
+  ch = (min(chunks[0], shape[0]), min(chunks[1], shape[1]), min(chunks[2], shape[2]))
+  spec = _array_spec(url, fmt, level, {
+      "shape": shape, "dtype": meta["dtype"], "chunks": ch, "kind": meta["kind"],
+      "resolution": level_resolution(meta["resolution"], level), "zstd_level": config.zstd_level})
+  arr = ts.open(spec, create=True, open=True, context=_context(config)).result()
+  if fmt == "n5":  # n5-viewer reads per-dataset downsamplingFactors (x, y, z)
+    key = _level_key(fmt, level) + "/attributes.json"
+    attrs = _read_json(url, key)
+    attrs["downsamplingFactors"] = [2 ** level, 2 ** level, 1] + ([1] if meta["kind"] == "field" else [])
+    attrs["jaxalign"] = {"kind": meta["kind"], "level": level,
+                         "resolution": list(level_resolution(meta["resolution"], level))}
+    _write_json(url, key, attrs)
+  del arr
+
+
+def create_volume(url: str, shape: Sequence[int], dtype, resolution: Sequence[float], chunks=None,
+                  format: str = "zarr3", levels: int = 1, *, kind: str | None = None,
+                  config: IOConfig = DEFAULT_CONFIG) -> Volume:
+  """Creates (or re-opens an identical) volume.
+
+  Args:
+    url: local path (or file://), gs://bucket/path or s3://bucket/path.
+    shape: `[Z, H, W]` for images/masks, `[Z, H, W, 2]` for fields (level 0).
+    dtype: uint8, uint16, uint32 or float32 (fields: float32; bool masks are stored as uint8).
+    resolution: nm per pixel (z, y, x) at level 0.
+    chunks: chunk shape (z, y, x); default (1, 512, 512), clipped to each level's shape.
+    format: "zarr3" (default), "neuroglancer_precomputed" ("precomputed") or "n5".
+    levels: number of MIP levels to allocate (filled by `build_pyramid`).
+    kind: "image", "field", "mask", "defect" or "tissue"; default "field" for 4-d shapes else "image".
+  Returns:
+    the open Volume. If a volume with the same shape, dtype, resolution and kind already exists at
+    `url`, it is opened (so an interrupted import can be repeated); a different one is an InputError.
+  """
+  fmt = _normalize_format(format)
+  kind = _infer_kind(shape, kind)
+  shape, dt = _check_layout(shape, dtype, kind)
+  res = _check_resolution(resolution)
+  chunks = _default_chunks(shape, config) if chunks is None else _check_chunks(chunks, shape)
+  if not isinstance(levels, (int, np.integer)) or levels < 1:
+    raise InputError(f"levels must be a positive integer, got {levels!r}")
+  if not _is_remote(url) and os.path.isfile(_local_path(url)):
+    raise InputError(f"volume path {url} is an existing file, not a folder")
+  existing_fmt = _detect_format(url)
+  if existing_fmt is not None:
+    old = _read_group(url, existing_fmt)
+    if old is None or existing_fmt != fmt or tuple(old["shape"]) != shape or old["dtype"] != dt.name \
+        or tuple(map(float, old["resolution"])) != res or old["kind"] != kind:
+      raise InputError(f"{url} already holds a different volume ({existing_fmt}, {old}); remove it or pick another path")
+    levels = max(levels, int(old["levels"]))
+  meta = _group_meta(shape, dt, res, kind, levels)
+  for k in range(levels):
+    _create_level(url, fmt, meta, k, chunks, config)
+  _write_group(url, fmt, meta)
+  logging.info("volume %s: %s %s %s, %s nm, %d level(s)", url, fmt, kind, shape, res, levels)
+  return Volume(url, fmt, meta, config)
+
+
+def open_volume(url: str, config: IOConfig = DEFAULT_CONFIG) -> Volume:
+  """Opens a volume written by `create_volume` (or a plain precomputed volume); format is detected."""
+  if not _is_remote(url) and not os.path.exists(_local_path(url)):
+    raise InputError(f"missing path: {url}")
+  fmt = _detect_format(url)
+  meta = None if fmt is None else _read_group(url, fmt)
+  if meta is None:
+    raise InputError(f"{url}: missing or not a jaxalign volume (no zarr.json group, N5 attributes.json or "
+                     "precomputed info with jaxalign metadata)")
+  return Volume(url, fmt, meta, config)
+
+
+def _add_levels(volume: Volume, levels: int, config: IOConfig) -> Volume:
+  """Allocates levels up to `levels` (total) and returns the re-opened volume."""
+  if levels <= volume.levels:
+    return volume
+  meta = _group_meta(volume.shape(0), volume.dtype, volume.resolution, volume.kind, levels)
+  chunks = volume.chunks(0)
+  for k in range(volume.levels, levels):
+    _create_level(volume.url, volume.format, meta, k, chunks, config)
+  _write_group(volume.url, volume.format, meta)
+  return open_volume(volume.url, volume.config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pyramid
+
+
+def _tile_starts(n: int, step: int) -> list[int]:
+  return list(range(0, n, step))
+
+
+def build_pyramid(volume: Volume | str, levels: int, kind: str | None = None, *, z=None,
+                  config: IOConfig = DEFAULT_CONFIG, progress: bool = True) -> Volume:
+  """Computes MIP levels 1 .. levels-1, each from the previous one, and returns the volume.
+
+  Images by 2x2 mean, defect masks by 2x2 max, tissue masks by 2x2 min, fields by 2x2 mean x 0.5
+  (`jaxalign.fields.downsample_image` / `downsample_field`). Integer images are rounded to the
+  nearest integer. An odd last row/column is reduced with a replicated copy of itself (level k has
+  ceil(H / 2^k) rows). Work runs in tiles of `config.pyramid_tile` px (same shape every call, so one
+  compilation per level) with reads prefetched and writes overlapped through tensorstore futures.
+
+  Args:
+    volume: a Volume or its URL.
+    levels: total number of levels wanted (>= 1; 1 = nothing to do).
+    kind: "image", "defect", "tissue" or "field"; default from the volume's kind (a generic "mask"
+      volume must say "defect" or "tissue").
+    z: optional section or contiguous range (as in `Volume.read`) to update; default all sections.
+      Sections are independent, so workers can build the pyramid of disjoint z ranges in parallel.
+  """
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+
+  from jaxalign import fields
+
+  vol = open_volume(volume, config) if isinstance(volume, str) else volume
+  if not isinstance(levels, (int, np.integer)) or levels < 1:
+    raise InputError(f"levels must be a positive integer, got {levels!r}")
+  kind = kind or vol.kind
+  if kind not in PYRAMID_REDUCE:
+    raise InputError(f"pyramid kind must be one of {', '.join(PYRAMID_REDUCE)} for a {vol.kind} volume, got {kind!r}")
+  if (kind == "field") != vol.is_field:
+    raise InputError(f"pyramid kind {kind!r} does not fit a {vol.kind} volume")
+  h0, w0 = vol.shape(0)[1:3]
+  if levels > 1 and (h0 >> (levels - 1) == 0 or w0 >> (levels - 1) == 0):
+    raise InputError(f"{levels} levels would shrink a {h0}x{w0} section below one pixel")
+  (zsel, _, _), _ = vol._index(z, 0, None)
+  vol = _add_levels(vol, levels, config)
+  if kind == "field":
+    down = jax.jit(lambda x: fields.downsample_field(x.astype(jnp.float32)))
+  else:
+    reduce = PYRAMID_REDUCE[kind]
+    down = jax.jit(lambda x: fields.downsample_image(x.astype(jnp.float32), reduce=reduce))
+  integer = np.issubdtype(vol.dtype, np.integer)
+  for k in range(1, levels):
+    _, hf, wf = vol.shape(k - 1)[:3]
+    _, cy, cx = vol.chunks(k)
+    # whole coarse chunks per tile, so no two tiles (or workers) ever write the same chunk
+    ty = min(max(config.pyramid_tile // (2 * cy), 1) * 2 * cy, hf + hf % 2)
+    tx = min(max(config.pyramid_tile // (2 * cx), 1) * 2 * cx, wf + wf % 2)
+    tiles = [(zz, y, x) for zz in range(zsel.start, zsel.stop) for y in _tile_starts(hf, ty)
+             for x in _tile_starts(wf, tx)]
+    nb = config.pyramid_batch
+    batches = [tiles[i:i + nb] for i in range(0, len(tiles), nb)]
+
+    def fetch(batch, k=k, hf=hf, wf=wf, ty=ty, tx=tx):
+      return [vol.read_async(zz, k - 1, ((y, min(y + ty, hf)), (x, min(x + tx, wf)))) for zz, y, x in batch]
+
+    pending_writes: list = []
+    bar = tqdm(total=len(tiles), desc=f"pyramid level {k}", disable=not progress, unit="tile")
+    nxt = fetch(batches[0])
+    for bi, batch in enumerate(batches):
+      reads, nxt = nxt, (fetch(batches[bi + 1]) if bi + 1 < len(batches) else None)
+      stack = np.zeros((nb, ty, tx) + ((2,) if vol.is_field else ()), dtype=vol.dtype)
+      for i, fut in enumerate(reads):
+        a = fut.result()
+        pad = [(0, ty - a.shape[0]), (0, tx - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+        stack[i] = np.pad(a, pad, mode="edge")  # replicate: an odd border pixel averages with itself
+      for i in range(len(batch), nb):  # pad the last batch instead of recompiling
+        stack[i] = stack[0]
+      out = np.asarray(down(stack))
+      if integer:
+        out = np.clip(np.rint(out), 0, np.iinfo(vol.dtype).max)
+      out = out.astype(vol.dtype)
+      for f in pending_writes:
+        f.result()
+      pending_writes = []
+      hc, wc = vol.shape(k)[1:3]
+      for i, (zz, y, x) in enumerate(batch):
+        y0, x0 = y // 2, x // 2
+        y1, x1 = min(y0 + ty // 2, hc), min(x0 + tx // 2, wc)
+        pending_writes.append(vol.write(out[i, :y1 - y0, :x1 - x0], zz, k, ((y0, y1), (x0, x1)), wait=False))
+      bar.update(len(batch))
+    for f in pending_writes:
+      f.result()
+    bar.close()
+    logging.info("%s: level %d %s written", vol.url, k, vol.shape(k))
+  return vol
+
+
+# ----------------------------------------------------------------------------------------------
+# Import / export of image stacks
+
+
+def _natural_key(name: str):
+  return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _list_sections(src: str) -> list[pathlib.Path]:
+  p = pathlib.Path(src)
+  if not p.exists():
+    raise InputError(f"missing path: {src}")
+  if p.is_dir():
+    files = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda f: _natural_key(f.name))
+    if not files:
+      raise InputError(f"{src}: folder holds no PNG/TIFF sections ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+  if p.suffix.lower() not in IMAGE_SUFFIXES:
+    raise InputError(f"{src}: not a PNG/TIFF file or a folder of them")
+  return [p]
+
+
+_PIL_DTYPES = {"L": np.uint8, "I": np.uint16, "I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "F": np.float32,
+               "1": np.uint8}
+
+
+def _probe(path: pathlib.Path) -> list[tuple[tuple[int, int], np.dtype]]:
+  """(shape, dtype) of each page, from headers only."""
+  if path.suffix.lower() in (".tif", ".tiff"):
+    import tifffile
+    try:
+      with tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        if "S" in series.axes:
+          raise InputError(f"{path}: TIFF holds colour samples (axes {series.axes}); expected grayscale sections")
+        shape, dt = tuple(series.shape), np.dtype(series.dtype)
+        if len(shape) == 3:
+          pages = [(shape[1:], dt)] * shape[0]
+        else:
+          pages = [(shape, dt)]
+    except InputError:
+      raise
+    except Exception as e:  # noqa: BLE001 - a broken file is bad input
+      raise InputError(f"{path}: cannot read TIFF ({e})") from None
+  else:
+    from PIL import Image
+    try:
+      with Image.open(path) as im:
+        if im.mode not in _PIL_DTYPES:
+          raise InputError(f"{path}: image mode {im.mode} is not grayscale (expected L, I;16 or F)")
+        pages = [((im.size[1], im.size[0]), np.dtype(_PIL_DTYPES[im.mode]))]
+    except InputError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      raise InputError(f"{path}: cannot read image ({e})") from None
+  for shape, dt in pages:
+    if len(shape) != 2:
+      raise InputError(f"{path}: section of shape {shape} is not a 2-d grayscale image")
+  return pages
+
+
+def _load(path: pathlib.Path, page: int | None) -> np.ndarray:
+  if path.suffix.lower() in (".tif", ".tiff"):
+    import tifffile
+    with tifffile.TiffFile(path) as tf:
+      if page is None or len(tf.series[0].shape) == 2:
+        return tf.series[0].asarray()
+      if len(tf.pages) > page and tuple(tf.pages[page].shape) == tuple(tf.series[0].shape[1:]):
+        return tf.pages[page].asarray()  # one page per section: read only that one
+      return tf.series[0].asarray()[page]
+  from PIL import Image
+  with Image.open(path) as im:
+    return np.asarray(im)
+
+
+def import_stack(src: str, url: str, resolution: Sequence[float], *, format: str = "zarr3", chunks=None,
+                 levels: int = 1, dtype=None, kind: str = "image", config: IOConfig = DEFAULT_CONFIG,
+                 progress: bool = True) -> Volume:
+  """Imports a folder of PNG/TIFF sections (natural name order) or a multi-page TIFF into a volume.
+
+  Every file header is checked (same size, grayscale, one dtype) before anything is created, so bad
+  input writes nothing; sections are then decoded in a thread pool and written one chunk-aligned
+  section at a time with up to `config.inflight` writes in flight. Repeating an interrupted import
+  re-opens the same volume and rewrites it.
+
+  Args:
+    src: folder of .png/.tif/.tiff sections, or one (multi-page) TIFF / PNG file.
+    url: destination volume (see `create_volume`).
+    resolution: nm per pixel (z, y, x).
+    format, chunks, levels: as in `create_volume`; levels > 1 also builds the pyramid.
+    dtype: stored dtype; default the files' dtype (uint8, uint16 or float32).
+    kind: "image", or "defect" / "tissue" / "mask" for mask stacks (non-zero = set; stored as is).
+  Returns:
+    the Volume, `[Z, H, W]`.
+  """
+  from tqdm import tqdm
+
+  res = _check_resolution(resolution)
+  files = _list_sections(src)
+  entries: list[tuple[pathlib.Path, int | None]] = []
+  shape = dt = None
+  for f in files:
+    pages = _probe(f)
+    for i, (s, d) in enumerate(pages):
+      if shape is None:
+        shape, dt = s, d
+      elif s != shape:
+        raise InputError(f"{f}: section size {s} differs from the first section's {shape}")
+      elif d != dt:
+        raise InputError(f"{f}: dtype {d} differs from the first section's {dt}")
+      entries.append((f, i))
+  out_dt = np.dtype(dtype) if dtype is not None else dt
+  if out_dt.name not in DTYPES:
+    raise InputError(f"{src}: section dtype {out_dt} not supported; expected one of {', '.join(DTYPES)}")
+  if not np.can_cast(dt, out_dt, "safe"):  # refuse up front rather than fail on a late section
+    raise InputError(f"{src}: {dt} sections cannot be stored losslessly as {out_dt}")
+  if kind == "field":
+    raise InputError("fields cannot be imported from PNG/TIFF sections")
+  vol = create_volume(url, (len(entries), *shape), out_dt, res, chunks, format=format, levels=1, kind=kind,
+                      config=config)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    decoded = pool.map(lambda e: _load(*e), entries)
+    inflight: list = []
+    for z, img in enumerate(tqdm(decoded, total=len(entries), desc="import", disable=not progress, unit="section")):
+      if img.shape != tuple(shape):
+        raise InputError(f"{entries[z][0]}: decoded size {img.shape} differs from its header {shape}")
+      inflight.append(vol.write(img, z, wait=False))
+      if len(inflight) >= config.inflight:
+        inflight.pop(0).result()
+    for f in inflight:
+      f.result()
+  logging.info("imported %d sections from %s into %s", len(entries), src, url)
+  if levels > 1:
+    vol = build_pyramid(vol, levels, config=config, progress=progress)
+  return vol
+
+
+EXPORT_FORMATS = ("png", "tif", "tiff")
+
+
+def export_stack(volume: Volume | str, folder: str, fmt: str = "png", *, level: int = 0, z=None,
+                 config: IOConfig = DEFAULT_CONFIG, progress: bool = True) -> list[str]:
+  """Writes sections as `folder/0000.png` (or .tif), one file per section, in z order.
+
+  PNG takes uint8 / uint16 (masks, images); float32 images and fields (`[H, W, 2]`) need TIFF.
+
+  Args:
+    volume: a Volume or its URL.
+    folder: output folder (created).
+    fmt: "png", "tif" or "tiff".
+    level: MIP level to export.
+    z: optional contiguous range of sections (as in `Volume.read`); default all.
+  Returns:
+    the written file paths.
+  """
+  from tqdm import tqdm
+
+  vol = open_volume(volume, config) if isinstance(volume, str) else volume
+  fmt = str(fmt).lower().lstrip(".")
+  if fmt not in EXPORT_FORMATS:
+    raise InputError(f"export format {fmt!r} not supported; expected one of {', '.join(EXPORT_FORMATS)}")
+  if fmt == "png" and vol.dtype not in (np.uint8, np.uint16):
+    raise InputError(f"PNG cannot hold {vol.dtype} {vol.kind} sections; export as tif")
+  vol._check_level(level)
+  nz = vol.shape(level)[0]
+  if z is None:
+    zs = range(nz)
+  elif isinstance(z, (int, np.integer)):
+    vol._index(z, level, None)
+    zs = range(int(z), int(z) + 1)
+  else:
+    (zsl, _, _), _ = vol._index(z, level, None)
+    zs = range(zsl.start, zsl.stop)
+  if os.path.isfile(folder):
+    raise InputError(f"export destination {folder} is an existing file, not a folder")
+  os.makedirs(folder, exist_ok=True)
+  width = max(4, len(str(nz - 1)))
+  paths = []
+
+  def save(zz: int, img: np.ndarray) -> str:
+    path = os.path.join(folder, f"{zz:0{width}d}.{fmt}")
+    tmp = path + ".part"  # rename so an interrupted export never leaves a truncated section
+    if fmt == "png":
+      from PIL import Image
+      Image.fromarray(img).save(tmp, format="PNG")
+    else:
+      import tifffile
+      tifffile.imwrite(tmp, img, photometric="minisblack")
+    os.replace(tmp, path)
+    return path
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    reads = {}
+    zs = list(zs)
+    for i in range(min(config.inflight, len(zs))):
+      reads[zs[i]] = vol.read_async(zs[i], level)
+    saves = []
+    for i, zz in enumerate(tqdm(zs, desc="export", disable=not progress, unit="section")):
+      img = reads.pop(zz).result()
+      if i + config.inflight < len(zs):
+        nz_ = zs[i + config.inflight]
+        reads[nz_] = vol.read_async(nz_, level)
+      saves.append(pool.submit(save, zz, img))
+    paths = [s.result() for s in saves]
+  logging.info("exported %d sections of %s to %s", len(paths), vol.url, folder)
+  return paths

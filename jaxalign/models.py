@@ -1,0 +1,517 @@
+"""SEAMLeSS models in flax NNX: Encoder, Aligner, a Level and a coarse-to-fine Pyramid.
+
+Paper: Popovych et al., Nat. Commun. 2024, Methods "Image pair alignment" / Results "SEAMLeSS training".
+
+* `Encoder`: image `[B, H, W]` -> dense encoding `[B, H, W, C]` at the same resolution (residual conv
+  blocks). Encodings are RMS-normalised per pixel (so they cannot collapse to zero under the stage-2
+  loss) and zero where the image has no data (DESIGN.md §1: 0 = no data).
+* `Aligner`: (src encoding, tgt encoding) -> residual field `[B, H, W, 2]` in pixels of its level. It
+  is internally multi-scale: an internal pyramid of `scales` levels (each 2x coarser), coarse to fine,
+  each predicting a residual that is composed with the upsampled coarser estimate, so one level
+  corrects displacements of several tens of its own pixels.
+* `Level`: Encoder + Aligner + its MIP (resolution) + its Online Field Finetuner settings.
+* `Pyramid`: levels coarse -> fine; implements the team's pluggable aligner protocol
+  `pyramid(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> field [H, W, 2]`
+  with `warp(src, field) ≈ tgt`, so `ja.align_pair(src, tgt, model=pyramid)` just calls it.
+
+`pretrained()` loads the default pyramid shipped in `jaxalign/weights/` (see the README there for the
+data and the exact command that reproduces it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from jaxalign import fields
+from jaxalign.errors import InputError, check_field, check_image, check_mask, check_same_shape
+
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = "default"
+# Keeps the per-pixel RMS normalisation of encodings finite where the raw encoding vanishes.
+ENCODING_EPS = 1e-3
+# Images are considered "no data" where they are exactly zero (DESIGN.md §1); float tolerance.
+NO_DATA_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs (frozen, JSON-serialisable: they travel with checkpoints and shipped weights)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Encoder architecture.
+
+  Attributes:
+    channels: width of the residual blocks.
+    blocks: number of residual blocks (two 3x3 convs each).
+    out_channels: C of the encoding `[B, H, W, C]`.
+  """
+  channels: int = 12
+  blocks: int = 2
+  out_channels: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignerConfig:
+  """Aligner architecture.
+
+  Attributes:
+    scales: internal pyramid depth; the coarsest internal scale is 2**(scales-1) coarser than the
+      level, which sets the capture range (about 8 * 2**(scales-1) level pixels).
+    channels: width of each internal scale's conv net.
+    dilations: dilation of the 3x3 convs of one internal scale's net (their sum sets its receptive
+      field, in pixels of that scale).
+    radius: search radius R of the local correlation (cost volume) at each internal scale, pixels
+      of that scale; the soft-argmax over the (2R+1)^2 displacements is each scale's first guess.
+  """
+  scales: int = 4
+  channels: int = 16
+  dilations: tuple[int, ...] = (1, 2, 1)
+  radius: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelConfig:
+  """One pyramid level.
+
+  Attributes:
+    mip: resolution level (0 = full resolution; k = 2**k coarser).
+    encoder: Encoder architecture.
+    aligner: Aligner architecture.
+    finetune: overrides of `jaxalign.finetuner.FinetuneConfig` for this level (JSON-able dict, as a
+      tuple of (name, value) pairs so the config stays hashable); `None` disables the finetuner.
+  """
+  mip: int = 0
+  encoder: EncoderConfig = EncoderConfig()
+  aligner: AlignerConfig = AlignerConfig()
+  finetune: tuple[tuple[str, Any], ...] | None = ()
+
+
+# Finetuner settings per MIP (index = mip; the last entry repeats): coarse levels get a stronger
+# elastic prior (paper: gamma 5-25, higher at coarser levels) and larger steps; the fine level only
+# polishes, so it gets few iterations and small steps (learning rate in px of the level per step).
+FINETUNE_GAMMAS = (5.0, 8.0, 12.0, 18.0)
+FINETUNE_LEARNING_RATES = (0.05, 0.1, 0.15, 0.2)
+FINETUNE_ITERATIONS = (100, 150, 200, 250)
+
+
+def default_finetune(mip: int) -> tuple[tuple[str, Any], ...]:
+  """Finetuner overrides (as LevelConfig.finetune) for a level at `mip`."""
+  pick = lambda seq: seq[min(mip, len(seq) - 1)]
+  return (("gamma", pick(FINETUNE_GAMMAS)), ("learning_rate", pick(FINETUNE_LEARNING_RATES)),
+          ("iterations", pick(FINETUNE_ITERATIONS)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidConfig:
+  """A pyramid: levels from coarse to fine (strictly decreasing `mip`)."""
+  levels: tuple[LevelConfig, ...] = tuple(LevelConfig(mip=m, finetune=default_finetune(m)) for m in (2, 1, 0))
+
+
+def config_to_dict(cfg) -> dict:
+  """Frozen dataclass config -> plain JSON-able dict."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def pyramid_config_from_dict(d: dict) -> PyramidConfig:
+  """Inverse of `config_to_dict` for `PyramidConfig`; raises InputError naming a malformed entry."""
+  try:
+    levels = []
+    for i, lv in enumerate(d["levels"]):
+      enc = EncoderConfig(**lv.get("encoder", {}))
+      al = dict(lv.get("aligner", {}))
+      if "dilations" in al:
+        al["dilations"] = tuple(int(x) for x in al["dilations"])
+      ft = lv.get("finetune", ())
+      ft = None if ft is None else tuple((str(k), v) for k, v in (ft.items() if isinstance(ft, dict) else ft))
+      levels.append(LevelConfig(mip=int(lv["mip"]), encoder=enc, aligner=AlignerConfig(**al), finetune=ft))
+    cfg = PyramidConfig(levels=tuple(levels))
+  except (KeyError, TypeError, ValueError) as e:
+    raise InputError(f"malformed pyramid config ({type(e).__name__}: {e})") from None
+  validate_pyramid_config(cfg)
+  return cfg
+
+
+def validate_pyramid_config(cfg: PyramidConfig) -> None:
+  """Raises InputError if the config cannot describe a working pyramid."""
+  if not cfg.levels:
+    raise InputError("pyramid config has no levels")
+  mips = [lv.mip for lv in cfg.levels]
+  if any(m < 0 for m in mips) or any(a <= b for a, b in zip(mips, mips[1:])):
+    raise InputError(f"pyramid levels must go coarse to fine with strictly decreasing mip >= 0, got mips {mips}")
+  for i, lv in enumerate(cfg.levels):
+    e, a = lv.encoder, lv.aligner
+    for name, v in (("encoder.channels", e.channels), ("encoder.out_channels", e.out_channels),
+                    ("aligner.scales", a.scales), ("aligner.channels", a.channels)):
+      if not isinstance(v, int) or v < 1:
+        raise InputError(f"level {i}: {name} must be a positive integer, got {v!r}")
+    if e.blocks < 0:
+      raise InputError(f"level {i}: encoder.blocks must be >= 0, got {e.blocks}")
+    if not isinstance(a.radius, int) or a.radius < 1:
+      raise InputError(f"level {i}: aligner.radius must be a positive integer, got {a.radius!r}")
+    if not a.dilations or any(int(d) < 1 for d in a.dilations):
+      raise InputError(f"level {i}: aligner.dilations must be positive integers, got {a.dilations}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+class ResBlock(nnx.Module):
+  """x + conv(gelu(conv(gelu(x)))), 3x3, channels-last `[B, H, W, C]`."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.conv2(jax.nn.gelu(self.conv1(jax.nn.gelu(x))))
+
+
+def _normalize_images(images: jax.Array) -> jax.Array:
+  """Zero mean / unit variance over each image's non-zero pixels, zeros kept (`[B, H, W]`)."""
+  from jaxalign import preprocess  # the team's kernel; imported lazily (lands with the kernels)
+  return jax.vmap(preprocess.normalize)(images)
+
+
+class Encoder(nnx.Module):
+  """Image `[B, H, W]` float32 -> encoding `[B, H, W, C]` float32 (same resolution).
+
+  The input is normalised over its non-zero pixels first; the output is RMS-normalised per pixel
+  (mean of squares over C is 1) and multiplied by the tissue mask (image != 0), so masked pixels
+  stay 0 = no data.
+  """
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.stem = nnx.Conv(1, cfg.channels, (3, 3), rngs=rngs)
+    self.blocks = nnx.List([ResBlock(cfg.channels, rngs=rngs) for _ in range(cfg.blocks)])
+    self.head = nnx.Conv(cfg.channels, cfg.out_channels, (1, 1), rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    tissue = (jnp.abs(images) > NO_DATA_EPS).astype(jnp.float32)[..., None]
+    x = self.stem(_normalize_images(images)[..., None])
+    for blk in self.blocks:
+      x = blk(x)
+    e = self.head(jax.nn.gelu(x))
+    e = e * jax.lax.rsqrt(jnp.mean(e * e, axis=-1, keepdims=True) + ENCODING_EPS)
+    return e * tissue
+
+
+def _down_channels_last(x: jax.Array) -> jax.Array:
+  """One MIP level down (2x2 mean) of a channels-last `[B, H, W, C]` array."""
+  return jnp.moveaxis(fields.downsample_image(jnp.moveaxis(x, -1, -3), reduce="mean"), -3, -1)
+
+
+# Initial inverse temperature of the soft-argmax over correlations (encodings have unit RMS per
+# pixel, so a correlation is in [-1, 1]; this makes the best of 49 offsets dominate clearly).
+SOFTARGMAX_BETA = 8.0
+
+
+def _offsets(radius: int) -> np.ndarray:
+  """`[(2R+1)^2, 2]` integer (dy, dx) displacements of the cost volume, row-major."""
+  r = np.arange(-radius, radius + 1)
+  return np.stack(np.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)
+
+
+def local_correlation(src: jax.Array, tgt: jax.Array, radius: int) -> jax.Array:
+  """Cost volume `[B, H, W, (2R+1)^2]`: mean over C of `tgt(r) * src(r + d)` for each offset d.
+
+  Args:
+    src, tgt: `[B, H, W, C]` encodings; src outside the image counts as 0 (no data).
+    radius: R, pixels.
+  """
+  h, w = src.shape[1:3]
+  p = jnp.pad(src, ((0, 0), (radius, radius), (radius, radius), (0, 0)))
+  outs = [jnp.mean(p[:, radius + dy:radius + dy + h, radius + dx:radius + dx + w] * tgt, axis=-1)
+          for dy, dx in _offsets(radius)]
+  return jnp.stack(outs, axis=-1)
+
+
+class _ScaleNet(nnx.Module):
+  """One internal scale of the Aligner: (warped src enc, tgt enc) -> residual field (px of that scale).
+
+  A local cost volume gives a soft-argmax displacement (a matching guess that works from the first
+  step), and a small dilated conv net on [cost volume, tgt enc, guess] adds a correction.
+  """
+
+  def __init__(self, in_channels: int, cfg: AlignerConfig, *, rngs: nnx.Rngs):
+    self.radius = cfg.radius
+    n_off = (2 * cfg.radius + 1) ** 2
+    convs = []
+    c_in = n_off + in_channels + 2
+    for d in cfg.dilations:
+      convs.append(nnx.Conv(c_in, cfg.channels, (3, 3), kernel_dilation=int(d), rngs=rngs))
+      c_in = cfg.channels
+    self.convs = nnx.List(convs)
+    # Zero-initialised correction: an untrained aligner returns the soft-argmax guess.
+    self.out = nnx.Conv(c_in, 2, (3, 3), kernel_init=nnx.initializers.zeros, rngs=rngs)
+    self.log_beta = nnx.Param(jnp.log(jnp.float32(SOFTARGMAX_BETA)))
+
+  def __call__(self, src: jax.Array, tgt: jax.Array) -> jax.Array:
+    corr = local_correlation(src, tgt, self.radius)
+    weights = jax.nn.softmax(jnp.exp(self.log_beta[...]) * corr, axis=-1)
+    guess = weights @ jnp.asarray(_offsets(self.radius), jnp.float32)
+    x = jnp.concatenate([corr, tgt, guess], axis=-1)
+    for conv in self.convs:
+      x = jax.nn.gelu(conv(x))
+    # Where tgt has no data, the guess is meaningless: fall back to the (regularised) correction.
+    has_data = jnp.any(tgt != 0, axis=-1, keepdims=True)
+    return jnp.where(has_data, guess, 0.0) + self.out(x)
+
+
+class Aligner(nnx.Module):
+  """(src enc `[B, H, W, C]`, tgt enc `[B, H, W, C]`) -> residual field `[B, H, W, 2]`, px of this level.
+
+  H and W must be divisible by 2**(scales-1). The returned field `r` satisfies
+  `warp(src, r) ≈ tgt` (pull semantics, (dy, dx)).
+  """
+
+  def __init__(self, in_channels: int, cfg: AlignerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.nets = nnx.List([_ScaleNet(in_channels, cfg, rngs=rngs) for _ in range(cfg.scales)])
+
+  def __call__(self, src: jax.Array, tgt: jax.Array) -> jax.Array:
+    srcs, tgts = [src], [tgt]
+    for _ in range(self.cfg.scales - 1):
+      srcs.append(_down_channels_last(srcs[-1]))
+      tgts.append(_down_channels_last(tgts[-1]))
+    field = jnp.zeros(srcs[-1].shape[:-1] + (2,), jnp.float32)
+    for s in reversed(range(self.cfg.scales)):
+      if s < self.cfg.scales - 1:
+        field = fields.upsample_field(field)
+      warped = fields.warp(srcs[s], field)
+      field = fields.compose(field, self.nets[s](warped, tgts[s]))
+    return field
+
+
+class Level(nnx.Module):
+  """Encoder + Aligner at one resolution (`cfg.mip`), with its finetuner settings."""
+
+  def __init__(self, cfg: LevelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.encoder = Encoder(cfg.encoder, rngs=rngs)
+    self.aligner = Aligner(cfg.encoder.out_channels, cfg.aligner, rngs=rngs)
+
+  @property
+  def multiple(self) -> int:
+    """H, W at this level must be divisible by this (the aligner's internal pyramid)."""
+    return 2 ** (self.cfg.aligner.scales - 1)
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """`[B, H, W]` -> `[B, H, W, C]`."""
+    return self.encoder(images)
+
+  def residual(self, src_enc: jax.Array, tgt_enc: jax.Array, init_field: jax.Array) -> jax.Array:
+    """Full field at this level: `compose(init_field, aligner(warp(src_enc, init_field), tgt_enc))`.
+
+    Args:
+      src_enc, tgt_enc: `[B, H, W, C]` encodings.
+      init_field: `[B, H, W, 2]` float32, px of this level: starting estimate (src -> tgt).
+    Returns:
+      `[B, H, W, 2]` float32, px of this level, with `warp(src, field) ≈ tgt`.
+    """
+    warped = fields.warp(src_enc, init_field)
+    return fields.compose(init_field, self.aligner(warped, tgt_enc))
+
+  def __call__(self, src: jax.Array, tgt: jax.Array, init_field: jax.Array) -> jax.Array:
+    """Images `[B, H, W]` + init field `[B, H, W, 2]` -> field `[B, H, W, 2]` (no finetuner)."""
+    return self.residual(self.encode(src), self.encode(tgt), init_field)
+
+
+def finetune_config(level_cfg: LevelConfig):
+  """This level's `FinetuneConfig` (or None when the finetuner is disabled)."""
+  if level_cfg.finetune is None:
+    return None
+  from jaxalign import finetuner
+  return finetuner.FinetuneConfig(**dict(level_cfg.finetune))
+
+
+def _field_to_mip(field: jax.Array, from_mip: int, to_mip: int) -> jax.Array:
+  """Moves a field `[..., H, W, 2]` between MIP levels (px rescaled)."""
+  for _ in range(max(0, from_mip - to_mip)):
+    field = fields.upsample_field(field)
+  for _ in range(max(0, to_mip - from_mip)):
+    field = fields.downsample_field(field)
+  return field
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _level_forward(graphdef, state, src, tgt, init_field):
+  """Jitted network pass of one level: returns (field, src enc, tgt enc), batch of one."""
+  level = nnx.merge(graphdef, state)
+  src_enc = level.encode(src[None])
+  tgt_enc = level.encode(tgt[None])
+  field = level.residual(src_enc, tgt_enc, init_field[None])
+  return field[0], src_enc[0], tgt_enc[0]
+
+
+class Pyramid(nnx.Module):
+  """SEAMLeSS levels from coarse to fine; callable as a pluggable pair aligner.
+
+  `pyramid(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> field [H, W, 2]`:
+  for each level (coarse -> fine) the images are taken at the level's MIP, encoded, the level's
+  residual is composed with the upsampled coarser field, and (if configured) the Online Field
+  Finetuner refines it on the encodings. The field is returned at the input's resolution.
+  """
+
+  def __init__(self, cfg: PyramidConfig = PyramidConfig(), *, rngs: nnx.Rngs | None = None):
+    validate_pyramid_config(cfg)
+    self.cfg = cfg
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.levels = nnx.List([Level(lv, rngs=rngs) for lv in cfg.levels])
+
+  @property
+  def multiple(self) -> int:
+    """Input H, W are zero-padded (no data) up to a multiple of this."""
+    return max(2 ** lv.cfg.mip * lv.multiple for lv in self.levels)
+
+  def __call__(self, src, tgt, *, init_field=None, src_defects=None, tgt_defects=None,
+               use_finetuner: bool = True) -> jax.Array:
+    """Aligns `src` to `tgt`.
+
+    Args:
+      src, tgt: `[H, W]` float32 images at MIP 0 of this pyramid (0 = no data).
+      init_field: optional `[H, W, 2]` float32, pixels, (dy, dx): starting estimate.
+      src_defects, tgt_defects: optional `[H, W]` bool masks of cracks/folds (True = defect); defect
+        pixels are zeroed (no data), and the finetuner's elastic weight is zeroed on src defects.
+      use_finetuner: run each level's Online Field Finetuner (if configured).
+    Returns:
+      `[H, W, 2]` float32 field, pixels, (dy, dx), with `warp(src, field) ≈ tgt`.
+    """
+    src = check_image(src, "src")
+    tgt = check_image(tgt, "tgt")
+    check_same_shape(src, tgt, "src", "tgt")
+    h, w = src.shape
+    src_def = check_mask(src_defects, "src_defects", (h, w))
+    tgt_def = check_mask(tgt_defects, "tgt_defects", (h, w))
+    init = (np.zeros((h, w, 2), np.float32) if init_field is None
+            else check_field(init_field, "init_field", shape=(h, w)))
+    src_def = np.zeros((h, w), bool) if src_def is None else src_def
+    tgt_def = np.zeros((h, w), bool) if tgt_def is None else tgt_def
+    src = np.where(src_def, 0.0, src).astype(np.float32)
+    tgt = np.where(tgt_def, 0.0, tgt).astype(np.float32)
+
+    m = self.multiple
+    ph, pw = -h % m, -w % m
+    pad2 = ((0, ph), (0, pw))
+    src_p = jnp.asarray(np.pad(src, pad2))
+    tgt_p = jnp.asarray(np.pad(tgt, pad2))
+    sdef_p = jnp.asarray(np.pad(src_def, pad2))
+    tdef_p = jnp.asarray(np.pad(tgt_def, pad2))
+    init_p = jnp.asarray(np.pad(init, pad2 + ((0, 0),)))
+
+    n_mips = self.cfg.levels[0].mip + 1
+    src_mips = fields.pyramid(src_p, n_mips, "mean")
+    tgt_mips = fields.pyramid(tgt_p, n_mips, "mean")
+    sdef_mips = fields.pyramid(sdef_p.astype(jnp.float32), n_mips, "max")
+    tdef_mips = fields.pyramid(tdef_p.astype(jnp.float32), n_mips, "max")
+
+    field, field_mip = init_p, 0
+    for level in self.levels:
+      mip = level.cfg.mip
+      field = _field_to_mip(field, field_mip, mip)
+      field_mip = mip
+      graphdef, state = nnx.split(level)
+      field, src_enc, tgt_enc = _level_forward(graphdef, state, src_mips[mip], tgt_mips[mip], field)
+      ft_cfg = finetune_config(level.cfg) if use_finetuner else None
+      if ft_cfg is not None:
+        from jaxalign import finetuner
+        field = finetuner.finetune(
+            src_enc, tgt_enc, field,
+            src_mask=src_mips[mip] != 0, tgt_mask=tgt_mips[mip] != 0,
+            src_defects=sdef_mips[mip] > 0, config=ft_cfg)
+      logging.debug("pyramid level mip %d done", mip)
+    field = _field_to_mip(jnp.asarray(field), field_mip, 0)
+    return field[:h, :w]
+
+  def encode(self, image, level: int = -1) -> jax.Array:
+    """Encoding `[H', W', C]` of a MIP-0 image `[H, W]` by `levels[level]` at that level's MIP."""
+    image = check_image(image, "image")
+    lv = self.levels[level]
+    m = self.multiple
+    img = jnp.asarray(np.pad(image, ((0, -image.shape[0] % m), (0, -image.shape[1] % m))))
+    img = fields.pyramid(img, lv.cfg.mip + 1, "mean")[lv.cfg.mip]
+    enc = lv.encode(img[None])[0]
+    sh, sw = -(-image.shape[0] // 2 ** lv.cfg.mip), -(-image.shape[1] // 2 ** lv.cfg.mip)
+    return enc[:sh, :sw]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: compact npz of the nnx state + JSON config
+# ----------------------------------------------------------------------------------------------
+
+def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+  state = nnx.state(model, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  return {"/".join(str(k) for k in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+          for path, v in flat}
+
+
+def save_weights(model: Pyramid, path) -> pathlib.Path:
+  """Writes `<path>.npz` (parameters, float32) and `<path>.json` (PyramidConfig); returns the npz path.
+
+  Both files are written to temporary names first and renamed, so nothing is left half-written.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  params = _flat_params(model)
+  tmp_npz = path.with_name(path.name + ".tmp.npz")
+  tmp_json = path.with_name(path.name + ".tmp.json")
+  np.savez_compressed(tmp_npz, **params)
+  tmp_json.write_text(json.dumps(config_to_dict(model.cfg), indent=1))
+  tmp_npz.replace(path.with_suffix(".npz"))
+  tmp_json.replace(path.with_suffix(".json"))
+  return path.with_suffix(".npz")
+
+
+def load_weights(path) -> Pyramid:
+  """Builds a `Pyramid` from `<path>.json` and fills its parameters from `<path>.npz`."""
+  path = pathlib.Path(path)
+  npz, cfg_path = path.with_suffix(".npz"), path.with_suffix(".json")
+  if not npz.is_file() or not cfg_path.is_file():
+    raise InputError(f"weights {path}: need both {npz.name} and {cfg_path.name}")
+  try:
+    cfg_dict = json.loads(cfg_path.read_text())
+  except json.JSONDecodeError as e:
+    raise InputError(f"weights config {cfg_path}: not valid JSON ({e})") from None
+  model = Pyramid(pyramid_config_from_dict(cfg_dict), rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  with np.load(npz) as data:
+    stored = dict(data)
+  new_leaves = []
+  for p, v in flat:
+    key = "/".join(str(k) for k in p)
+    if key not in stored:
+      raise InputError(f"weights {npz}: missing parameter {key}")
+    arr = stored.pop(key)
+    cur = v.get_value() if hasattr(v, "get_value") else v.value
+    if arr.shape != cur.shape:
+      raise InputError(f"weights {npz}: parameter {key} has shape {arr.shape}, model expects {cur.shape}")
+    new_leaves.append((p, v.replace(jnp.asarray(arr, jnp.float32))))
+  if stored:
+    raise InputError(f"weights {npz}: unexpected parameters {sorted(stored)[:5]}")
+  nnx.update(model, nnx.from_flat_state(new_leaves))
+  return model
+
+
+def pretrained(name: str = DEFAULT_WEIGHTS) -> Pyramid:
+  """The default SEAMLeSS pyramid shipped in `jaxalign/weights/<name>.{npz,json}`.
+
+  See `jaxalign/weights/README.md` for the training data and the command that reproduces it.
+  """
+  path = WEIGHTS_DIR / name
+  if not path.with_suffix(".npz").is_file():
+    raise InputError(f"no shipped weights named {name!r} in {WEIGHTS_DIR}")
+  return load_weights(path)

@@ -1,0 +1,307 @@
+"""Pair alignment, coarse to fine: `align_pair(src, tgt) -> field` with `warp(src, field) ≈ tgt`.
+
+Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 step 2):
+
+1. Validate (`jaxalign.errors`), zero src/tgt defects, normalise over non-zero pixels.
+2. Optional initial field: given by the caller, from block matching (`config.init="blockmatch"`), or
+   from a pluggable aligner `model(src, tgt, *, init_field, src_defects, tgt_defects) -> field`.
+3. MIP pyramids (images by mean, tissue masks by min, defect masks by max). At the coarsest level the
+   Online Field Finetuner (`jaxalign.finetuner`) refines the (downsampled) initial field; the result is
+   upsampled (`upsample_field`) and refined again at each finer level. Large displacements are caught
+   at the coarse levels, where they are a few pixels.
+
+Since the finetuner optimises the whole field (not a residual network output), "upsample the coarse
+residual and compose" reduces to: init_k = init_field_k + upsample(f_{k+1} - init_field_{k+1}), which
+keeps the fine detail of a given initial field and adds the coarse correction.
+
+The whole coarse-to-fine optimisation of a pair is one jitted function (static config), compiled once
+per (shape, config); `align_pairs` is the same function vmapped over a batch of pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxalign import errors
+from jaxalign import fields as _fields
+from jaxalign import preprocess as _preprocess
+from jaxalign.finetuner import FinetuneConfig, FinetuneStats, _finetune_core
+
+# Per-level defaults, level 0 (full resolution) first. Coarse levels are cheap, so they get many
+# steps and a strong elastic prior (paper: gamma 5-25, larger at coarser levels); full resolution gets
+# few steps and a small learning rate, only to polish sub-pixel detail.
+DEFAULT_ITERATIONS = (100, 150, 200, 250, 300, 300)
+DEFAULT_LEARNING_RATES = (0.05, 0.1, 0.15, 0.2, 0.2, 0.2)
+# A defect is "resolved" at a coarse level where it covers at least this fraction of a pixel.
+RESOLVED_DEFECT_FRACTION = 0.5
+DEFAULT_GAMMAS = (0.5, 0.8, 1.2, 1.8, 2.5, 2.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+  """Coarse-to-fine pair alignment settings (hashable; a static jit argument).
+
+  Attributes:
+    levels: number of MIP levels used (level 0 = full resolution). Reduced automatically so that the
+      coarsest level keeps at least `min_level_size` pixels per side.
+    min_level_size: smallest side (pixels) allowed at the coarsest level.
+    finest_level: last level refined; finer levels only get the upsampled field (faster, less precise).
+    iterations, learning_rates, gammas: per level, level 0 first (the last entry repeats for deeper
+      levels). Learning rate is in pixels of that level per Adam step.
+    finetune: template for everything else of the per-level `FinetuneConfig` (schedule, optimiser,
+      plateau early stop, defect dilation).
+    mask_elastic_at_defects: release the elastic term at defects (paper). False = ablation.
+    init: "identity" or "blockmatch" (use `jaxalign.blockmatch.block_match` as the initial field when
+      no `init_field` and no `model` is given).
+    refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
+  """
+  levels: int = 5
+  min_level_size: int = 16
+  finest_level: int = 0
+  iterations: tuple[int, ...] = DEFAULT_ITERATIONS
+  learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES
+  gammas: tuple[float, ...] = DEFAULT_GAMMAS
+  finetune: FinetuneConfig = FinetuneConfig()
+  mask_elastic_at_defects: bool = True
+  init: str = "identity"
+  refine_model: bool = False
+
+  def __post_init__(self):
+    if self.levels < 1:
+      raise errors.InputError(f"PairConfig.levels must be >= 1, got {self.levels}")
+    if not 0 <= self.finest_level < self.levels:
+      raise errors.InputError(f"PairConfig.finest_level must be in [0, levels), got {self.finest_level}")
+    for name in ("iterations", "learning_rates", "gammas"):
+      if len(getattr(self, name)) < 1:
+        raise errors.InputError(f"PairConfig.{name} must have at least one entry")
+    if self.init not in ("identity", "blockmatch"):
+      raise errors.InputError(f"PairConfig.init must be 'identity' or 'blockmatch', got {self.init!r}")
+
+  def level_config(self, level: int) -> FinetuneConfig:
+    """The finetuner settings of MIP `level` (0 = full resolution)."""
+    def pick(seq):
+      return seq[min(level, len(seq) - 1)]
+    return dataclasses.replace(self.finetune, iterations=int(pick(self.iterations)),
+                               learning_rate=float(pick(self.learning_rates)),
+                               gamma=float(pick(self.gammas)),
+                               mask_elastic_at_defects=self.mask_elastic_at_defects)
+
+  def levels_for(self, shape: Sequence[int]) -> int:
+    """Levels actually used for an image of spatial `shape` (H, W)."""
+    smallest = min(shape[-2:])
+    fit = int(math.floor(math.log2(max(smallest / self.min_level_size, 1)))) + 1
+    return max(self.finest_level + 1, min(self.levels, fit))
+
+
+class PairStats(NamedTuple):
+  """Per level (level 0 first, `[levels]` arrays): finetuner steps, initial and final loss."""
+  steps: jax.Array
+  initial_loss: jax.Array
+  final_loss: jax.Array
+
+
+# --------------------------------------------------------------------------- traced core
+
+
+def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field, *,
+                    config: PairConfig, levels: int):
+  """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1).
+
+  Args:
+    src, tgt: `[H, W]` float32, zero where no data / defect.
+    src_valid, tgt_valid: `[H, W]` float32 {0,1} tissue masks (data present, not a defect).
+    src_defects, tgt_defects: `[H, W]` float32 {0,1}.
+    init_field: `[H, W, 2]` float32 pixels (dy, dx).
+  Returns:
+    (`[H, W, 2]` field, PairStats).
+  """
+  src_p = _fields.pyramid(src * src_valid, levels, "mean")
+  tgt_p = _fields.pyramid(tgt * tgt_valid, levels, "mean")
+  sv_p = _fields.pyramid(src_valid, levels, "min")
+  tv_p = _fields.pyramid(tgt_valid, levels, "min")
+  # Tissue masks (min) already exclude any coarse pixel touched by a defect, which keeps defects out of
+  # the MSE. The elastic term is released only where a defect is *resolved* at this level (covers at
+  # least half the coarse pixel): a crack narrower than that is a sub-pixel jump here, best bridged
+  # by the springs; releasing it would leave whole coarse pixels unregularised and misplace the tear.
+  sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
+  td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
+  init_p = [init_field]
+  for _ in range(levels - 1):
+    init_p.append(_fields.downsample_field(init_p[-1]))
+
+  field = init_p[-1]
+  stats = []
+  for k in range(levels - 1, config.finest_level - 1, -1):
+    if k < levels - 1:
+      field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
+    # Re-normalise per level: 2x2 means shrink the variance, and the gamma balance assumes unit variance.
+    s = _preprocess.normalize(src_p[k] * sv_p[k], sv_p[k] > 0)
+    t = _preprocess.normalize(tgt_p[k] * tv_p[k], tv_p[k] > 0)
+    field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
+                               td_p[k].astype(jnp.float32), config.level_config(k))
+    stats.append(st)
+  for k in range(config.finest_level - 1, -1, -1):
+    field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
+  stats = stats[::-1]
+  return field, PairStats(*(jnp.stack([getattr(s, n) for s in stats]) for n in FinetuneStats._fields))
+
+
+_align_jit = jax.jit(_coarse_to_fine, static_argnames=("config", "levels"))
+_align_batch_jit = jax.jit(jax.vmap(_coarse_to_fine, in_axes=(0,) * 7),
+                           static_argnames=("config", "levels"))
+
+
+# --------------------------------------------------------------------------- host-side helpers
+
+
+def _validate(src, tgt, src_defects, tgt_defects, init_field, *, batched: bool):
+  """Concrete checks; returns float32 NumPy arrays (defect masks as bool, zeros when None)."""
+  nd = 3 if batched else 2
+  what = "srcs" if batched else "src"
+  src = errors.check_image(src, what, ndim=nd, allow_empty=True)
+  tgt = errors.check_image(tgt, what.replace("src", "tgt"), ndim=nd, allow_empty=True)
+  errors.check_same_shape(src, tgt, what, what.replace("src", "tgt"))
+  sd = errors.check_mask(src_defects, "src_defects", src.shape)
+  td = errors.check_mask(tgt_defects, "tgt_defects", tgt.shape)
+  sd = np.zeros(src.shape, bool) if sd is None else sd
+  td = np.zeros(tgt.shape, bool) if td is None else td
+  # An image whose every pixel is zero or a defect has no data to align.
+  for name, img, d in ((what, src, sd), (what.replace("src", "tgt"), tgt, td)):
+    data = (img != 0) & ~d
+    per_pair = data.reshape(data.shape[0], -1).any(axis=1) if batched else np.array([data.any()])
+    if not per_pair.all():
+      bad = "" if not batched else f" (pair {int(np.argmin(per_pair))})"
+      raise errors.InputError(f"{name}: all pixels are zero or defects (no data){bad}")
+  if init_field is not None:
+    init_field = errors.check_field(init_field, "init_field", shape=src.shape[-2:])
+    if init_field.shape[:-1] != src.shape:
+      raise errors.InputError(f"init_field: shape {init_field.shape} does not match {src.shape + (2,)}")
+  return src, tgt, sd, td, init_field
+
+
+def _pad_to(x: np.ndarray, multiple: int, spatial_axes: tuple[int, int]) -> np.ndarray:
+  """Zero-pads the two spatial axes at the end to a multiple of `multiple` (zeros = no data)."""
+  pad = [(0, 0)] * x.ndim
+  for ax in spatial_axes:
+    pad[ax] = (0, (-x.shape[ax]) % multiple)
+  return np.pad(x, pad)
+
+
+def _block_match(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  try:
+    bm = importlib.import_module("jaxalign.blockmatch")
+  except ImportError as e:
+    raise errors.InputError(f"config.init='blockmatch' needs jaxalign.blockmatch ({e})") from None
+  return bm.block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)
+
+
+def _prepare_images(src, tgt, sd, td):
+  """Zeroes defects and normalises over the remaining non-zero pixels (host arrays in, jax out)."""
+  s = _preprocess.normalize(_preprocess.apply_mask(jnp.asarray(src), jnp.asarray(sd)))
+  t = _preprocess.normalize(_preprocess.apply_mask(jnp.asarray(tgt), jnp.asarray(td)))
+  return s, t
+
+
+_prepare_batch = jax.jit(jax.vmap(lambda s, t, a, b: _prepare_images(s, t, a, b)))
+
+
+def _initial_field(s, t, sd, td, init_field, model, config):
+  """The field the finetuner starts from (or the final field for a model without refinement)."""
+  if model is not None:
+    out = model(s, t, init_field=None if init_field is None else jnp.asarray(init_field),
+                src_defects=jnp.asarray(sd), tgt_defects=jnp.asarray(td))
+    return errors.check_field(np.asarray(out), "model output", shape=s.shape)
+  if init_field is not None:
+    return init_field
+  if config.init == "blockmatch":
+    out = _block_match(s, t, src_defects=jnp.asarray(sd), tgt_defects=jnp.asarray(td))
+    return errors.check_field(np.asarray(out), "block_match output", shape=s.shape)
+  return None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
+               config: PairConfig | None = None, init_field=None, return_stats: bool = False):
+  """Aligns `src` to `tgt`: returns `f` with `warp(src, f) ≈ tgt`.
+
+  Args:
+    src, tgt: `[H, W]` images (any real dtype; 0 = no data), same shape.
+    model: optional aligner with the team protocol
+      `model(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> [H, W, 2]`; it gets the
+      normalised, defect-zeroed images. Without a model the Online Field Finetuner runs coarse to fine.
+    src_defects, tgt_defects: optional `[H, W]` bool masks of cracks/folds (no data; the field may tear).
+    config: `PairConfig` (defaults work on the shared stacks).
+    init_field: optional `[H, W, 2]` float32 pixels (dy, dx) initial field.
+    return_stats: also return per-level `PairStats` (None when a model ran without refinement).
+  Returns:
+    `[H, W, 2]` float32 field on tgt's grid, pixels, (dy, dx), pull semantics.
+  Raises:
+    InputError: shape mismatch, NaN/Inf, an image without data, bad mask/field shapes.
+  """
+  config = config or PairConfig()
+  src, tgt, sd, td, init_field = _validate(src, tgt, src_defects, tgt_defects, init_field, batched=False)
+  s, t = _prepare_images(src, tgt, sd, td)
+  init = _initial_field(s, t, sd, td, init_field, model, config)
+  if model is not None and not config.refine_model:
+    out = jnp.asarray(init)
+    return (out, None) if return_stats else out
+  h, w = src.shape
+  levels = config.levels_for((h, w))
+  mult = 2 ** (levels - 1)
+  init = np.zeros((h, w, 2), np.float32) if init is None else np.asarray(init, np.float32)
+  sv = (np.asarray(s) != 0).astype(np.float32)
+  tv = (np.asarray(t) != 0).astype(np.float32)
+  args = [_pad_to(np.asarray(a, np.float32), mult, (0, 1))
+          for a in (s, t, sv, tv, sd, td, init)]
+  logging.log_first_n(logging.INFO, "align_pair: %dx%d, %d levels", 4, h, w, levels)
+  field, stats = _align_jit(*args, config=config, levels=levels)
+  field = field[:h, :w]
+  return (field, stats) if return_stats else field
+
+
+def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
+                config: PairConfig | None = None, init_fields=None, return_stats: bool = False):
+  """`align_pair` for a batch of pairs in one jitted, vmapped call (compiled once per (B, H, W)).
+
+  Args:
+    srcs, tgts: `[B, H, W]` images (0 = no data).
+    model: optional aligner (team protocol, called once per pair for the initial field).
+    src_defects, tgt_defects: optional `[B, H, W]` bool.
+    config: `PairConfig`.
+    init_fields: optional `[B, H, W, 2]` float32 pixels (dy, dx).
+  Returns:
+    `[B, H, W, 2]` float32 fields with `warp(srcs[b], f[b]) ≈ tgts[b]`.
+  """
+  config = config or PairConfig()
+  srcs, tgts, sd, td, init_fields = _validate(srcs, tgts, src_defects, tgt_defects, init_fields,
+                                              batched=True)
+  s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td))
+  b, h, w = srcs.shape
+  if model is not None or (init_fields is None and config.init == "blockmatch"):
+    inits = [_initial_field(s[i], t[i], sd[i], td[i], None if init_fields is None else init_fields[i],
+                            model, config) for i in range(b)]
+    init_fields = np.stack([np.asarray(f, np.float32) for f in inits])
+    if model is not None and not config.refine_model:
+      out = jnp.asarray(init_fields)
+      return (out, None) if return_stats else out
+  levels = config.levels_for((h, w))
+  mult = 2 ** (levels - 1)
+  if init_fields is None:
+    init_fields = np.zeros((b, h, w, 2), np.float32)
+  sv = (np.asarray(s) != 0).astype(np.float32)
+  tv = (np.asarray(t) != 0).astype(np.float32)
+  args = [_pad_to(np.asarray(a, np.float32), mult, (1, 2))
+          for a in (s, t, sv, tv, sd, td, init_fields)]
+  field, stats = _align_batch_jit(*args, config=config, levels=levels)
+  field = field[:, :h, :w]
+  return (field, stats) if return_stats else field

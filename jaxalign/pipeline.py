@@ -1,0 +1,331 @@
+"""The volume pipeline as jobs: align a `jaxalign.io` volume into a field volume and an aligned image
+volume (with its MIP pyramid), resumable per section, on any executor (DESIGN.md §3, issue 6 §3).
+
+`align_volume(SRC, DST)` runs the job `align_job`, four barriers of idempotent tasks:
+
+1. `quality/<z>`  per section: tissue and defect fractions (only when starters are chosen
+   automatically); the driver then plans the blocks (`jaxalign.stack.choose_starters`, `plan_blocks`).
+2. `block/<k>`    per block: `align_block_task` on the block's sections -> `DST/work/block_<k>`.
+3. `stitch/<k>`   per interface: `stitch_field` on the overlap -> `DST/work/stitches[k]`.
+4. `section/<z>`  per section: `compose_with_decay` of its block field and the stitch fields within
+   `decay_distance` -> `DST/fields[z]`; render -> `DST/aligned[z]` and its pyramid levels.
+
+Layout of DST (all volumes zarr v3 unless `format` says otherwise; one section per chunk in z, so
+every task's writes are chunk-aligned and no two tasks write the same chunk)::
+
+  DST/fields       [Z, H, W, 2] float32 fields (pixels of the aligned level, (dy, dx))
+  DST/aligned      [Z, H, W] the rendered stack, same dtype as SRC, `pyramid_levels` MIP levels
+  DST/work/...     block fields and stitch fields (intermediate)
+  DST/_done/...    completion records (task key -> small result), written after the task's data
+
+A task's record is written only after its data, so a crash at any point loses no finished work and
+the re-run skips every recorded task (per section for the output). The run's parameters are recorded
+too; re-running into DST with different parameters is refused rather than mixing two alignments.
+Every task reads its inputs from volumes, so results do not depend on which worker or executor ran
+it: inline, processes and Dask give identical output.
+
+`render_volume(SRC, FIELDS, DST)` is the same per-section render job for given fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxalign import distributed as jd
+from jaxalign import io
+from jaxalign.chunked import ChunkConfig, VolumeSource, align_block_chunked, render_chunked
+from jaxalign.errors import InputError
+from jaxalign.stack import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan,
+                            align_block_task, choose_starters, compose_with_decay, plan_blocks,
+                            stitch_chain, stitch_field)
+from jaxalign.block import DEFAULT_VOTING_DISTANCE
+from jaxalign.decay import DEFAULT_DECAY_DISTANCE
+
+FIELDS, ALIGNED, WORK = "fields", "aligned", "work"
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeConfig:
+  """Settings of the volume pipeline (paper defaults where the paper has one).
+
+  Attributes:
+    block_size, overlap: blocks of sections and their overlap (paper FAFB: 25 / 3).
+    voting_distance: sections each section votes over (paper v15: 3).
+    decay_distance: sections over which a stitch field decays (paper: 100).
+    starters: starter section per block, or None to choose them from section quality.
+    level: MIP level of SRC that is aligned and rendered (fields are in pixels of that level).
+    pyramid_levels: MIP levels of the aligned volume; None = down to >= `pyramid_min_size` px.
+    pyramid_min_size: smallest side of the coarsest automatic pyramid level, px.
+    chunk: `ChunkConfig` for sections larger than `chunk.chunk` px (block fields and rendering run
+      on re-centred overlapping chunks); None = whole sections always.
+    stack: `StackConfig` (blur rate, starter rules, `BlockConfig` with the pair aligner).
+  """
+  block_size: int = DEFAULT_BLOCK_SIZE
+  overlap: int = DEFAULT_OVERLAP
+  voting_distance: int = DEFAULT_VOTING_DISTANCE
+  decay_distance: float = DEFAULT_DECAY_DISTANCE
+  starters: tuple[int, ...] | None = None
+  level: int = 0
+  pyramid_levels: int | None = None
+  pyramid_min_size: int = 64
+  chunk: ChunkConfig | None = None
+  stack: StackConfig = StackConfig()
+
+  def __post_init__(self):
+    if self.decay_distance <= 0:
+      raise InputError(f"decay_distance must be > 0, got {self.decay_distance}")
+    if self.level < 0:
+      raise InputError(f"level must be >= 0, got {self.level}")
+    if self.pyramid_levels is not None and self.pyramid_levels < 1:
+      raise InputError(f"pyramid_levels must be >= 1, got {self.pyramid_levels}")
+
+
+def _url(dst: str, *parts: str) -> str:
+  return "/".join([dst.rstrip("/"), *parts])
+
+
+@functools.lru_cache(maxsize=32)
+def _open(url: str) -> io.Volume:
+  """Volume handles cached per worker process (opening reads metadata; tasks reuse it)."""
+  return io.open_volume(url)
+
+
+def pyramid_levels_for(shape: Sequence[int], config: VolumeConfig) -> int:
+  if config.pyramid_levels is not None:
+    return config.pyramid_levels
+  smallest = min(shape[-2:])
+  return max(1, int(math.floor(math.log2(max(smallest / config.pyramid_min_size, 1)))) + 1)
+
+
+def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  if np.issubdtype(dtype, np.integer):
+    return np.clip(np.rint(x), 0, np.iinfo(dtype).max).astype(dtype)
+  return x.astype(dtype)
+
+
+def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> None:
+  """Writes section z at level 0 and its MIP levels 1.. (2x2 mean, odd edges replicated like
+  `io.build_pyramid`), all chunk-aligned (one section per chunk in z)."""
+  from jaxalign.chunked import _downsample_to
+  a = image.astype(np.float32)
+  vol.write(_to_dtype(a, vol.dtype), z, 0)
+  for k in range(1, levels):
+    a = _downsample_to(a[None], 1)[0]
+    vol.write(_to_dtype(a, vol.dtype), z, k)
+
+
+# --------------------------------------------------------------------------- tasks (module level)
+
+
+def quality_task(src_url: str, z: int, level: int) -> tuple[float, float]:
+  """(tissue fraction, defect fraction) of section z (no defect volume: defects 0)."""
+  img = _open(src_url).read(z, level)
+  return float(np.mean(img != 0)), 0.0
+
+
+def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -> dict:
+  """Aligns one block and writes its fields `[stop - start, H, W, 2]` to DST/work/block_<k>.
+  Returns {"sections": n, "seconds": wall time of the task} (kept in its completion record)."""
+  t0 = time.perf_counter()
+  src = _open(src_url)
+  out = _open(_url(dst, WORK, f"block_{block.index:05d}"))
+  h, w = src.shape(config.level)[1:3]
+  kw = dict(voting_distance=config.voting_distance)
+  if config.chunk is not None and max(h, w) > config.chunk.chunk:
+    sources = [VolumeSource(src, z, config.level) for z in range(block.start, block.stop)]
+    align_block_chunked(sources, block, config=config.chunk, block_config=config.stack.block,
+                        sink=lambda i, core, f: out.write(f, i, 0, core), **kw)
+  else:
+    sections = src.read(slice(block.start, block.stop), config.level).astype(np.float32)
+    fields = np.asarray(align_block_task(sections, block, config=config.stack.block, **kw))
+    out.write(fields, slice(0, block.stop - block.start))
+  return {"sections": block.stop - block.start, "seconds": time.perf_counter() - t0}
+
+
+def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeConfig) -> None:
+  """Stitch field of interface k (block k's frame -> block k-1's) -> DST/work/stitches[k]."""
+  src = _open(src_url)
+  prev_b, b = plan.blocks[k - 1], plan.blocks[k]
+  ov = np.arange(b.start, b.own_start)
+  sections = src.read(slice(int(ov[0]), int(ov[-1]) + 1), config.level).astype(np.float32)
+  prev = _open(_url(dst, WORK, f"block_{prev_b.index:05d}")).read(
+    slice(int(ov[0] - prev_b.start), int(ov[-1] - prev_b.start) + 1))
+  nxt = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(slice(int(ov[0] - b.start), int(ov[-1] - b.start) + 1))
+  t = stitch_field(sections, prev, nxt, config=config.stack.block)
+  _open(_url(dst, WORK, "stitches")).write(np.asarray(t, np.float32), k)
+
+
+def _max_chain(plan: StackPlan, decay_distance: float) -> int:
+  return max([len(stitch_chain(plan, [], z, decay_distance)[0]) for z in range(plan.num_sections)] + [0])
+
+
+def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: VolumeConfig) -> dict:
+  """Final field of section z (composition with decay), written with its rendering and pyramid.
+  Returns {"seconds": wall time of the task}."""
+  t0 = time.perf_counter()
+  src = _open(src_url)
+  b = plan.owner(z)
+  field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
+  ks, ds = stitch_chain(plan, [], z, config.decay_distance)
+  k_max = _max_chain(plan, config.decay_distance)
+  if k_max:
+    # Neutral padding (zero stitches at decay_distance) keeps one compiled shape for all sections.
+    st = np.zeros((k_max,) + field.shape, np.float32)
+    dist = np.full(k_max, float(config.decay_distance), np.float32)
+    stitches = _open(_url(dst, WORK, "stitches"))
+    for i, (k, d) in enumerate(zip(ks, ds)):
+      st[i], dist[i] = stitches.read(k), d
+    field = np.asarray(compose_with_decay(jnp.asarray(field), jnp.asarray(st), jnp.asarray(dist),
+                                          decay_distance=float(config.decay_distance),
+                                          blur_rate=float(config.stack.blur_rate)))
+  _open(_url(dst, FIELDS)).write(field, z)
+  _render_section(src, _open(_url(dst, FIELDS)), _open(_url(dst, ALIGNED)), z, config, field)
+  return {"seconds": time.perf_counter() - t0}
+
+
+def _render_section(src: io.Volume, fields: io.Volume, out: io.Volume, z: int, config: VolumeConfig,
+                    field: np.ndarray | None = None) -> None:
+  h, w = src.shape(config.level)[1:3]
+  if config.chunk is not None and max(h, w) > config.chunk.chunk and out.levels == 1:
+    # Streaming: chunk cores go straight to the volume; memory stays ~ chunk size.
+    render_chunked(VolumeSource(src, z, config.level), VolumeSource(fields, z, 0), config=config.chunk,
+                   sink=lambda core, a: out.write(_to_dtype(a, out.dtype), z, 0, core))
+    return
+  field = fields.read(z) if field is None else field
+  image = src.read(z, config.level).astype(np.float32)
+  if config.chunk is not None and max(h, w) > config.chunk.chunk:
+    aligned = render_chunked(image, field, config=config.chunk)
+  else:
+    from jaxalign.render import render
+    aligned = np.asarray(render(image[None], field[None], batch_size=1))[0]
+  _write_pyramid(out, z, aligned, out.levels)
+
+
+def render_task(src_url: str, fields_url: str, dst_url: str, z: int, config: VolumeConfig) -> None:
+  _render_section(_open(src_url), _open(fields_url), _open(dst_url), z, config)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _check_params(records: jd.CompletionRecords, params: dict, dst: str) -> None:
+  old = records.get("params")
+  if old is None:
+    records.put("params", params)
+  elif old != params:
+    diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+    raise InputError(f"{dst} holds a run with different parameters ({', '.join(diff)}); "
+                     "use another DST or --restart to discard it")
+
+
+def _stable_repr(config) -> str:
+  """repr without object addresses (a function in the config reprs differently in every process)."""
+  import re
+  return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(config))
+
+
+def _params(src_url: str, config: VolumeConfig) -> dict:
+  return {"src": src_url, "config": _stable_repr(config)}
+
+
+def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.CompletionRecords) -> io.Volume:
+  """Checks the inputs and creates DST's volumes (idempotent). Raises InputError on bad input."""
+  src = io.open_volume(src_url)
+  if src.is_field:
+    raise InputError(f"{src_url} is a field volume; align needs an image volume")
+  if config.level >= src.levels:
+    raise InputError(f"{src_url} has {src.levels} level(s); --level={config.level} is not present")
+  shape = src.shape(config.level)
+  if shape[0] < 2:
+    raise InputError(f"{src_url}: need at least 2 sections to align, got {shape[0]}")
+  _check_params(records, _params(src_url, config), dst)
+  res = src.resolution_at(config.level)
+  io.create_volume(_url(dst, FIELDS), shape + (2,), "float32", res, kind="field")
+  io.create_volume(_url(dst, ALIGNED), shape, src.dtype.name, res, levels=pyramid_levels_for(shape, config),
+                   kind="image")
+  return src
+
+
+def align_job(src_url: str, dst: str, config: VolumeConfig):
+  """The alignment job (see the module docstring); returns the `StackPlan`."""
+  src = _open(src_url)
+  z_count, h, w = src.shape(config.level)
+  if config.starters is None:
+    q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task, (src_url, z, config.level))
+                        for z in range(z_count)], "quality")
+    tissue, defect = np.array([a for a, _ in q]), np.array([b for _, b in q])
+    choices = choose_starters(tissue, defect, block_size=config.block_size, overlap=config.overlap,
+                              config=config.stack)
+    plan = plan_blocks(z_count, [c.index for c in choices], overlap=config.overlap, choices=choices)
+  else:
+    plan = plan_blocks(z_count, config.starters, overlap=config.overlap)
+  logging.info("align_volume plan: %s", plan.describe())
+  res = src.resolution_at(config.level)
+  for b in plan.blocks:
+    io.create_volume(_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
+                     kind="field")
+  io.create_volume(_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
+  yield jd.Batch([jd.Task(f"block/{b.index:05d}", block_task, (src_url, dst, b, config)) for b in plan.blocks],
+                 "blocks")
+  if len(plan.blocks) > 1:
+    yield jd.Batch([jd.Task(f"stitch/{k:05d}", stitch_task, (src_url, dst, plan, k, config))
+                    for k in range(1, len(plan.blocks))], "stitch")
+  yield jd.Batch([jd.Task(f"section/{z:06d}", section_task, (src_url, dst, plan, z, config))
+                  for z in range(z_count)], "sections")
+  return plan
+
+
+def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
+                 executor: jd.Executor | None = None, progress: bool = True,
+                 stats: jd.RunStats | None = None, restart: bool = False) -> StackPlan:
+  """Aligns the volume at `src_url` into `dst` (layout in the module docstring).
+
+  Args:
+    src_url: image volume (`jaxalign.io`), `[Z, H, W]`.
+    dst: output folder / URL.
+    config: `VolumeConfig`.
+    executor: where tasks run (default inline); the output does not depend on it.
+    progress: tqdm bars per batch.
+    stats: filled with executed / skipped task counts.
+    restart: discard earlier completion records in dst (recompute everything).
+  Returns:
+    the `StackPlan` (blocks and starters).
+  """
+  config = config or VolumeConfig()
+  records = jd.CompletionRecords(dst)
+  if restart:
+    records.clear()
+  prepare_output(src_url, dst, config, records)
+  return jd.run_job(align_job(src_url, dst, config), executor, records=records, progress=progress, stats=stats)
+
+
+def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig | None = None, *,
+                  executor: jd.Executor | None = None, progress: bool = True,
+                  stats: jd.RunStats | None = None) -> io.Volume:
+  """Renders `warp(SRC[z], FIELDS[z])` into a new image volume `dst` (with pyramid), per section."""
+  config = config or VolumeConfig()
+  src, fields = io.open_volume(src_url), io.open_volume(fields_url)
+  if not fields.is_field:
+    raise InputError(f"{fields_url} is not a field volume")
+  shape = src.shape(config.level)
+  if fields.shape(0)[:3] != shape:
+    raise InputError(f"fields {fields.shape(0)[:3]} do not match {src_url} level {config.level} {shape}")
+  records = jd.CompletionRecords(dst)
+  _check_params(records, {"src": src_url, "fields": fields_url, "config": _stable_repr(config)}, dst)
+  out = io.create_volume(dst, shape, src.dtype.name, src.resolution_at(config.level),
+                         levels=pyramid_levels_for(shape, config), kind="image")
+  tasks = [jd.Task(f"render/{z:06d}", render_task, (src_url, fields_url, dst, z, config)) for z in range(shape[0])]
+
+  def job():
+    yield jd.Batch(tasks, "render")
+
+  jd.run_job(job(), executor, records=records, progress=progress, stats=stats)
+  return out

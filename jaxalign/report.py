@@ -1,0 +1,289 @@
+"""Alignment reports: one self-contained HTML page with PNG figures next to it.
+
+`write_report(folder, ReportData(...))` writes `folder/index.html` and these figures (each only
+when its data is given):
+
+- `before_after.png`: an x-z reslice through the stack for every image stack (jagged membranes
+  before alignment, continuous ones after), and a red/green overlay of two neighbouring sections.
+- `cpc_maps.png`: neighbour chunked Pearson correlation (CPC) maps per stack, averaged over z, on
+  a fixed [-0.25, 1] scale with the paper's 0.25 threshold marked in the title.
+- `per_section.png`: one panel per per-section quantity (EPE, low-CPC fraction, ...), a line
+  per stack / method.
+- `field_magnitude.png`: |field| (px) of a few sections, and |field - ground truth| when given.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot global state, no
+display needed). `format_table` renders the same summary rows as plain text for a terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jaxalign.errors import InputError
+
+# CPC maps: colour scale limits and the paper's "misaligned" threshold (Popovych et al. 2024).
+CPC_VMIN, CPC_VMAX = -0.25, 1.0
+LOW_CPC_THRESHOLD = 0.25
+FIGURE_DPI = 110
+# How many sections the field-magnitude figure shows (evenly spaced, section 0 excluded when
+# possible because it is the identity).
+FIELD_PANELS = 4
+# Overlay / reslice display: intensities are stretched between these percentiles of tissue.
+DISPLAY_PERCENTILES = (1.0, 99.0)
+# Reslice rows are repeated so that a section (tens of nm) is not drawn as one pixel row.
+RESLICE_ROW_REPEAT = 4
+
+FIGURES = ("before_after.png", "cpc_maps.png", "per_section.png", "field_magnitude.png")
+
+
+@dataclasses.dataclass
+class ReportData:
+  """Everything a report shows; every part is optional except the title.
+
+  Attributes:
+    title: page title.
+    images: name -> `[Z, H, W]` float stack (e.g. "original", "distorted", "aligned"), in display
+      order; 0 = no data.
+    fields: `[Z, H, W, 2]` float32 px (dy, dx): the estimated alignment fields.
+    gt_fields: `[Z, H, W, 2]` float32 px: ground-truth fields (same convention), if known.
+    valid: `[Z, H, W]` bool: where the ground truth is scorable (error maps are masked outside).
+    cpc_maps: name -> `[Z-1, h, w]` neighbour CPC maps (NaN = too little tissue).
+    per_section: panel title -> {series name -> `[Z]` values (NaN = undefined)}.
+    summary: table rows (dicts with the same keys), shown at the top of the page.
+    notes: free-text paragraphs (settings, timings, the command that reproduces it).
+    section_for_overlay: the section z whose overlay with z-1 is shown (default: middle).
+  """
+  title: str
+  images: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  fields: np.ndarray | None = None
+  gt_fields: np.ndarray | None = None
+  valid: np.ndarray | None = None
+  cpc_maps: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  per_section: Mapping[str, Mapping[str, Sequence[float]]] = dataclasses.field(default_factory=dict)
+  summary: Sequence[Mapping[str, Any]] = ()
+  notes: Sequence[str] = ()
+  section_for_overlay: int | None = None
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=size, dpi=FIGURE_DPI, layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+  return fig, axes
+
+
+def _stretch(x: np.ndarray) -> np.ndarray:
+  """Maps tissue intensities to [0, 1] by percentiles (0 = no data stays black)."""
+  tissue = x[x != 0]
+  if tissue.size == 0:
+    return np.zeros_like(x, np.float32)
+  lo, hi = np.percentile(tissue, DISPLAY_PERCENTILES)
+  return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32) * (x != 0)
+
+
+def _check(data: ReportData) -> None:
+  shapes = {name: np.shape(s) for name, s in data.images.items()}
+  for name, s in shapes.items():
+    if len(s) != 3:
+      raise InputError(f"report: image stack {name!r} must be [Z, H, W], got shape {s}")
+  if len(set(shapes.values())) > 1:
+    raise InputError(f"report: image stacks have different shapes {shapes}")
+  for name, f in (("fields", data.fields), ("gt_fields", data.gt_fields)):
+    if f is not None and (np.ndim(f) != 4 or np.shape(f)[-1] != 2):
+      raise InputError(f"report: {name} must be [Z, H, W, 2], got shape {np.shape(f)}")
+  if data.fields is not None and data.gt_fields is not None and np.shape(data.fields) != np.shape(data.gt_fields):
+    raise InputError(f"report: fields shape {np.shape(data.fields)} does not match gt_fields "
+                     f"{np.shape(data.gt_fields)}")
+
+
+def _before_after(data: ReportData, path: pathlib.Path) -> str:
+  names = list(data.images)
+  z_count, h, w = np.shape(data.images[names[0]])
+  z = data.section_for_overlay if data.section_for_overlay is not None else z_count // 2
+  z = int(np.clip(z, 1, max(z_count - 1, 1))) if z_count > 1 else 0
+  fig, axes = _figure(2, len(names), (3.2 * len(names), 3.2 + 0.02 * RESLICE_ROW_REPEAT * z_count * 3.2))
+  row = h // 2
+  for i, name in enumerate(names):
+    stack = np.asarray(data.images[name], np.float32)
+    reslice = np.repeat(_stretch(stack[:, row, :]), RESLICE_ROW_REPEAT, axis=0)
+    ax = axes[0, i]
+    ax.imshow(reslice, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_title(f"{name}: x-z reslice at y={row}", fontsize=9)
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("section z")
+    ax.set_yticks(np.arange(z_count)[:: max(1, z_count // 6)] * RESLICE_ROW_REPEAT + RESLICE_ROW_REPEAT / 2)
+    ax.set_yticklabels(np.arange(z_count)[:: max(1, z_count // 6)])
+    # red = section z-1, green = section z: aligned structures look yellow/grey
+    prev = _stretch(stack[max(z - 1, 0)])
+    cur = _stretch(stack[z])
+    rgb = np.stack([prev, cur, np.zeros_like(prev)], -1)
+    ax = axes[1, i]
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_title(f"{name}: z={max(z - 1, 0)} (red) / z={z} (green)", fontsize=9)
+    ax.set_axis_off()
+  fig.savefig(path)
+  return ("Top: an x-z reslice through the middle row of every stack (membranes run continuously "
+          "through z when the stack is aligned). Bottom: two neighbouring sections overlaid in red "
+          "and green; aligned structures appear yellow.")
+
+
+def _cpc_figure(data: ReportData, path: pathlib.Path) -> str:
+  names = list(data.cpc_maps)
+  fig, axes = _figure(1, len(names), (3.3 * len(names), 3.3))
+  im = None
+  for i, name in enumerate(names):
+    maps = np.asarray(data.cpc_maps[name], np.float64)
+    if maps.ndim == 2:
+      maps = maps[None]
+    scored = ~np.isnan(maps)
+    with np.errstate(invalid="ignore"):
+      mean = np.where(scored.any(0), np.nansum(maps, 0) / np.maximum(scored.sum(0), 1), np.nan)
+      low = float(np.sum(scored & (maps < LOW_CPC_THRESHOLD)) / max(int(scored.sum()), 1))
+    ax = axes[0, i]
+    im = ax.imshow(mean, cmap="RdYlGn", vmin=CPC_VMIN, vmax=CPC_VMAX, interpolation="nearest")
+    ax.set_title(f"{name}: mean CPC\n{100 * low:.1f}% chunks < {LOW_CPC_THRESHOLD}", fontsize=9)
+    ax.set_axis_off()
+  if im is not None:
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="CPC")
+  fig.savefig(path)
+  return ("Chunked Pearson correlation between neighbouring sections (z-1, z), averaged over z "
+          f"per chunk; the title gives the fraction of all chunks below {LOW_CPC_THRESHOLD} (the "
+          "paper's misalignment criterion). Grey = too little tissue.")
+
+
+def _per_section(data: ReportData, path: pathlib.Path) -> str:
+  panels = list(data.per_section)
+  fig, axes = _figure(1, len(panels), (4.2 * len(panels), 3.2))
+  for i, title in enumerate(panels):
+    ax = axes[0, i]
+    for name, values in data.per_section[title].items():
+      v = np.asarray(values, np.float64)
+      ax.plot(np.arange(len(v)), v, marker="o", markersize=3, label=name)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("section z")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.savefig(path)
+  return "Per-section quantities, one line per stack or method."
+
+
+def _field_figure(data: ReportData, path: pathlib.Path) -> str:
+  f = np.asarray(data.fields, np.float32)
+  z_count = f.shape[0]
+  zs = np.unique(np.linspace(min(1, z_count - 1), z_count - 1, min(FIELD_PANELS, z_count)).round().astype(int))
+  rows = 2 if data.gt_fields is not None else 1
+  fig, axes = _figure(rows, len(zs), (3.0 * len(zs), 2.9 * rows))
+  mag = np.linalg.norm(f[zs], axis=-1)
+  vmax = float(np.percentile(mag, 99.5)) or 1.0
+  im = None
+  for i, z in enumerate(zs):
+    ax = axes[0, i]
+    im = ax.imshow(mag[i], cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_title(f"|field| z={z} (max {mag[i].max():.1f} px)", fontsize=9)
+    ax.set_axis_off()
+  fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="px")
+  caption = "Top: magnitude of the alignment field of a few sections (px)."
+  if data.gt_fields is not None:
+    err = np.linalg.norm(f[zs] - np.asarray(data.gt_fields, np.float32)[zs], axis=-1)
+    if data.valid is not None:
+      err = np.where(np.asarray(data.valid)[zs], err, np.nan)
+    emax = float(np.nanpercentile(err, 99)) if np.isfinite(err).any() else 1.0
+    for i, z in enumerate(zs):
+      ax = axes[1, i]
+      im = ax.imshow(err[i], cmap="magma", vmin=0, vmax=max(emax, 1e-3), interpolation="nearest")
+      ax.set_title(f"|field - truth| z={z}", fontsize=9)
+      ax.set_axis_off()
+    fig.colorbar(im, ax=list(axes[1]), shrink=0.8, label="px")
+    caption += " Bottom: end-point error against the known distortion (blank = not scorable)."
+  fig.savefig(path)
+  return caption
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, (float, np.floating)):
+    if math.isnan(v):
+      return "-"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+  return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Plain-text table of `rows` (dicts; columns = keys of the first row), numbers to 3 digits."""
+  if not rows:
+    return ""
+  cols = list(rows[0])
+  cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+  line = lambda vals: "  ".join(v.rjust(wd) if i else v.ljust(wd)  # noqa: E731
+                                for i, (v, wd) in enumerate(zip(vals, widths)))
+  return "\n".join([line(cols), line(["-" * wd for wd in widths])] + [line(r) for r in cells])
+
+
+def _html_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  if not rows:
+    return ""
+  cols = list(rows[0])
+  head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                 for r in rows)
+  return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}figure{margin:2em 0}
+img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6}"""
+
+
+def write_report(folder: str | os.PathLike, data: ReportData) -> pathlib.Path:
+  """Writes `folder/index.html` and its PNG figures; returns the HTML path.
+
+  Figures are written under temporary names and renamed once all of them and the page exist, so
+  a failure leaves no half-written report behind.
+  """
+  _check(data)
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  plan = []
+  if data.images:
+    plan.append(("before_after.png", "Before / after", _before_after))
+  if data.cpc_maps:
+    plan.append(("cpc_maps.png", "CPC maps", _cpc_figure))
+  if data.per_section:
+    plan.append(("per_section.png", "Per-section error", _per_section))
+  if data.fields is not None:
+    plan.append(("field_magnitude.png", "Field magnitude", _field_figure))
+
+  written: list[tuple[pathlib.Path, pathlib.Path]] = []
+  try:
+    sections = []
+    for name, heading, draw in plan:
+      tmp = folder / f".{name}.partial.png"
+      caption = draw(data, tmp)
+      written.append((tmp, folder / name))
+      sections.append(f'<figure><h2>{html.escape(heading)}</h2><img src="{name}" alt="{html.escape(heading)}">'
+                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in data.notes)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>"
+            f"{_html_table(data.summary)}{notes}{''.join(sections)}</body></html>\n")
+    tmp_html = folder / ".index.html.partial"
+    tmp_html.write_text(page, encoding="utf-8")
+    written.append((tmp_html, folder / "index.html"))
+  except BaseException:
+    for name, _, _ in plan:
+      (folder / f".{name}.partial.png").unlink(missing_ok=True)
+    (folder / ".index.html.partial").unlink(missing_ok=True)
+    raise
+  for tmp, final in written:
+    os.replace(tmp, final)
+  return folder / "index.html"
