@@ -8,6 +8,7 @@ Bad input (an `InputError`, a missing path) exits with status 2 and one line nam
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from absl import app
@@ -33,12 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
   lines = ["usage: jaxalign <command> [--flags]   (jaxalign <command> --helpfull for flags)", "", "commands:"]
   for name, (mod, doc) in COMMANDS.items():
-    try:
-      importlib.util.find_spec(mod)
-      available = importlib.util.find_spec(mod) is not None
-    except ModuleNotFoundError:
-      available = False
-    if available:
+    if importlib.util.find_spec(mod) is not None:
       lines.append(f"  {name:16s}{doc}")
   return "\n".join(lines)
 
@@ -57,7 +53,7 @@ def run(argv: list[str] | None = None) -> None:
     sys.exit(0 if len(argv) >= 2 else 2)
   command = argv[1]
   if command not in COMMANDS:
-    fail(command, f"unknown command {command!r}\n{_usage()}")
+    fail(command, f"unknown command {command!r} (jaxalign --help lists the commands)")
   module = importlib.import_module(COMMANDS[command][0])
 
   def main(args):
