@@ -42,6 +42,14 @@ _EXPORTS = {
   "low_cpc_fraction": "jaxalign.metrics",
   "normalize": "jaxalign.preprocess",
   "InputError": "jaxalign.errors",
+  # volumes and chunked processing
+  "create_volume": "jaxalign.io",
+  "open_volume": "jaxalign.io",
+  "import_stack": "jaxalign.io",
+  "export_stack": "jaxalign.io",
+  "build_pyramid": "jaxalign.io",
+  "map_chunks": "jaxalign.chunking",
+  "preprocess_section": "jaxalign.preprocess",
   # alignment
   "align_pair": "jaxalign.pair",
   "PairConfig": "jaxalign.pair",

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 
 # Keeps normalisation finite on flat (zero-variance) sections.
 NORMALIZE_EPS = 1e-6
+# Stand-in for a normalised value of exactly 0 on tissue (0 is reserved for "no data").
+TISSUE_AT_MEAN = 1e-6
 
 
 @jax.jit
@@ -40,6 +42,8 @@ def normalize(image: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   mean = jnp.where(valid, image, 0.0).sum() / n
   var = jnp.where(valid, (image - mean) ** 2, 0.0).sum() / n
   out = (image - mean) / jnp.sqrt(var + NORMALIZE_EPS)
+  # A tissue pixel that lands exactly on the mean must not turn into "no data" (0).
+  out = jnp.where(out == 0, TISSUE_AT_MEAN, out)
   return jnp.where(valid, out, 0.0)
 
 
