@@ -50,6 +50,12 @@ _EXPORTS = {
   "build_pyramid": "jaxalign.io",
   "map_chunks": "jaxalign.chunking",
   "preprocess_section": "jaxalign.preprocess",
+  # ground truth and evaluation
+  "distort_stack": "jaxalign.groundtruth",
+  "DistortionConfig": "jaxalign.groundtruth",
+  "evaluate": "jaxalign.evaluation",
+  "block_match": "jaxalign.blockmatch",
+  "BlockMatchConfig": "jaxalign.blockmatch",
   # alignment
   "align_pair": "jaxalign.pair",
   "PairConfig": "jaxalign.pair",

@@ -46,7 +46,10 @@ class BlockMatchConfig:
 
   Attributes:
     levels: MIP levels visited coarse to fine (a level may repeat to iterate at that scale);
-      levels whose image is smaller than `patch` are skipped.
+      levels whose image is smaller than `min_patches` patches across are skipped.
+    min_patches: a level is used only if its section spans at least this many patches (fewer nodes
+      give no redundancy for outlier rejection: a lone wrong peak would move the whole section).
+    min_valid_nodes: a level whose valid nodes are fewer than this leaves the estimate unchanged.
     patch: template side (even).
     search: search radius: offsets in [-search, search] are tested at each level.
     stride: grid spacing between nodes.
@@ -60,6 +63,8 @@ class BlockMatchConfig:
     smooth: Gaussian smoothing of the dense field, sigma in units of `stride`.
   """
   levels: tuple[int, ...] = (3, 2, 1, 0, 0)
+  min_patches: int = 2
+  min_valid_nodes: int = 3
   patch: int = 32
   search: int = 8
   stride: int = 16
@@ -162,10 +167,12 @@ def _neighbour_median(grid, valid):
 def _fill(grid, valid):
   """Fills invalid nodes by iterative normalised 3x3 averaging of filled neighbours."""
   ny, nx = valid.shape
-  kernel = jnp.ones((3, 3), jnp.float32)
 
   def box(x):
-    return jax.scipy.signal.convolve2d(x, kernel, mode="same")
+    # 3x3 box sum by shifted slices: a convolution inside a loop segfaults intermittently on
+    # jaxlib 0.10 CPU (conv_general_dilated kernel in a WhileThunk), and slices are as fast here
+    p = jnp.pad(x, 1)
+    return sum(p[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
   def body(_, state):
     g, m = state
@@ -236,7 +243,7 @@ def _match_level(src, tgt, src_valid, tgt_valid, field, *, level: int, config: B
   med = _neighbour_median(grid, valid)
   dev = jnp.linalg.norm(grid - med, axis=-1)
   valid = valid & (jnp.isnan(dev) | (dev <= config.max_deviation))
-  grid = _fill(grid, valid)
+  grid = jnp.where(valid.sum() >= config.min_valid_nodes, _fill(grid, valid), 0.0)
   # nodes sit at (i + 0.5) * stride - 0.5: the half-pixel-centre convention of jax.image.resize
   dense = jax.image.resize(grid, (ny * st, nx * st, 2), "linear")[:hk, :wk]
   dense = blur_field(dense, config.smooth * st)
@@ -270,13 +277,14 @@ def block_match(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None
            else check_field(init_field, "init_field", shape=(h, w)))
   if field.ndim != 3:
     raise InputError(f"init_field: expected [H, W, 2], got {field.shape}")
-  levels = [lv for lv in config.levels if min(h, w) >> lv >= config.patch]
+  levels = [lv for lv in config.levels if min(h, w) >> lv >= config.min_patches * config.patch]
   skipped = sorted(set(config.levels) - set(levels))
   if skipped:
-    logging.info("block_match: skipping levels %s (section %dx%d smaller than patch %d there)",
-                 skipped, h, w, config.patch)
+    logging.info("block_match: skipping levels %s (section %dx%d spans < %d patches of %d px there)",
+                 skipped, h, w, config.min_patches, config.patch)
   if not levels:
-    raise InputError(f"block_match: section {h}x{w} is smaller than the patch size {config.patch}")
+    raise InputError(f"block_match: section {h}x{w} is smaller than {config.min_patches} patches of "
+                     f"{config.patch} px at every level")
   # pad to a multiple of the coarsest level's factor; padding is no-data
   mult = 2 ** max(levels)
   hp, wp = -(-h // mult) * mult, -(-w // mult) * mult

@@ -188,6 +188,43 @@ def shared_case(kind: str, stack_name: str, *, num: int = 5, step: int | None = 
   return make_case(kind, stack, config=config, meta=meta)
 
 
+def case_from_volume(kind: str, url: str, *, num: int | None = None, start: int = 0, step: int = 1,
+                     seed: int = 0, config: DistortionConfig | None = None, level: int = 0) -> Case:
+  """A case from any `jaxalign.io` image volume (sections `start::step`, `num` of them, at `level`).
+
+  Integer volumes are scaled to [0, 1] by their dtype's maximum.
+  """
+  from jaxalign import io
+  vol = io.open_volume(url)
+  if vol.is_field:
+    raise InputError(f"{url} is a field volume; a case needs an image volume")
+  z_count = vol.shape(level)[0]
+  idx = list(range(start, z_count, step))[:num]
+  if len(idx) < (1 if kind == "stack" else 2):
+    raise InputError(f"{url}: only {len(idx)} sections selected from {z_count}")
+  data = np.stack([np.asarray(vol.read(z=z, level=level)) for z in idx])
+  if np.issubdtype(data.dtype, np.integer):
+    data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+  res = vol.resolution_at(level)
+  config = dataclasses.replace(config or DistortionConfig(), seed=seed)
+  meta = dict(stack=url, step=step, start=start, level=level, resolution_nm=[res[0] * step, res[1], res[2]])
+  return make_case(kind, data, config=config, meta=meta)
+
+
+def write_distorted_volume(case: Case, url: str) -> str:
+  """Writes a stack case's distorted sections to a float32 image volume at `url` (zarr v3) and its
+  crack/fold masks to `url + "_defects"`, so `jaxalign align` can run on them. Returns `url`."""
+  from jaxalign import io
+  if case.kind != "stack":
+    raise InputError(f"only a 'stack' case is a volume to align, got {case.kind!r}")
+  res = case.meta.get("resolution_nm") or [1.0, 1.0, 1.0]
+  vol = io.create_volume(url, case.src.shape, np.float32, res, kind="image")
+  vol.write(case.src.astype(np.float32))
+  dvol = io.create_volume(url.rstrip("/") + "_defects", case.src.shape, np.uint8, res, kind="defect")
+  dvol.write(case.src_defects.astype(np.uint8))
+  return url
+
+
 def _config_json(config: DistortionConfig) -> dict:
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
 
@@ -352,6 +389,14 @@ def align_case(aligner: Callable, case: Case, *, stack_aligner: bool = False, pr
   return fields, ran, times
 
 
+def _aligned(case: Case, field, i: int):
+  """Source i (defects zeroed) warped by `field`, and where it has data: (`[H, W]` float32, bool)."""
+  fj = jnp.asarray(field)
+  data = jnp.asarray((case.src[i] != 0) & ~case.src_defects[i], jnp.float32)
+  img = warp(jnp.asarray(np.where(case.src_defects[i], 0.0, case.src[i])), fj)
+  return np.asarray(img), np.asarray(warp(data, fj) >= MASK_THRESHOLD)
+
+
 def score_fields(fields, case: Case, ran=None, *, config: EvalConfig | None = None) -> dict[str, Any]:
   """Scores fields `[N, H, W, 2]` against a case (see the module docstring for the metrics)."""
   config = config or EvalConfig()
@@ -362,19 +407,30 @@ def score_fields(fields, case: Case, ran=None, *, config: EvalConfig | None = No
     raise InputError("fields contain NaN or Inf values")
   ran = np.array([_has_data(s) for s in case.src]) if ran is None else np.asarray(ran, bool)
   all_e, near_e = [], []
-  maps, maps_gt, maps_ref = [], [], []
   for i in np.nonzero(ran)[0]:
     e = endpoint_errors(fields[i], case.gt[i])
     v = case.valid[i]
     all_e.append(e[v])
     near_e.append(e[v & (case.disc_distance[i] <= config.near_distance)])
-    src_data = jnp.asarray((case.src[i] != 0) & ~case.src_defects[i], jnp.float32)
-    src_clean = jnp.asarray(np.where(case.src_defects[i], 0.0, case.src[i]))
-    for f, out in ((fields[i], maps), (case.gt[i], maps_gt)):
-      fj = jnp.asarray(f)
-      mask = (warp(src_data, fj) >= MASK_THRESHOLD) & (case.tgt[i] != 0)
-      out.append(cpc_map(warp(src_clean, fj), case.tgt[i], mask, level=config.cpc_level, chunk=config.cpc_chunk))
-    maps_ref.append(cpc_map(case.reference[i], case.tgt[i], level=config.cpc_level, chunk=config.cpc_chunk))
+  cpc_kw = dict(level=config.cpc_level, chunk=config.cpc_chunk)
+  maps, maps_gt, maps_ref = [], [], []
+  if case.kind == "stack":
+    # neighbour CPC of the aligned stack (section z-1 vs z, both with data; section 0 is the anchor)
+    has = np.array([_has_data(s) for s in case.src])
+    for f, out in ((fields, maps), (case.gt, maps_gt)):
+      prev = None
+      for i in np.nonzero(has)[0]:
+        cur = _aligned(case, f[i], i)
+        if prev is not None:
+          out.append(cpc_map(prev[0], cur[0], prev[1] & cur[1], **cpc_kw))
+        prev = cur
+    maps_ref = [cpc_map(case.tgt[i - 1], case.tgt[i], **cpc_kw) for i in range(1, len(case))]
+  else:
+    for i in np.nonzero(ran)[0]:
+      for f, out in ((fields[i], maps), (case.gt[i], maps_gt)):
+        img, mask = _aligned(case, f, i)
+        out.append(cpc_map(img, case.tgt[i], mask & (case.tgt[i] != 0), **cpc_kw))
+      maps_ref.append(cpc_map(case.reference[i], case.tgt[i], **cpc_kw))
   s = epe_stats(np.concatenate(all_e) if all_e else np.zeros(0), config.epe_threshold)
   sn = epe_stats(np.concatenate(near_e) if near_e else np.zeros(0), config.epe_threshold)
   return dict(

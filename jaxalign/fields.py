@@ -331,11 +331,12 @@ def gaussian_blur(image: jax.Array, sigma: float) -> jax.Array:
   h, w = x.shape[1:]
   # Reflect padding needs r < size; fall back to edge replication for tiny images.
   pad_mode = "reflect" if r < min(h, w) else "edge"
-  x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode=pad_mode)[:, None]  # [B, 1, H+2r, W+2r]
-  dn = ("NCHW", "OIHW", "NCHW")
-  x = jax.lax.conv_general_dilated(x, k.reshape(1, 1, -1, 1), (1, 1), "VALID", dimension_numbers=dn)
-  x = jax.lax.conv_general_dilated(x, k.reshape(1, 1, 1, -1), (1, 1), "VALID", dimension_numbers=dn)
-  return x[:, 0].reshape(lead + (h, w))
+  x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode=pad_mode)
+  # Weighted sums of shifted slices rather than lax.conv: XLA:CPU (jaxlib 0.10) intermittently
+  # crashes on convolutions inside while loops, and blurs run inside the finetuner's loop.
+  x = sum(k[t] * x[:, t:t + h, :] for t in range(2 * r + 1))
+  x = sum(k[t] * x[:, :, t:t + w] for t in range(2 * r + 1))
+  return x.reshape(lead + (h, w))
 
 
 @functools.partial(jax.jit, static_argnames=("sigma",))

@@ -47,6 +47,10 @@ INVERSE_MAX_ITERATIONS = 40
 # Discontinuity slots per section: slot 0 = crack, slot 1 = fold (fixed shapes: one compile per shape).
 MAX_DISCONTINUITIES = 2
 MAX_BLOBS = 3
+# Crack/fold lines pass through a point in this central fraction range of the section.
+DEFECT_CENTRE_RANGE = (0.2, 0.8)
+# A section's elastic amplitude bound is drawn in [this, 1] x elastic_amplitude.
+ELASTIC_MIN_FRACTION = 0.5
 # Distance reported where a section has no discontinuity (px).
 FAR = 1e6
 # Tissue intensities are clipped to [TISSUE_MIN, 1] so intensity changes never create "no data" zeros.
@@ -225,7 +229,7 @@ def sample_section_params(config: DistortionConfig, z: int, shape) -> dict[str, 
   freq = np.stack([np.sin(theta), np.cos(theta)], -1) / lam[:, None]
   amp = rng.normal(size=(k, 2))
   norm = np.linalg.norm(amp, axis=-1)
-  target = config.elastic_amplitude * rng.uniform(0.5, 1.0)
+  target = config.elastic_amplitude * rng.uniform(ELASTIC_MIN_FRACTION, 1.0)
   scale = target / max(norm.sum(), 1e-12)
   lip = (norm * 2 * math.pi / lam).sum() * scale
   if lip > config.max_strain:
@@ -243,8 +247,9 @@ def sample_section_params(config: DistortionConfig, z: int, shape) -> dict[str, 
   # discontinuities: slot 0 crack, slot 1 fold
   for slot, prob in enumerate((config.crack_probability, config.fold_probability)):
     on = rng.uniform() < prob
-    y0 = rng.uniform(0.2 * h, 0.8 * h)
-    x0 = rng.uniform(0.2 * w, 0.8 * w)
+    lo, hi = DEFECT_CENTRE_RANGE
+    y0 = rng.uniform(lo * h, hi * h)
+    x0 = rng.uniform(lo * w, hi * w)
     angle = rng.uniform(0, 2 * math.pi)
     wave_amp = rng.uniform(0, config.defect_wave_amplitude)
     wave_k = 2 * math.pi / _uniform(rng, config.defect_wavelength)
@@ -442,7 +447,7 @@ def _distort_section(original, p, key, *, fold_darkness: float):
   clean = (tissue & has_data & ~band).astype(jnp.float32)
   lands = (phi[..., 0] >= 0) & (phi[..., 0] <= h - 1) & (phi[..., 1] >= 0) & (phi[..., 1] <= w - 1)
   valid = (warp(clean, gt) >= VALID_SAMPLE_THRESHOLD) & lands & (original != 0) & ~lost & ~blank
-  missing = blobs & inside
+  missing = (blobs & inside) | blank
   return dict(image=out, field=gt, pull=pull, crack=gap & inside, fold=band & inside & ~blobs,
               missing=missing, tissue=tissue, valid=valid, disc_distance=dist)
 
