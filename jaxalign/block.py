@@ -113,7 +113,7 @@ def _aligned_data(data: jax.Array, field: jax.Array) -> jax.Array:
   return warp(data.astype(jnp.float32), field)
 
 
-_vote = jax.jit(vector_vote, static_argnames=("blur_sigma",))
+_vote = vector_vote  # jitted in jaxalign.voting (blur_sigma static)
 
 
 # --------------------------------------------------------------------------- host side
@@ -181,6 +181,7 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
   data = (sec != 0) & ~dfx  # [Z, H, W]: the section has tissue there
   fields = np.zeros((z_count, h, w, 2), np.float32)
   aligned_valid = np.zeros((z_count, h, w), bool)  # data of each section in the block frame
+  aligned_defects = np.zeros((z_count, h, w), bool)  # its defect masks in the block frame
   has_data = np.zeros(z_count, bool)
   infos: list[SectionInfo] = []
   min_pixels = config.min_voter_fraction * h * w
@@ -214,7 +215,9 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
       use = [m for m in range(len(cands)) if m == 0 or counts[m] >= min_pixels]
       tgt_idx = [cands[m] for m in use]
       tgts = np.stack([np.asarray(warp(sec[k], fields[k])) for k in tgt_idx])
-      tgt_defs = ~aligned_valid[tgt_idx]
+      # Only real defects: zeros outside a target's footprint are 'no data' already, and calling them
+      # defects would also release the aligner's elastic prior there.
+      tgt_defs = aligned_defects[tgt_idx]
       inits = fields[tgt_idx] if config.init_from_target else np.zeros((len(tgt_idx), h, w, 2), np.float32)
       cand_fields = _run_aligner(aligner, sec[z], dfx[z], tgts, tgt_defs, inits, n)
       if len(use) == 1:
@@ -234,5 +237,8 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
     has_data[z] = True
     aligned_valid[z] = np.asarray(_aligned_data(jnp.asarray(data[z]), jnp.asarray(fields[z]))) > \
         config.valid_threshold
+    if dfx[z].any():
+      aligned_defects[z] = np.asarray(_aligned_data(jnp.asarray(dfx[z]), jnp.asarray(fields[z]))) > \
+          config.valid_threshold
   out = jnp.asarray(fields)
   return (out, infos) if return_info else out

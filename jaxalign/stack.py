@@ -28,8 +28,6 @@ stitch fields within decay_distance).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -320,7 +318,9 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
   tgt_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
   # All overlap pairs in one batch, padded to O so the aligner compiles once per overlap size.
   idx = np.array(keep + [keep[-1]] * (o - len(keep)))
-  cands = aligner(src[idx], tgt[idx], src_defects=~src_valid[idx], tgt_defects=~tgt_valid[idx],
+  src_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(nxt))) > config.valid_threshold
+  tgt_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(prev))) > config.valid_threshold
+  cands = aligner(src[idx], tgt[idx], src_defects=src_def[idx], tgt_defects=tgt_def[idx],
                   init_fields=np.asarray(inits)[idx])
   cands = jnp.asarray(np.asarray(cands, np.float32)[: len(keep)])
   if len(keep) == 1:
@@ -367,8 +367,7 @@ _compose_with_decay_batch = jax.jit(jax.vmap(
     in_axes=(0, None, 0, None, None)))
 
 
-def stitch_chain(plan: StackPlan, stitches: Sequence[jax.Array | None], z: int,
-                 decay_distance: float) -> tuple[list[int], list[float]]:
+def stitch_chain(plan: StackPlan, z: int, decay_distance: float) -> tuple[list[int], list[float]]:
   """Interfaces that affect section z (nearest first) and their distances; those at or beyond
   `decay_distance` are dropped (their decayed field is zero)."""
   owner = plan.owner(z)
@@ -438,7 +437,7 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
 
   out = np.zeros((z_count, h, w, 2), np.float32)
   # One chain length for the whole stack (zero stitches pad it) so composition compiles once.
-  k_stack = max(len(stitch_chain(plan, stitches, z, decay_distance)[0]) for z in range(z_count))
+  k_stack = max(len(stitch_chain(plan, z, decay_distance)[0]) for z in range(z_count))
   own_max = max(b.own_stop - b.own_start for b in plan.blocks)
   for b in tqdm(plan.blocks, desc="compose", unit="block", disable=not progress):
     own = np.arange(b.own_start, b.own_stop)
@@ -446,7 +445,7 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     if b.index == 0:
       out[own] = bf
       continue
-    chains = [stitch_chain(plan, stitches, int(z), decay_distance) for z in own]
+    chains = [stitch_chain(plan, int(z), decay_distance) for z in own]
     if max(len(ks) for ks, _ in chains) == 0:
       out[own] = bf
       continue
