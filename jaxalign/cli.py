@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 
-from absl import app
+from absl import app, flags
 
 from jaxalign.errors import InputError
 
@@ -54,7 +55,15 @@ def run(argv: list[str] | None = None) -> None:
   command = argv[1]
   if command not in COMMANDS:
     fail(command, f"unknown command {command!r} (jaxalign --help lists the commands)")
+  # JAX probes for TPU/GPU plugins and logs each miss at INFO; that is noise on a user's terminal.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   module = importlib.import_module(COMMANDS[command][0])
+  cmd_argv = [f"jaxalign {command}"] + argv[2:]
+  # Parse once ourselves so a bad or missing flag is one line and exit status 2, not absl's FATAL.
+  try:
+    flags.FLAGS(cmd_argv)
+  except flags.Error as e:
+    fail(command, str(e))
 
   def main(args):
     try:
@@ -65,7 +74,7 @@ def run(argv: list[str] | None = None) -> None:
       fail(command, f"missing path: {e.filename or e}")
 
   try:
-    app.run(main, argv=[f"jaxalign {command}"] + argv[2:])
+    app.run(main, argv=cmd_argv)
   except app.UsageError as e:  # pragma: no cover - absl handles most itself
     fail(command, str(e))
 

@@ -114,7 +114,8 @@ def _before_after(data: ReportData, path: pathlib.Path) -> str:
   row = h // 2
   for i, name in enumerate(names):
     stack = np.asarray(data.images[name], np.float32)
-    reslice = np.repeat(_stretch(stack[:, row, :]), RESLICE_ROW_REPEAT, axis=0)
+    # each section stretched on its own: contrast changes between sections would hide the structure
+    reslice = np.repeat(np.stack([_stretch(s)[row] for s in stack]), RESLICE_ROW_REPEAT, axis=0)
     ax = axes[0, i]
     ax.imshow(reslice, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
     ax.set_title(f"{name}: x-z reslice at y={row}", fontsize=9)

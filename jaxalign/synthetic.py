@@ -6,7 +6,9 @@ sections, so neighbouring sections are similar but not identical, as in real ssT
 - Neurites are the cells of a power (weighted Voronoi) diagram on a jittered seed grid. The plane
   is domain-warped by a smooth random Fourier field whose phases advance with z, and every seed
   drifts slowly along its own sinusoid in z, so cell boundaries bend and move continuously
-  through the stack (tubular processes at oblique angles).
+  through the stack (tubular processes at oblique angles); each neurite's calibre (its power
+  weight) also swells and shrinks through z, independently of its neighbours, so sections change
+  without a coherent shift that an aligner would mistake for a distortion.
 - Membranes are a dark Gaussian profile of the exact distance to the power-diagram bisector.
 - Mitochondria are 3D ellipsoids (several sections deep) with a dark rim and cristae stripes;
   vesicles are small spheres (1-2 sections deep) with a dark shell, clustered where a smooth
@@ -48,7 +50,10 @@ class SyntheticConfig:
     seed_jitter: random offset of each seed from its grid point, fraction of cell_size.
     size_variation: spread of the power-diagram weights (bigger -> more varied neurite calibres).
     seed_drift: amplitude of each seed's sinusoidal motion through z, fraction of cell_size.
-    drift_period: mean period of that motion, sections (varied ±50 % per seed).
+    drift_period: mean period of that motion and of the calibre change, sections (±50 % per seed).
+    calibre_change: amplitude of each neurite's sinusoidal change of calibre through z (added to
+      its power weight, in units of cell_size²). Neurites swell and shrink independently, so
+      neighbouring sections differ without a coherent shift that an aligner would follow.
     warp_amplitude: amplitude of the smooth domain warp that bends boundaries, fraction of cell_size.
     warp_wavelength: wavelength of the domain warp, in cell sizes.
     warp_components: number of random Fourier components of the domain warp per axis.
@@ -77,12 +82,13 @@ class SyntheticConfig:
   cell_size: float = 36.0
   seed_jitter: float = 0.35
   size_variation: float = 0.5
-  seed_drift: float = 0.12
-  drift_period: float = 30.0
+  seed_drift: float = 0.02
+  drift_period: float = 16.0
+  calibre_change: float = 0.04
   warp_amplitude: float = 0.3
   warp_wavelength: float = 3.5
   warp_components: int = 6
-  warp_z_rate: float = 0.08
+  warp_z_rate: float = 0.01
   membrane_width: float = 2.0
   membrane_darkness: float = 0.7
   cytoplasm_mean: float = 0.68
@@ -166,6 +172,8 @@ def _params(c: SyntheticConfig) -> dict:
     "weight": (c.size_variation * c.cell_size * u((g, g))) ** 2,
     "drift_phase": 2 * math.pi * u((g, g, 2)),
     "drift_freq": 2 * math.pi / (c.drift_period * (0.5 + u((g, g, 2)))),
+    "calibre_phase": 2 * math.pi * u((g, g)),
+    "calibre_freq": 2 * math.pi / (c.drift_period * (0.5 + u((g, g)))),
     "shade": c.cytoplasm_mean + c.cytoplasm_spread * (2 * u((g, g)) - 1),
   }
 
@@ -239,7 +247,8 @@ def _render(params: dict, z: jax.Array, c: SyntheticConfig):
   seeds = cl["base"] + c.seed_drift * c.cell_size * jnp.sin(cl["drift_freq"] * z + cl["drift_phase"])
   nb = _neighbours(p, c.cell_size, _CELL_REACH + 1, _CELL_REACH, g)
   s = seeds[nb[..., 0], nb[..., 1]]                       # [H, W, K, 2]
-  wgt = cl["weight"][nb[..., 0], nb[..., 1]]               # [H, W, K]
+  weight = cl["weight"] + c.calibre_change * c.cell_size ** 2 * jnp.sin(cl["calibre_freq"] * z + cl["calibre_phase"])
+  wgt = weight[nb[..., 0], nb[..., 1]]                     # [H, W, K]
   power = jnp.sum((p[:, :, None] - s) ** 2, -1) - wgt
   take = lambda arr, i: jnp.take_along_axis(arr, i[..., None], axis=2)[..., 0]  # noqa: E731
   # two argmins are much cheaper than lax.top_k on CPU

@@ -39,18 +39,18 @@ def test_seeded_reproducibility():
 
 def test_neighbours_more_similar_than_far_sections(stack):
   im = stack.images
-  near = np.mean([_pearson(im[z], im[z + 1]) for z in range(len(im) - 1)])
-  far = np.mean([_pearson(im[z], im[z + 8]) for z in range(len(im) - 8)])
-  # neighbours look alike (alignable) but are not copies of each other
+  at = lambda k: np.mean([_pearson(im[z], im[z + k]) for z in range(len(im) - k)])  # noqa: E731
+  near, mid, far = at(1), at(4), at(8)
+  # neighbours look alike (alignable) but are not copies of each other; similarity decays with z
   assert 0.5 < near < 0.97
-  assert far < near - 0.15
+  assert near > mid + 0.03 and mid > far + 0.03
 
 
 def test_neurites_persist_through_z(stack):
   same = lambda k: np.mean([np.mean(stack.cells[z] == stack.cells[z + k])  # noqa: E731
                             for z in range(len(stack.cells) - k)])
-  assert same(1) > 0.75          # the same neurite under most pixels one section up
-  assert same(8) < same(1) - 0.1  # boundaries drift: far sections differ
+  assert same(1) > 0.9                         # the same neurite under most pixels one section up
+  assert 1 - same(8) > 2 * (1 - same(1)) > 0   # boundaries move on: change grows with distance
 
 
 def test_membranes_dark_and_in_sane_fraction(stack):

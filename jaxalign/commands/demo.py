@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 from absl import flags, logging
+from tqdm.auto import tqdm
 
 from jaxalign.errors import InputError
 
@@ -39,10 +40,21 @@ flags.DEFINE_integer("block_size", 10, "sections per block (paper: 25; smaller h
 flags.DEFINE_integer("overlap", 3, "sections shared by neighbouring blocks (paper: 3)")
 flags.DEFINE_integer("voting_distance", 3, "previous sections each section votes over (paper: 3)")
 flags.DEFINE_float("decay_distance", 100.0, "sections over which stitch fields decay (paper: 100)")
+flags.DEFINE_integer("finest_level", 1, "finest MIP level the finetuner refines (0 = full resolution, "
+                     "slower; finer levels get the upsampled field)")
+flags.DEFINE_list("gammas", None, "elastic weight per MIP level, finest first (default: the paper's 5-25, "
+                  "higher at coarser levels)")
 flags.DEFINE_string("model", "auto", "'auto' (shipped SEAMLeSS pyramid if present, else finetuner only), "
                     "'none' (finetuner only) or a weights path")
 flags.DEFINE_boolean("overwrite", True, "replace DIR if it holds an earlier demo output")
 flags.DEFINE_boolean("progress", True, "show progress bars")
+
+
+# Paper (Methods, Online Field Finetuner): elastic weight 5-25, higher at coarser levels. On the
+# synthetic stack the smaller `PairConfig` defaults let fields follow the natural section-to-section
+# change of the tissue (per-section median EPE 1.5-4.1 px vs 0.5-2.1 px with these on 6 x 192² px,
+# elastic distortion only; docs/benchmarks/demo.md).
+PAPER_GAMMAS = (5.0, 8.0, 12.0, 18.0, 25.0, 25.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +64,9 @@ class DemoConfig:
   Attributes:
     sections, size, seed: synthetic stack size (Z, H = W px) and seed.
     block_size, overlap, voting_distance, decay_distance: `align_stack` arguments.
+    finest_level: `PairConfig.finest_level` of the finetuner (1 halves the work of 0 at a small
+      cost in sub-pixel precision; it keeps the demo within minutes on 2 CPU cores).
+    gammas: finetuner elastic weight per MIP level, level 0 first (`PairConfig.gammas`).
     model: "auto", "none" or a weights path for `jaxalign.models.load_weights`.
     resolution: nm per pixel (z, y, x) written into the volumes (synthetic: ~6 nm px, 40 nm sections).
     elastic_amplitude: bound of the smooth distortion, px (kept below ~4 % of the section size so
@@ -64,6 +79,8 @@ class DemoConfig:
   overlap: int = 3
   voting_distance: int = 3
   decay_distance: float = 100.0
+  finest_level: int = 1
+  gammas: tuple[float, ...] = PAPER_GAMMAS
   model: str = "auto"
   resolution: tuple[float, float, float] = (40.0, 6.0, 6.0)
   elastic_amplitude: float = 12.0
@@ -89,6 +106,10 @@ def check_config(c: DemoConfig) -> None:
     raise InputError(f"--voting_distance must be >= 1, got {c.voting_distance}")
   if not c.decay_distance > 0:
     raise InputError(f"--decay_distance must be > 0, got {c.decay_distance}")
+  if not 0 <= c.finest_level <= 2:
+    raise InputError(f"--finest_level must be 0, 1 or 2, got {c.finest_level}")
+  if not c.gammas or any(not g >= 0 for g in c.gammas):
+    raise InputError(f"--gammas must be non-negative numbers, got {c.gammas}")
   if c.model not in ("auto", "none") and not pathlib.Path(c.model).with_suffix(".npz").is_file():
     raise InputError(f"--model: no weights file {pathlib.Path(c.model).with_suffix('.npz')}")
 
@@ -174,7 +195,10 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   _check_output(out, overwrite)
   import jaxalign as ja
   from jaxalign import evaluation, report, synthetic
+  from jaxalign.block import BlockConfig
   from jaxalign.groundtruth import DistortionConfig
+  from jaxalign.pair import PairConfig
+  from jaxalign.stack import StackConfig
 
   model, model_desc = _load_model(config.model)
   times = {}
@@ -193,7 +217,9 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   t = time.perf_counter()
   fields, plan = ja.align_stack(case.src, block_size=config.block_size, overlap=config.overlap,
                                 voting_distance=config.voting_distance, decay_distance=config.decay_distance,
-                                model=model, defects=case.src_defects, progress=progress, return_plan=True)
+                                model=model, defects=case.src_defects, progress=progress, return_plan=True,
+                                config=StackConfig(block=BlockConfig(pair=PairConfig(finest_level=config.finest_level,
+                                                                      gammas=tuple(config.gammas)))))
   fields = np.asarray(fields, np.float32)
   times["alignment"] = time.perf_counter() - t
 
@@ -205,8 +231,9 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   t = time.perf_counter()
   zeros = np.zeros_like(fields)
   scores = {"unaligned": evaluation.score_fields(zeros, case), "jaxalign": evaluation.score_fields(fields, case)}
-  cpc_maps = {"original": _neighbour_cpc(case.tgt), "distorted": _neighbour_cpc(case.src),
-              "aligned": _neighbour_cpc(aligned), "exact inverse": _neighbour_cpc(exact)}
+  stacks = {"original": case.tgt, "distorted": case.src, "aligned": aligned, "exact inverse": exact}
+  cpc_maps = {name: _neighbour_cpc(st) for name, st in tqdm(stacks.items(), desc="neighbour CPC", unit="stack",
+                                                            disable=not progress)}
   epe = {"unaligned": _per_section_epe(zeros, case), "jaxalign": _per_section_epe(fields, case)}
   times["evaluation"] = time.perf_counter() - t
 
@@ -225,7 +252,9 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   command = "jaxalign demo " + " ".join(f"--{k}={v}" for k, v in (
       ("sections", config.sections), ("size", config.size), ("seed", config.seed),
       ("block_size", config.block_size), ("overlap", config.overlap),
-      ("voting_distance", config.voting_distance), ("model", config.model)))
+      ("voting_distance", config.voting_distance), ("finest_level", config.finest_level),
+      ("gammas", ",".join(f"{g:g}" for g in config.gammas)),
+      ("model", config.model)))
   summary = {
     "command": command,
     "config": dataclasses.asdict(config),
@@ -252,8 +281,9 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
         cpc_maps={k: cpc_maps[k] for k in ("original", "distorted", "aligned")},
         per_section={
           "median EPE (px) vs known distortion": epe,
-          "neighbour low-CPC fraction": {k: _low_fraction(v, axis=(1, 2)) for k, v in cpc_maps.items()
-                                         if k != "exact inverse"},
+          # entry z is the pair (z-1, z), so the curves share the EPE panel's x axis
+          "neighbour low-CPC fraction (z-1, z)": {k: np.concatenate([[np.nan], _low_fraction(v, axis=(1, 2))])
+                                                  for k, v in cpc_maps.items() if k != "exact inverse"},
         },
         summary=summary_rows,
         notes=[f"Reproduce: {command}",
@@ -276,13 +306,23 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   return summary
 
 
+def _parse_gammas(values) -> tuple[float, ...]:
+  if values is None:
+    return PAPER_GAMMAS
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise InputError(f"--gammas must be numbers, got {','.join(values)}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise InputError(f"demo takes no positional arguments, got {argv[1:]}")
   from jaxalign.report import format_table
   config = DemoConfig(sections=FLAGS.sections, size=FLAGS.size, seed=FLAGS.seed, block_size=FLAGS.block_size,
                       overlap=FLAGS.overlap, voting_distance=FLAGS.voting_distance,
-                      decay_distance=FLAGS.decay_distance, model=FLAGS.model)
+                      decay_distance=FLAGS.decay_distance, finest_level=FLAGS.finest_level,
+                      gammas=_parse_gammas(FLAGS.gammas), model=FLAGS.model)
   t0 = time.perf_counter()
   summary = run_demo(FLAGS.output, config, overwrite=FLAGS.overwrite, progress=FLAGS.progress)
   out = pathlib.Path(FLAGS.output).resolve()

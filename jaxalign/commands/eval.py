@@ -110,6 +110,9 @@ def main(argv):
   shape = vol.shape()
   if shape[0] < 2:
     raise InputError(f"{url} has {shape[0]} section(s); CPC needs at least 2")
+  # Checked before any progress output; level 0 because coarser levels may not be built yet.
+  if not any(np.any(np.asarray(vol.read(z=z))) for z in range(shape[0])):
+    raise InputError(f"{url}: the volume has no data (every section is all zeros)")
   case = ev.load_case(FLAGS.ground_truth) if FLAGS.ground_truth else None
   if case is not None:
     if case.kind != "stack":
