@@ -25,12 +25,19 @@ from absl import app, flags, logging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Workers (spawned processes, Dask LocalCluster) import task functions by module name.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "all", ["all", "throughput", "memory", "projection"], "which benchmark")
+flags.DEFINE_enum("mode", "all", ["all", "throughput", "memory", "projection", "seams"], "which benchmark")
+flags.DEFINE_string("figure", str(REPO / "docs" / "benchmarks" / "scale_seams.png"), "seams: figure path")
 flags.DEFINE_integer("sections", 16, "throughput: sections in the test volume")
 flags.DEFINE_integer("size", 192, "throughput: section edge, px")
 flags.DEFINE_integer("block_size", 8, "throughput: sections per block")
+flags.DEFINE_enum("aligner", "finetuner", ["finetuner", "blockmatch", "sequential", "fft"],
+                  "throughput: default pair aligner, or the FFT translation stand-in of the tests "
+                  "(measures the pipeline's own overhead)")
+flags.DEFINE_boolean("compilation_cache", False, "throughput: share a JAX persistent compilation cache")
 flags.DEFINE_integer("big", 8192, "memory: section edge, px")
 flags.DEFINE_list("chunks", ["512", "1024", "2048"], "memory: chunk sizes to measure")
 flags.DEFINE_integer("pair_chunk", 256, "projection: pair chunk edge, px, timed with the default finetuner")
@@ -44,7 +51,6 @@ FAFB_SECTIONS = 7052
 FAFB_PX_PER_SECTION_32NM = 106e12 / 7062 / 64
 PAPER_GPU_HOURS = 240 * 128  # 240 h on 128 A100s
 FAFB_BLOCK, FAFB_OVERLAP, FAFB_VOTING = 25, 3, 3
-PYRAMID_FACTOR = 1 + 1 / 4 + 1 / 16  # 32 + 64 + 128 nm levels (512 nm negligible): pixel work vs 32 nm
 
 
 def _rss_script(body: str) -> str:
@@ -72,6 +78,17 @@ def _run_child(code: str) -> dict:
 # ----------------------------------------------------------------------------------- throughput
 
 
+def _block_config():
+  from experiments.scale_aligner import sequential_align_pairs
+  from jaxalign.block import BlockConfig
+  from jaxalign.pair import PairConfig
+  from tests.stack_helpers import phase_aligner
+  return {"finetuner": BlockConfig(pair=PairConfig()),
+          "blockmatch": BlockConfig(pair=PairConfig(init="blockmatch")),  # NCC init, then finetuner
+          "sequential": BlockConfig(aligner=sequential_align_pairs),  # align_pair per pair
+          "fft": BlockConfig(aligner=phase_aligner)}[FLAGS.aligner]
+
+
 def throughput(work: pathlib.Path) -> None:
   from jaxalign import distributed as jd
   from jaxalign import io, pipeline
@@ -82,11 +99,18 @@ def throughput(work: pathlib.Path) -> None:
   sections = texture_stack(random_shifts(FLAGS.sections, limit=6), size=FLAGS.size)
   src = str(work / "src")
   io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  block = _block_config()
   config = pipeline.VolumeConfig(block_size=FLAGS.block_size, overlap=2, pyramid_levels=2,
-                                 stack=StackConfig(block=BlockConfig(pair=PairConfig())))
+                                 stack=StackConfig(block=block))
+  # With --compilation_cache, workers load compiled functions instead of compiling them again (but
+  # results are then not bitwise identical to the inline run; see docs/distributed.md). The first
+  # inline run includes compilation and is reported separately.
+  if FLAGS.compilation_cache:
+    jd.enable_compilation_cache(str(work / "xla_cache"))
   rows = []
-  for kind, workers in (("inline", 1), ("processes", 1), ("processes", 2), ("dask", 2)):
-    dst = str(work / f"dst_{kind}_{workers}")
+  for i, (kind, workers) in enumerate((("inline", 1), ("inline", 1), ("processes", 1), ("processes", 2),
+                                       ("dask", 2))):
+    dst = str(work / f"dst_{i}_{kind}_{workers}")
     stats = jd.RunStats()
     t0 = time.perf_counter()
     with jd.make_executor(kind, workers) as ex:
@@ -97,9 +121,10 @@ def throughput(work: pathlib.Path) -> None:
     fields = io.open_volume(dst + "/fields").read()
     rows.append((kind, workers, wall, task_s, stats.executed, fields))
     logging.info("%s x%d: %.1f s", kind, workers, wall)
-  base = rows[1][2]
+  rows[0] = ("inline (cold: compiles)",) + rows[0][1:]
+  base = rows[2][2]
   print(f"\n### Throughput: align_volume, {FLAGS.sections} sections of {FLAGS.size}^2, blocks of "
-        f"{FLAGS.block_size} (overlap 2), voting distance 3, default finetuner\n")
+        f"{FLAGS.block_size} (overlap 2), voting distance 3, aligner: {FLAGS.aligner}\n")
   print("| executor | workers | wall s | sections/s | vs processes x1 | sum of task s | tasks | fields == inline |")
   print("|---|---|---|---|---|---|---|---|")
   for kind, workers, wall, task_s, n, fields in rows:
@@ -176,19 +201,19 @@ def memory(work: pathlib.Path) -> None:
 
 def projection(work: pathlib.Path) -> None:
   import jax
-  from jaxalign.pair import PairConfig, align_pairs
+  from jaxalign.pair import PairConfig, align_pair
   from tests.stack_helpers import texture_stack
   c = FLAGS.pair_chunk
   secs = texture_stack(np.array([[0, 0], [3, -2]]), size=c)
-  b = FAFB_VOTING  # one section's voting candidates are aligned as one batch
-  srcs, tgts = np.repeat(secs[1:], b, 0), np.repeat(secs[:1], b, 0)
+  b = 1
   t0 = time.perf_counter()
-  jax.block_until_ready(align_pairs(srcs, tgts, config=PairConfig()))
+  jax.block_until_ready(align_pair(secs[1], secs[0], config=PairConfig()))
   compile_s = time.perf_counter() - t0
   times = []
-  for _ in range(FLAGS.repeat):
+  for i in range(FLAGS.repeat):
+    src = secs[1] * (1.0 + 1e-3 * (i + 1))  # new inputs each time: nothing can be reused
     t0 = time.perf_counter()
-    jax.block_until_ready(align_pairs(srcs, tgts, config=PairConfig()))
+    jax.block_until_ready(align_pair(src, secs[0], config=PairConfig()))
     times.append(time.perf_counter() - t0)
   per_pair = float(np.median(times)) / b
   per_px = per_pair / (c * c)
@@ -198,25 +223,112 @@ def projection(work: pathlib.Path) -> None:
   # Each interface (every block_size - overlap sections) aligns its `overlap` shared sections once more.
   stitch_per_section = FAFB_OVERLAP / (FAFB_BLOCK - FAFB_OVERLAP)
   pairs = FAFB_SECTIONS * (FAFB_VOTING + stitch_per_section)
-  px = pairs * FAFB_PX_PER_SECTION_32NM * chunk_overhead * PYRAMID_FACTOR
+  # The measured align_pair time already includes its coarser MIP levels (5 levels: 32..512 nm).
+  px = pairs * FAFB_PX_PER_SECTION_32NM * chunk_overhead
   core_hours = px * per_px / 3600
   print(f"\n### FAFB-scale projection from the measured per-chunk cost\n")
-  print(f"Measured: `align_pairs` (default PairConfig: Online Field Finetuner, no model), batch of {b} "
-        f"pairs of {c}^2 px on this 2-core CPU: {per_pair:.2f} s per pair = {per_px * 1e6:.2f} us/px "
+  print(f"Measured: `align_pair` (default PairConfig: Online Field Finetuner, no model), one pair "
+        f"of {c}^2 px on this 2-core CPU: {per_pair:.2f} s per pair = {per_px * 1e6:.2f} us/px "
         f"(median of {FLAGS.repeat}; compile + first run {compile_s:.1f} s).\n")
   print("| quantity | value |")
   print("|---|---|")
   print(f"| sections | {FAFB_SECTIONS} |")
   print(f"| px per section at 32 nm (106 TB / 7,062 sections at 4 nm, / 64) | {FAFB_PX_PER_SECTION_32NM:.2e} |")
   print(f"| pair alignments (voting {FAFB_VOTING} + stitches, blocks {FAFB_BLOCK}/{FAFB_OVERLAP}) | {pairs:.0f} |")
-  print(f"| px aligned incl. chunk overlap x{chunk_overhead:.2f} and 64/128 nm levels x{PYRAMID_FACTOR:.2f} | {px:.2e} |")
+  print(f"| px aligned at 32 nm incl. chunk overlap x{chunk_overhead:.2f} (coarser levels are inside the per-px cost) | {px:.2e} |")
   print(f"| projected cost on this CPU | {core_hours:.3g} 2-core-machine hours = {core_hours / 24 / 365:.1f} machine-years |")
   print(f"| paper (FAFB v15, SEAMLeSS + finetuner on GPUs) | 240 h x 128 A100 = {PAPER_GPU_HOURS} GPU-hours |")
   print(f"| ratio projected / paper (CPU machine-hours vs A100-hours) | {core_hours / PAPER_GPU_HOURS:.1f}x |")
 
 
+# ----------------------------------------------------------------------------------- seams
+
+
+def seams(work: pathlib.Path) -> None:
+  """Chunked vs whole-section block alignment of real ssTEM sections with a large known distortion."""
+  import jax.numpy as jnp
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from PIL import Image
+  from jaxalign.block import BlockConfig, align_block
+  from jaxalign.chunked import ChunkConfig, align_block_chunked
+  from jaxalign.fields import warp
+  folder = REPO / ".." / "shared" / "data" / "em" / "isbi2012_train"
+  if not folder.is_dir():
+    logging.warning("seams: %s absent, skipped", folder)
+    return
+  z, n = 4, 512
+  raw = np.asarray(Image.open(folder / "000.png"), np.float32) / 255.0
+  yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+  # Known distortions of one section (so the exact answer is known): translations of tens of px
+  # (larger than the chunk overlap) plus a 3 px smooth warp. Aligning section i back needs invert(g_i).
+  from jaxalign.fields import invert
+  gs = [np.zeros((n, n, 2), np.float32)] + [
+      np.stack([12.0 * i + 3 * np.sin(xx / 90 + i), -9.0 * i + 3 * np.cos(yy / 70 - i)], -1) for i in range(1, z)]
+  sections = np.stack([np.asarray(warp(jnp.asarray(raw), jnp.asarray(g))) for g in gs])  # 0 outside = no data
+  truth = np.stack([np.asarray(invert(jnp.asarray(g))) for g in gs])
+  cfg = ChunkConfig(chunk=256, overlap=32, coarse_levels=2)
+  t0 = time.perf_counter()
+  block = _block_config()
+  whole = np.asarray(align_block(sections, voting_distance=3, config=block, progress=False))
+  t_whole = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  chunked = align_block_chunked(sections, voting_distance=3, config=cfg, block_config=block)
+  t_chunk = time.perf_counter() - t0
+  from jaxalign.chunking import split
+  specs = split((n, n), cfg.chunk, cfg.overlap)
+  seam = np.zeros((n, n), bool)
+  for s_ in specs:
+    for sl, ax in ((s_.core[0], 0), (s_.core[1], 1)):
+      for b in (sl.start, sl.stop):
+        if 0 < b < n:
+          idx = [slice(None), slice(None)]
+          idx[ax] = slice(max(b - 8, 0), b + 8)
+          seam[tuple(idx)] = True
+  diff = np.linalg.norm(chunked - whole, axis=-1)[1:]
+  valid = np.stack([np.asarray(warp(jnp.asarray((sections[i] != 0).astype(np.float32)), jnp.asarray(truth[i])))
+                    for i in range(z)])[1:] > 0.99  # pixels whose true source lies inside the section
+  epe_w = np.linalg.norm(whole - truth, axis=-1)[1:]
+  epe_c = np.linalg.norm(chunked - truth, axis=-1)[1:]
+  far_m, near_m = valid & ~seam[None], valid & seam[None]
+  print(f"\n### Chunked vs whole-section block alignment (ISBI 2012 section 0 and 3 known distortions of it, "
+        f"512^2, translations up to 36 px + 3 px smooth warp; chunks {cfg.chunk} px, overlap {cfg.overlap}, "
+        f"re-centring at 1/4)\n")
+  print("| pixels (sections 1-3, true source inside) | EPE whole mean / p99 px | EPE chunked mean / p99 px "
+        "| chunked - whole mean / p99 px |")
+  print("|---|---|---|---|")
+  for name, m in (("> 8 px from a chunk seam", far_m), ("within 8 px of a seam", near_m)):
+    print(f"| {name} | {epe_w[m].mean():.3f} / {np.percentile(epe_w[m], 99):.3f} | "
+          f"{epe_c[m].mean():.3f} / {np.percentile(epe_c[m], 99):.3f} | "
+          f"{diff[m].mean():.3f} / {np.percentile(diff[m], 99):.3f} |")
+  print(f"\nAligner: {FLAGS.aligner}.")
+  print(f"\nTime: whole {t_whole:.0f} s, chunked {t_chunk:.0f} s ({len(specs)} chunks; includes compilation).")
+  fig, ax = plt.subplots(1, 3, figsize=(15, 5))
+  ren = np.asarray(warp(jnp.asarray(sections[-1]), jnp.asarray(chunked[-1])))
+  ax[0].imshow(ren, cmap="gray")
+  ax[0].set_title("section 3 rendered with chunked fields (core borders red)")
+  for s_ in specs:
+    ax[0].axhline(s_.core[0].start, color="r", lw=0.5)
+    ax[0].axvline(s_.core[1].start, color="r", lw=0.5)
+  im = ax[1].imshow(diff[-1], cmap="magma", vmin=0, vmax=max(0.5, float(np.percentile(diff, 99.9))))
+  ax[1].set_title("|field chunked - whole|, px (section 3)")
+  fig.colorbar(im, ax=ax[1], fraction=0.046)
+  im = ax[2].imshow(ren - np.asarray(warp(jnp.asarray(sections[-1]), jnp.asarray(whole[-1]))), cmap="coolwarm",
+                    vmin=-0.2, vmax=0.2)
+  ax[2].set_title("rendered chunked - whole")
+  fig.colorbar(im, ax=ax[2], fraction=0.046)
+  for a in ax:
+    a.set_axis_off()
+  fig.tight_layout()
+  fig.savefig(FLAGS.figure, dpi=80)
+  print(f"\nFigure: {FLAGS.figure}")
+
+
 def main(argv):
   del argv
+  print(f"Machine: {os.cpu_count()}-core CPU VM, no GPU; 1-min load average at start "
+        f"{os.getloadavg()[0]:.1f} (the VM is shared, so absolute times are noisy).")
   work = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
   work.mkdir(parents=True, exist_ok=True)
   try:
@@ -226,6 +338,8 @@ def main(argv):
       memory(work)
     if FLAGS.mode in ("all", "projection"):
       projection(work)
+    if FLAGS.mode in ("all", "seams"):
+      seams(work)
   finally:
     if FLAGS.workdir is None:
       shutil.rmtree(work, ignore_errors=True)

@@ -125,9 +125,14 @@ def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> No
 # --------------------------------------------------------------------------- tasks (module level)
 
 
+QUALITY_LEVELS = 3  # tissue fractions are read this many MIP levels coarser when SRC has them
+
+
 def quality_task(src_url: str, z: int, level: int) -> tuple[float, float]:
-  """(tissue fraction, defect fraction) of section z (no defect volume: defects 0)."""
-  img = _open(src_url).read(z, level)
+  """(tissue fraction, defect fraction) of section z (no defect volume: defects 0), from a coarser
+  MIP level when SRC has one (a fraction does not need full resolution)."""
+  src = _open(src_url)
+  img = src.read(z, min(src.levels - 1, level + QUALITY_LEVELS))
   return float(np.mean(img != 0)), 0.0
 
 
@@ -164,7 +169,7 @@ def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeC
 
 
 def _max_chain(plan: StackPlan, decay_distance: float) -> int:
-  return max([len(stitch_chain(plan, [], z, decay_distance)[0]) for z in range(plan.num_sections)] + [0])
+  return max([len(stitch_chain(plan, z, decay_distance)[0]) for z in range(plan.num_sections)] + [0])
 
 
 def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: VolumeConfig) -> dict:
@@ -174,7 +179,7 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   src = _open(src_url)
   b = plan.owner(z)
   field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
-  ks, ds = stitch_chain(plan, [], z, config.decay_distance)
+  ks, ds = stitch_chain(plan, z, config.decay_distance)
   k_max = _max_chain(plan, config.decay_distance)
   if k_max:
     # Neutral padding (zero stitches at decay_distance) keeps one compiled shape for all sections.
@@ -309,8 +314,9 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
 
 def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig | None = None, *,
                   executor: jd.Executor | None = None, progress: bool = True,
-                  stats: jd.RunStats | None = None) -> io.Volume:
-  """Renders `warp(SRC[z], FIELDS[z])` into a new image volume `dst` (with pyramid), per section."""
+                  stats: jd.RunStats | None = None, restart: bool = False) -> io.Volume:
+  """Renders `warp(SRC[z], FIELDS[z])` into a new image volume `dst` (with pyramid), per section;
+  resumable like `align_volume` (`restart` discards dst's completion records)."""
   config = config or VolumeConfig()
   src, fields = io.open_volume(src_url), io.open_volume(fields_url)
   if not fields.is_field:
@@ -319,6 +325,8 @@ def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig 
   if fields.shape(0)[:3] != shape:
     raise InputError(f"fields {fields.shape(0)[:3]} do not match {src_url} level {config.level} {shape}")
   records = jd.CompletionRecords(dst)
+  if restart:
+    records.clear()
   _check_params(records, {"src": src_url, "fields": fields_url, "config": _stable_repr(config)}, dst)
   out = io.create_volume(dst, shape, src.dtype.name, src.resolution_at(config.level),
                          levels=pyramid_levels_for(shape, config), kind="image")

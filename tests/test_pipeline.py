@@ -8,7 +8,6 @@ plumbing (blocks, stitches, composition, rendering, records) and not the finetun
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 

@@ -13,8 +13,10 @@ def define() -> None:
   flags.DEFINE_integer("workers", None, "worker processes (processes / Dask LocalCluster; default: CPU count)")
   flags.DEFINE_string("scheduler", None, "Dask scheduler address (e.g. tcp://host:8786); default: a LocalCluster")
   flags.DEFINE_boolean("progress", True, "show progress bars")
-  flags.DEFINE_string("compilation_cache", "~/.cache/jaxalign/xla",
-                      "JAX persistent compilation cache shared by all workers ('' = off)")
+  flags.DEFINE_string("compilation_cache", "",
+                      "JAX persistent compilation cache folder shared by all workers (default off: "
+                      "executables loaded from it can round differently, which breaks bitwise-identical "
+                      "output across executors)")
 
 
 def executor() -> jd.Executor:

@@ -15,6 +15,7 @@ _exec_flags.define()
 flags.DEFINE_integer("level", 0, "MIP level of SRC that FIELDS belong to")
 flags.DEFINE_integer("pyramid_levels", None, "MIP levels of DST (default: down to ~64 px)")
 flags.DEFINE_integer("chunk", None, "render sections larger than this many px in re-centred chunks")
+flags.DEFINE_boolean("restart", False, "discard DST's completion records and recompute everything")
 
 
 def main(argv):
@@ -29,7 +30,7 @@ def main(argv):
   t0 = time.time()
   with _exec_flags.executor() as ex:
     out = pipeline.render_volume(argv[1], argv[2], argv[3], config, executor=ex, progress=FLAGS.progress,
-                                 stats=stats)
+                                 stats=stats, restart=FLAGS.restart)
   print(_exec_flags.summary("render", stats, ex, time.time() - t0))
   print(f"aligned: {out.url} ({out.levels} level(s))")
   return 0
