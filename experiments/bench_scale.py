@@ -34,7 +34,7 @@ flags.DEFINE_string("figure", str(REPO / "docs" / "benchmarks" / "scale_seams.pn
 flags.DEFINE_integer("sections", 16, "throughput: sections in the test volume")
 flags.DEFINE_integer("size", 192, "throughput: section edge, px")
 flags.DEFINE_integer("block_size", 8, "throughput: sections per block")
-flags.DEFINE_enum("aligner", "finetuner", ["finetuner", "blockmatch", "sequential", "fft"],
+flags.DEFINE_enum("aligner", "finetuner", ["finetuner", "blockmatch", "fft"],
                   "throughput: default pair aligner, or the FFT translation stand-in of the tests "
                   "(measures the pipeline's own overhead)")
 flags.DEFINE_boolean("compilation_cache", False, "throughput: share a JAX persistent compilation cache")
@@ -79,13 +79,11 @@ def _run_child(code: str) -> dict:
 
 
 def _block_config():
-  from experiments.scale_aligner import sequential_align_pairs
   from jaxalign.block import BlockConfig
   from jaxalign.pair import PairConfig
   from tests.stack_helpers import phase_aligner
   return {"finetuner": BlockConfig(pair=PairConfig()),
           "blockmatch": BlockConfig(pair=PairConfig(init="blockmatch")),  # NCC init, then finetuner
-          "sequential": BlockConfig(aligner=sequential_align_pairs),  # align_pair per pair
           "fft": BlockConfig(aligner=phase_aligner)}[FLAGS.aligner]
 
 
