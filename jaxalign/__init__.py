@@ -59,11 +59,19 @@ _EXPORTS = {
   # alignment
   "align_pair": "jaxalign.pair",
   "PairConfig": "jaxalign.pair",
+  "align_pairs": "jaxalign.pair",
+  "FinetuneConfig": "jaxalign.finetuner",
+  "finetune": "jaxalign.finetuner",
+  "finetune_batch": "jaxalign.finetuner",
   "align_block": "jaxalign.block",
   "BlockConfig": "jaxalign.block",
   "align_stack": "jaxalign.stack",
   "StackConfig": "jaxalign.stack",
   "render": "jaxalign.render",
+  # volumes end to end
+  "align_volume": "jaxalign.pipeline",
+  "render_volume": "jaxalign.pipeline",
+  "VolumeConfig": "jaxalign.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

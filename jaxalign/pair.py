@@ -21,6 +21,7 @@ per (shape, config); `align_pairs` is the same function vmapped over a batch of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from typing import Callable, NamedTuple, Sequence
@@ -64,7 +65,7 @@ class PairConfig:
     refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
   """
   levels: int = 5
-  min_level_size: int = 16
+  min_level_size: int = 32
   finest_level: int = 0
   iterations: tuple[int, ...] = DEFAULT_ITERATIONS
   learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES
@@ -155,8 +156,11 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
 
 
 _align_jit = jax.jit(_coarse_to_fine, static_argnames=("config", "levels"))
-_align_batch_jit = jax.jit(jax.vmap(_coarse_to_fine, in_axes=(0,) * 7),
-                           static_argnames=("config", "levels"))
+def _coarse_to_fine_batch(*arrays, config: PairConfig, levels: int):
+  return jax.vmap(functools.partial(_coarse_to_fine, config=config, levels=levels))(*arrays)
+
+
+_align_batch_jit = jax.jit(_coarse_to_fine_batch, static_argnames=("config", "levels"))
 
 
 # --------------------------------------------------------------------------- host-side helpers

@@ -1,0 +1,182 @@
+"""Pair alignment benchmark: accuracy on ground-truth cases, speed vs block matching and metroem, real fold.
+
+  python experiments/bench_pair.py --mode=accuracy --num=4      # EPE tables (jaxalign.evaluation cases)
+  python experiments/bench_pair.py --mode=speed                  # 512² / 1024² timings (+ metroem peer)
+  python experiments/bench_pair.py --mode=fold                   # damaged_pair_dolw7 before/after + CPC
+
+Writes markdown fragments to --out_dir (default docs/benchmarks/pair_*.md) and PNGs for the fold.
+Machine for the committed figures: 2-core CPU VM shared with other jobs, no GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import evaluation, fields, metrics
+from jaxalign.blockmatch import block_match
+from jaxalign.pair import PairConfig, align_pair
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "accuracy", ["accuracy", "speed", "fold", "all"], "what to run")
+flags.DEFINE_integer("num", 4, "sections per accuracy case (pairs = num - 1 undistorted anchor excluded)")
+flags.DEFINE_integer("repeats", 2, "timed calls per method after the first (compile) call")
+flags.DEFINE_bool("metroem", True, "also run the metroem finetuner peer (../shared/peers) in speed mode")
+flags.DEFINE_string("out_dir", "docs/benchmarks", "where markdown / PNG outputs go")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers"
+
+
+def finetuner(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  return align_pair(src, tgt, src_defects=src_defects, tgt_defects=tgt_defects, init_field=init_field)
+
+
+_UNMASKED = PairConfig(mask_elastic_at_defects=False)
+
+
+def finetuner_unmasked(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  return align_pair(src, tgt, src_defects=src_defects, tgt_defects=tgt_defects, init_field=init_field,
+                    config=_UNMASKED)
+
+
+_BM_INIT = PairConfig(init="blockmatch")
+
+
+def finetuner_bm_init(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  return align_pair(src, tgt, src_defects=src_defects, tgt_defects=tgt_defects, init_field=init_field,
+                    config=_BM_INIT)
+
+
+def blockmatch(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  return block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)
+
+
+METHODS = (("finetuner", finetuner), ("finetuner, elastic not masked", finetuner_unmasked),
+           ("finetuner, init=blockmatch", finetuner_bm_init),
+           ("block matching", blockmatch), ("identity", evaluation.identity_aligner))
+
+
+def run_accuracy(out: pathlib.Path):
+  cases = [evaluation.shared_case("same", "isbi2012_train", num=FLAGS.num),
+           evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=FLAGS.num)]
+  rows = []
+  for case in cases:
+    for name, fn in METHODS:
+      logging.info("accuracy: %s on %s/%s", name, case.kind, case.meta.get("stack"))
+      rows.append(evaluation.evaluate(fn, case, name=name, progress=False))
+      logging.info("%s", rows[-1])
+  table = evaluation.format_table(rows)
+  cmd = f"python experiments/bench_pair.py --mode=accuracy --num={FLAGS.num}"
+  (out / "pair_accuracy.md").write_text(f"Command: `{cmd}`\n\n{table}\n")
+  print(table)
+
+
+def _timed(fn, *args, repeats, **kw):
+  t = time.perf_counter()
+  f = np.asarray(fn(*args, **kw))
+  first = time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f = np.asarray(fn(*args, **kw))
+    times.append(time.perf_counter() - t)
+  return f, first, float(np.median(times))
+
+
+def run_speed(out: pathlib.Path):
+  lines = ["| size | method | first call (s, incl. compile) | per pair (s) | EPE median | EPE p95 |", "|---|---|---|---|---|---|"]
+  for stack, size in (("isbi2012_train", 512), ("gerhard_vnc_stack1", 1024)):
+    case = evaluation.shared_case("same", stack, num=2,
+                                  config=dataclasses.replace(evaluation.DistortionConfig(),
+                                                             crack_probability=0.0, fold_probability=0.0,
+                                                             blob_probability=0.0))
+    src, tgt, gt, valid = case.src[0], case.tgt[0], case.gt[0], case.valid[0]
+
+    def epe(f):
+      e = evaluation.endpoint_errors(f, gt)[valid]
+      return float(np.median(e)), float(np.percentile(e, 95))
+
+    for name, fn in (("jaxalign finetuner (align_pair)", finetuner), ("jaxalign block matching", blockmatch)):
+      f, first, per = _timed(fn, src, tgt, repeats=FLAGS.repeats)
+      m, p = epe(f)
+      lines.append(f"| {size}² | {name} | {first:.1f} | {per:.2f} | {m:.3f} | {p:.3f} |")
+      logging.info(lines[-1])
+    if FLAGS.metroem:
+      sys.path.insert(0, str(PEERS))
+      import peers  # noqa: PLC0415 - optional peer, only here
+      res = peers.call_peer("finetune", src=src, tgt=tgt, num_iter=100)
+      m, p = epe(np.asarray(res["field"]))
+      lines.append(f"| {size}² | metroem finetuner (100 it, peer) | | {float(res['elapsed_s']):.2f} | {m:.3f} | {p:.3f} |")
+      logging.info(lines[-1])
+  cmd = f"python experiments/bench_pair.py --mode=speed --repeats={FLAGS.repeats}"
+  (out / "pair_speed.md").write_text(f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def run_fold(out: pathlib.Path):
+  from PIL import Image  # noqa: PLC0415
+  d = evaluation.em_data_dir() / "damaged_pair_dolw7"
+  tgt = np.asarray(Image.open(d / "000.png"), np.float32) / 255.0
+  src = np.asarray(Image.open(d / "001.png"), np.float32) / 255.0
+  fold = np.asarray(Image.open(d / "mask_001.png")) > 127
+  rows = ["| field | median CPC (all chunks) | low-CPC fraction | median CPC within 64 px of the fold |",
+          "|---|---|---|---|"]
+  from scipy import ndimage  # noqa: PLC0415
+  near_fold = ndimage.binary_dilation(fold, iterations=64)
+  chunk = 50
+  near_chunks = near_fold.reshape(1000 // chunk, chunk, 1000 // chunk, chunk).mean(axis=(1, 3)) > 0.2
+  results = {}
+  for name, f in (("identity", np.zeros(src.shape + (2,), np.float32)),
+                  ("finetuner", np.asarray(align_pair(src, tgt, src_defects=fold))),
+                  ("finetuner, elastic not masked",
+                   np.asarray(align_pair(src, tgt, src_defects=fold, config=_UNMASKED)))):
+    warped = np.asarray(fields.warp(jnp.asarray(np.where(fold, 0, src)), jnp.asarray(f)))
+    c = np.asarray(metrics.cpc(jnp.asarray(warped), jnp.asarray(tgt), chunk=chunk))
+    results[name] = warped
+    rows.append(f"| {name} | {np.nanmedian(c):.3f} | {metrics.low_cpc_fraction(c):.4f} | "
+                f"{np.nanmedian(c[near_chunks]):.3f} |")
+    logging.info(rows[-1])
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  ys, xs = np.nonzero(fold)
+  cy, cx = int(np.median(ys)), int(np.median(xs))
+  win = (slice(max(cy - 150, 0), cy + 150), slice(max(cx - 150, 0), cx + 150))
+  for name, key in (("before", "identity"), ("after", "finetuner")):
+    rgb = np.stack([results[key][win], tgt[win], results[key][win]], -1)
+    plt.figure(figsize=(6, 6))
+    plt.imshow(np.clip(rgb, 0, 1))
+    plt.title(f"damaged_pair_dolw7 {name}: magenta = section 001 warped, green = 000")
+    plt.axis("off")
+    plt.savefig(out / f"pair_fold_{name}.png", dpi=80, bbox_inches="tight")
+    plt.close()
+  text = ("Command: `python experiments/bench_pair.py --mode=fold`; CPC with "
+          f"{chunk}² chunks at full resolution (~50 nm/px).\n\n" + "\n".join(rows) + "\n")
+  (out / "pair_fold.md").write_text(text)
+  print(text)
+
+
+def main(argv):
+  del argv
+  out = ROOT / FLAGS.out_dir
+  out.mkdir(parents=True, exist_ok=True)
+  logging.info("jax devices: %s", jax.devices())
+  if FLAGS.mode in ("fold", "all"):
+    run_fold(out)
+  if FLAGS.mode in ("speed", "all"):
+    run_speed(out)
+  if FLAGS.mode in ("accuracy", "all"):
+    run_accuracy(out)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,176 @@
+"""align_pair: known distortions of a real ssTEM crop (ISBI 2012) are recovered, coarse to fine.
+
+Ground truth: tgt = warp(src, u) for an analytic field u (translation, affine, sinusoid) built with
+`jaxalign.fields.from_affine` / NumPy; a crack is made by pulling the two halves of the section apart
+(piecewise translation, gap zeroed and flagged as a defect). Errors are endpoint errors against u over
+pixels whose true sample lies on src tissue. All cases share one shape and the default config, so
+the coarse-to-fine program compiles once for the whole file.
+"""
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jaxalign import fields
+from jaxalign.errors import InputError
+from jaxalign import pair
+from jaxalign.pair import PairConfig, align_pair, align_pairs
+from tests.conftest import load_sections
+
+N = 256
+
+
+@pytest.fixture(scope="module")
+def section():
+  return load_sections("isbi2012_train", [3], crop=N)[0]
+
+
+def _grid():
+  return np.mgrid[0:N, 0:N].astype(np.float64)
+
+
+def _truth_valid(src_has_data, u):
+  """True where the true sample point of tgt pixel r, r + u(r), lies fully on src data."""
+  return np.asarray(fields.warp(jnp.asarray(src_has_data, jnp.float32), jnp.asarray(u, jnp.float32))) > 0.999
+
+
+def _epe(f, u, valid):
+  e = np.linalg.norm(np.asarray(f, np.float64) - np.asarray(u, np.float64), axis=-1)[valid]
+  return float(np.median(e)), float(np.percentile(e, 95))
+
+
+def _cases():
+  yy, xx = _grid()
+  return {
+      "translation": np.asarray(fields.from_affine(np.array([[1, 0, 9.3], [0, 1, -6.6]], np.float32), (N, N))),
+      "affine": np.asarray(fields.from_affine(
+          np.array([[1.02, 0.03, 3.0], [-0.025, 0.99, -2.0]], np.float32), (N, N))),
+      "smooth": np.stack([5 * np.sin(2 * np.pi * xx / N + 0.3) + 3 * np.cos(2 * np.pi * yy / N),
+                          4 * np.cos(3 * np.pi * yy / N)], -1).astype(np.float32),
+  }
+
+
+@pytest.mark.parametrize("name", ["translation", "affine", "smooth"])
+def test_known_distortions_recovered(section, name):
+  u = _cases()[name]
+  tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(u)))
+  f = align_pair(section, tgt)
+  assert f.shape == (N, N, 2) and f.dtype == jnp.float32
+  med, p95 = _epe(f, u, _truth_valid(section != 0, u))
+  identity_med, _ = _epe(np.zeros_like(u), u, _truth_valid(section != 0, u))
+  assert identity_med > 2.0  # the case is not trivial
+  assert med <= 0.2, (name, med, p95)
+  assert p95 <= 1.0, (name, med, p95)
+
+
+def _crack(image, width, angle, shift):
+  """src = image torn along a line through the centre (gap `width` px, zeroed) and shifted by `shift`.
+
+  Returns src, gap mask (defect), the true field on the intact image's grid, distance to the tear.
+  """
+  yy, xx = _grid()
+  n = np.array([np.cos(angle), np.sin(angle)])
+  s = yy * n[0] + xx * n[1] - (N / 2) * (n[0] + n[1])
+  side = (s < 0)[..., None]
+  pull = np.where(side, 0.5 * width * n, -0.5 * width * n) + shift  # src pixel -> image position
+  src = np.array(fields.warp(jnp.asarray(image), jnp.asarray(pull, jnp.float32)))
+  gap = np.abs(s) < width / 2
+  src[gap] = 0
+  truth = np.where(side, -0.5 * width * n, 0.5 * width * n) - shift
+  return src, gap, truth.astype(np.float32), np.abs(s), side[..., 0]
+
+
+def test_crack_both_sides_recovered(section):
+  src, gap, u, dist, side = _crack(section, width=8, angle=0.4, shift=np.array([2.0, -3.0]))
+  f = np.asarray(align_pair(src, section, src_defects=gap))
+  valid = _truth_valid(src != 0, u)
+  med, p95 = _epe(f, u, valid)
+  assert med <= 0.2 and p95 <= 1.0, (med, p95)
+  # Each side, away from the tear line itself, follows its own translation (a jump of 8 px).
+  for s in (side, ~side):
+    m_side = valid & s & (dist > 6) & (dist < 40)
+    side_med, side_p90 = _epe(f, u, m_side)[0], np.percentile(
+        np.linalg.norm(f - u, axis=-1)[m_side], 90)
+    assert side_med <= 0.3 and side_p90 <= 1.5, (side_med, side_p90)
+
+
+def test_zero_region_does_not_attract_field(section):
+  # A missing blob (zeros) in src and a resin border (zeros) in tgt: no data there, so no pull.
+  u = _cases()["translation"]
+  tgt = np.array(fields.warp(jnp.asarray(section), jnp.asarray(u)))
+  tgt[:, :40] = 0
+  src = section.copy()
+  yy, xx = _grid()
+  blob = (yy - 120) ** 2 + (xx - 140) ** 2 < 25 ** 2
+  src[blob] = 0
+  f = np.asarray(align_pair(src, tgt))
+  valid = _truth_valid(src != 0, u) & (tgt != 0)
+  med, p95 = _epe(f, u, valid)
+  assert med <= 0.2 and p95 <= 1.0, (med, p95)
+  # Inside the blob's image in tgt the field stays a translation (the springs carry it across).
+  blob_in_tgt = _truth_valid(blob, u)
+  assert blob_in_tgt.sum() > 1000
+  assert np.median(np.linalg.norm(f - u, axis=-1)[blob_in_tgt]) <= 0.5
+
+
+def test_deterministic_and_compiled_once(section):
+  u = _cases()["affine"]
+  tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(u)))
+  f1 = np.asarray(align_pair(section, tgt))
+  size = pair._align_jit._cache_size()
+  f2 = np.asarray(align_pair(section * 1.5, tgt))  # different values, same shape and config
+  f3 = np.asarray(align_pair(section, tgt))
+  assert pair._align_jit._cache_size() == size
+  np.testing.assert_array_equal(f1, f3)
+  assert np.all(np.isfinite(f2))
+
+
+def test_align_pairs_batch_matches_targets():
+  imgs = load_sections("isbi2012_train", [5, 6], crop=128)
+  us = np.stack([np.asarray(fields.from_affine(np.array([[1, 0, dy], [0, 1, dx]], np.float32), (128, 128)))
+                 for dy, dx in ((2.5, -1.5), (-2.2, 1.8))])
+  tgts = np.asarray(fields.warp(jnp.asarray(imgs), jnp.asarray(us)))
+  # Two levels are enough for 3 px at 128 px and keep this test's own compile short.
+  f = np.asarray(align_pairs(imgs, tgts, config=PairConfig(levels=2)))
+  assert f.shape == (2, 128, 128, 2)
+  for b in range(2):
+    med, p95 = _epe(f[b], us[b], _truth_valid(imgs[b] != 0, us[b]))
+    assert med <= 0.2 and p95 <= 1.0, (b, med, p95)
+
+
+def test_model_protocol_and_init_field(section):
+  calls = {}
+
+  def model(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+    calls["shape"] = src.shape
+    calls["defects"] = None if src_defects is None else np.asarray(src_defects).sum()
+    return jnp.full(src.shape + (2,), 1.5, jnp.float32)
+
+  tgt = section[::-1].copy()
+  f = align_pair(section, tgt, model=model, src_defects=np.zeros((N, N), bool))
+  assert calls["shape"] == (N, N) and calls["defects"] == 0
+  np.testing.assert_allclose(np.asarray(f), 1.5)
+
+
+@pytest.mark.parametrize("bad", ["shape", "nan", "zeros", "defect_shape"])
+def test_bad_input_raises(bad):
+  a = np.random.default_rng(0).random((64, 64)).astype(np.float32) + 0.1
+  b = a.copy()
+  kwargs = {}
+  if bad == "shape":
+    b = a[:, :60]
+  elif bad == "nan":
+    b[3, 4] = np.nan
+  elif bad == "zeros":
+    b[:] = 0
+  else:
+    kwargs["src_defects"] = np.zeros((32, 32), bool)
+  with pytest.raises(InputError):
+    align_pair(a, b, **kwargs)
+
+
+def test_config_levels_adapt_to_size():
+  cfg = PairConfig()
+  assert cfg.levels_for((256, 256)) == 4   # coarsest 32 px
+  assert cfg.levels_for((1024, 1024)) == 5
+  assert cfg.level_config(0).gamma < cfg.level_config(4).gamma  # stiffer at coarse levels (paper)
