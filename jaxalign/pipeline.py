@@ -241,6 +241,19 @@ def _params(src_url: str, config: VolumeConfig) -> dict:
   return {"src": src_url, "config": _stable_repr(config)}
 
 
+def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool) -> None:
+  """Reads every section of `vol` at `level` once, before anything is written: NaN/Inf anywhere,
+  or (with `need_data`) a volume whose sections are all zero, is an InputError naming it."""
+  any_data = False
+  for z in range(vol.shape(level)[0]):
+    section = np.asarray(vol.read(z=z, level=level))
+    if np.issubdtype(section.dtype, np.floating) and not np.all(np.isfinite(section)):
+      raise InputError(f"{url}: section {z} contains NaN or Inf values")
+    any_data = any_data or bool(np.any(section))
+  if need_data and not any_data:
+    raise InputError(f"{url}: the volume has no data (every section is all zeros)")
+
+
 def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.CompletionRecords) -> io.Volume:
   """Checks the inputs and creates DST's volumes (idempotent). Raises InputError on bad input."""
   src = io.open_volume(src_url)
@@ -305,6 +318,10 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
     the `StackPlan` (blocks and starters).
   """
   config = config or VolumeConfig()
+  src = io.open_volume(src_url)
+  if not src.is_field and config.level < src.levels:
+    # Validate before CompletionRecords or any volume touches dst: bad input writes nothing.
+    _check_sections(src, src_url, config.level, need_data=True)
   records = jd.CompletionRecords(dst)
   if restart:
     records.clear()
@@ -324,6 +341,12 @@ def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig 
   shape = src.shape(config.level)
   if fields.shape(0)[:3] != shape:
     raise InputError(f"fields {fields.shape(0)[:3]} do not match {src_url} level {config.level} {shape}")
+  src_res = tuple(float(r) for r in src.resolution_at(config.level))
+  field_res = tuple(float(r) for r in fields.resolution_at(0))
+  if not np.allclose(src_res, field_res):
+    raise InputError(f"fields resolution {field_res} nm does not match {src_url} level {config.level} "
+                     f"resolution {src_res} nm")
+  _check_sections(fields, fields_url, 0, need_data=False)
   records = jd.CompletionRecords(dst)
   if restart:
     records.clear()

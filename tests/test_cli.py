@@ -88,37 +88,6 @@ CASES = {
   "import_bad_resolution": ("import", ["{png_sizes}", "{out}", "--resolution=40,4"], ["resolution"]),
 }
 
-# Cases that fail today because of code outside this file's owner; strict, so a fix shows up.
-KNOWN_FAILURES = {
-  "align_empty_volume": ("align", ["{zeros}", "{out}"], ["no data"]),
-  "align_nan_in_image": ("align", ["{img_nan}", "{out}"], ["nan"]),
-  # render SRC FIELDS DST
-  "render_missing_path": ("render", ["{img}", "{tmp}/nonexistent", "{out}"], ["missing", "nonexistent"]),
-  "render_mismatched_shapes": ("render", ["{img}", "{fld_small}", "{out}"], ["(3, 32, 64)", "match"]),
-  "render_mismatched_resolution": ("render", ["{img}", "{fld_res8}", "{out}"], ["resolution"]),
-  "render_nan_in_field": ("render", ["{img}", "{fld_nan}", "{out}"], ["nan"]),
-  "render_wrong_dtype_image_as_field": ("render", ["{img}", "{img}", "{out}"], ["field"]),
-  # import SRC DST
-  "import_missing_path": ("import", ["{tmp}/nonexistent", "{out}", "--resolution=40,4,4"], ["missing"]),
-  "import_mismatched_shapes": ("import", ["{png_sizes}", "{out}", "--resolution=40,4,4"], ["(32, 40)", "differs"]),
-  "import_wrong_dtype_colour": ("import", ["{png_rgb}", "{out}", "--resolution=40,4,4"], ["grayscale"]),
-  "import_bad_resolution": ("import", ["{png_sizes}", "{out}", "--resolution=40,4"], ["resolution"]),
-}
-
-# Cases that fail today because of code outside this file's owner; strict, so a fix shows up.
-KNOWN_FAILURES = {
-  "eval_empty_volume": "jaxalign/commands/eval.py finds an all-zero VOLUME only after computing the CPC maps, "
-                       "so progress bars precede the error line",
-  "align_empty_volume": "jaxalign/pipeline.py align_volume accepts an all-zero SRC and exits 0",
-  "align_nan_in_image": "jaxalign/pipeline.py creates DST (fields, aligned, work/) and logs before the NaN "
-                        "in SRC is found",
-  "render_mismatched_resolution": "jaxalign/pipeline.py render_volume does not compare SRC and FIELDS "
-                                  "resolutions and exits 0",
-  "render_nan_in_field": "jaxalign/pipeline.py render_volume creates DST and logs before the NaN in FIELDS "
-                         "is found",
-  "import_missing_required_flag": "absl exits 1 with a two-line 'FATAL Flags parsing error' for a missing "
-                                  "required flag; jaxalign/cli.py should turn flag errors into status 2 + one line",
-}
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +112,7 @@ def results(tmp_path_factory):
   return res
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
-                                  if n in KNOWN_FAILURES else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_one_line(results, name):
   cmd, _, words = CASES[name]
   r, out, _ = results[name]
