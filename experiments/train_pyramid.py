@@ -2,9 +2,9 @@
 
 Same flags as `jaxalign train`. The shipped weights were made with (2-core CPU VM, no GPU)::
 
-  python experiments/train_pyramid.py --workdir=/tmp/jaxalign_train --stage1_epochs=15 \
-      --stage2_epochs=35 --batch_size=8 --eval_every=50 --checkpoint_every=50 \
-      --export=jaxalign/weights/default
+  python experiments/train_pyramid.py --workdir=/tmp/jaxalign_train2 --mips=2,0 --gammas=10,5 \
+      --stage1_epochs=3 --stage2_epochs=2 --learning_rate=0.003 --batch_size=4 \
+      --eval_every=27 --checkpoint_every=27 --export=jaxalign/weights/default
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ _EXPORTS = {
   "evaluate": "jaxalign.evaluation",
   "block_match": "jaxalign.blockmatch",
   "BlockMatchConfig": "jaxalign.blockmatch",
+  # defect and tissue detection
+  "detect": "jaxalign.detector",
+  "masks_for_alignment": "jaxalign.detector",
   # alignment
   "align_pair": "jaxalign.pair",
   "PairConfig": "jaxalign.pair",

@@ -3,8 +3,9 @@
 Paper: Popovych et al., Nat. Commun. 2024, Methods "Image pair alignment" / Results "SEAMLeSS training".
 
 * `Encoder`: image `[B, H, W]` -> dense encoding `[B, H, W, C]` at the same resolution (residual conv
-  blocks). Encodings are RMS-normalised per pixel (so they cannot collapse to zero under the stage-2
-  loss) and zero where the image has no data (DESIGN.md §1: 0 = no data).
+  blocks). Each channel is normalised to zero mean / unit variance over the image's tissue (so the
+  encoding cannot collapse to a constant under the stage-2 loss) and is zero where the image has no
+  data (DESIGN.md §1: 0 = no data).
 * `Aligner`: (src encoding, tgt encoding) -> residual field `[B, H, W, 2]` in pixels of its level. It
   is internally multi-scale: an internal pyramid of `scales` levels (each 2x coarser), coarse to fine,
   each predicting a residual that is composed with the upsampled coarser estimate, so one level
@@ -37,8 +38,8 @@ from jaxalign.errors import InputError, check_field, check_image, check_mask, ch
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = "default"
-# Keeps the per-pixel RMS normalisation of encodings finite where the raw encoding vanishes.
-ENCODING_EPS = 1e-3
+# Keeps the per-channel normalisation of encodings finite when a channel is constant.
+ENCODING_EPS = 1e-4
 # Images are considered "no data" where they are exactly zero (DESIGN.md §1); float tolerance.
 NO_DATA_EPS = 1e-6
 
@@ -74,10 +75,10 @@ class AlignerConfig:
     radius: search radius R of the local correlation (cost volume) at each internal scale, pixels
       of that scale; the soft-argmax over the (2R+1)^2 displacements is each scale's first guess.
   """
-  scales: int = 4
+  scales: int = 3
   channels: int = 16
   dilations: tuple[int, ...] = (1, 2, 1)
-  radius: int = 3
+  radius: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +188,9 @@ def _normalize_images(images: jax.Array) -> jax.Array:
 class Encoder(nnx.Module):
   """Image `[B, H, W]` float32 -> encoding `[B, H, W, C]` float32 (same resolution).
 
-  The input is normalised over its non-zero pixels first; the output is RMS-normalised per pixel
-  (mean of squares over C is 1) and multiplied by the tissue mask (image != 0), so masked pixels
-  stay 0 = no data.
+  The input is normalised over its non-zero pixels first; each output channel is normalised to zero
+  mean and unit variance over the image's tissue and multiplied by the tissue mask (image != 0), so
+  masked pixels stay 0 = no data.
   """
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
@@ -204,7 +205,12 @@ class Encoder(nnx.Module):
     for blk in self.blocks:
       x = blk(x)
     e = self.head(jax.nn.gelu(x))
-    e = e * jax.lax.rsqrt(jnp.mean(e * e, axis=-1, keepdims=True) + ENCODING_EPS)
+    # Per image and channel: zero mean, unit variance over tissue. A constant (collapsed) encoding
+    # is then impossible, which the stage-2 loss would otherwise favour.
+    n = jnp.maximum(tissue.sum(axis=(1, 2), keepdims=True), 1.0)
+    mean = (e * tissue).sum(axis=(1, 2), keepdims=True) / n
+    var = (((e - mean) * tissue) ** 2).sum(axis=(1, 2), keepdims=True) / n
+    e = (e - mean) * jax.lax.rsqrt(var + ENCODING_EPS)
     return e * tissue
 
 
@@ -213,8 +219,8 @@ def _down_channels_last(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(fields.downsample_image(jnp.moveaxis(x, -1, -3), reduce="mean"), -3, -1)
 
 
-# Initial inverse temperature of the soft-argmax over correlations (encodings have unit RMS per
-# pixel, so a correlation is in [-1, 1]; this makes the best of 49 offsets dominate clearly).
+# Initial inverse temperature of the soft-argmax over correlations (encoding channels have unit
+# variance, so a correlation is about [-1, 1]; this makes the best of the offsets dominate clearly).
 SOFTARGMAX_BETA = 8.0
 
 
@@ -227,6 +233,9 @@ def _offsets(radius: int) -> np.ndarray:
 def local_correlation(src: jax.Array, tgt: jax.Array, radius: int) -> jax.Array:
   """Cost volume `[B, H, W, (2R+1)^2]`: mean over C of `tgt(r) * src(r + d)` for each offset d.
 
+  Offsets d run row-major over `[-R, R]^2` (as `_offsets`). Shifted slices, not a patch-extraction
+  conv: the latter costs C*(2R+1)^2 times more arithmetic on CPU.
+
   Args:
     src, tgt: `[B, H, W, C]` encodings; src outside the image counts as 0 (no data).
     radius: R, pixels.
@@ -236,6 +245,11 @@ def local_correlation(src: jax.Array, tgt: jax.Array, radius: int) -> jax.Array:
   outs = [jnp.mean(p[:, radius + dy:radius + dy + h, radius + dx:radius + dx + w] * tgt, axis=-1)
           for dy, dx in _offsets(radius)]
   return jnp.stack(outs, axis=-1)
+
+
+def _box3(x: jax.Array) -> jax.Array:
+  """3x3 spatial mean of `[B, H, W, K]` (zero padded): pools matching evidence over neighbours."""
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME") / 9.0
 
 
 class _ScaleNet(nnx.Module):
@@ -260,7 +274,7 @@ class _ScaleNet(nnx.Module):
 
   def __call__(self, src: jax.Array, tgt: jax.Array) -> jax.Array:
     corr = local_correlation(src, tgt, self.radius)
-    weights = jax.nn.softmax(jnp.exp(self.log_beta[...]) * corr, axis=-1)
+    weights = jax.nn.softmax(jnp.exp(self.log_beta[...]) * _box3(corr), axis=-1)
     guess = weights @ jnp.asarray(_offsets(self.radius), jnp.float32)
     x = jnp.concatenate([corr, tgt, guess], axis=-1)
     for conv in self.convs:
@@ -515,3 +529,9 @@ def pretrained(name: str = DEFAULT_WEIGHTS) -> Pyramid:
   if not path.with_suffix(".npz").is_file():
     raise InputError(f"no shipped weights named {name!r} in {WEIGHTS_DIR}")
   return load_weights(path)
+
+
+# The defect/tissue detector UNet lives in its own module (it is trained and shipped separately);
+# it is part of the model family users reach through `jaxalign.models`.
+from jaxalign.detector import UNet, DetectorConfig, detect, masks_for_alignment  # noqa: E402,F401
+from jaxalign.detector import pretrained as pretrained_detector  # noqa: E402,F401

@@ -2,8 +2,8 @@
 
 Example (the shipped default weights; see jaxalign/weights/README.md)::
 
-  jaxalign train --workdir=runs/pyramid --stage1_epochs=15 --stage2_epochs=35 --batch_size=8 \
-      --export=jaxalign/weights/default
+  jaxalign train --workdir=/tmp/jaxalign_train2 --mips=2,0 --gammas=10,5 --stage1_epochs=3 \
+      --stage2_epochs=2 --learning_rate=0.003 --batch_size=4 --export=jaxalign/weights/default
 
 Re-running the same command with the same --workdir resumes from the latest checkpoint.
 """

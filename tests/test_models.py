@@ -1,0 +1,165 @@
+"""SEAMLeSS models: shapes and no-data handling, the cost volume vs NumPy, the untrained aligner on a
+known translation, the pair-aligner protocol, weight files, and the shipped pretrained pyramid."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import ndimage
+
+from jaxalign import models
+from jaxalign.errors import InputError
+from tests.conftest import load_sections
+
+
+def small_cfg(mips=(1, 0)):
+  lv = lambda m: models.LevelConfig(mip=m, encoder=models.EncoderConfig(channels=4, blocks=1, out_channels=3),
+                                    aligner=models.AlignerConfig(scales=2, channels=6, dilations=(1,), radius=1),
+                                    finetune=None)
+  return models.PyramidConfig(levels=tuple(lv(m) for m in mips))
+
+
+def test_encoder_shape_no_data_and_channel_normalisation():
+  rng = np.random.default_rng(0)
+  img = rng.uniform(0.1, 1.0, size=(2, 32, 40)).astype(np.float32)
+  img[0, :10, :12] = 0.0
+  enc = models.Encoder(models.EncoderConfig(channels=4, blocks=1, out_channels=5), rngs=nnx.Rngs(0))
+  out = np.asarray(enc(jnp.asarray(img)))
+  assert out.shape == (2, 32, 40, 5) and out.dtype == np.float32
+  assert np.all(out[0, :10, :12] == 0.0)            # no data stays no data
+  data = img != 0
+  for b in range(2):
+    vals = out[b][data[b]].astype(np.float64)  # [n, C] over tissue
+    np.testing.assert_allclose(vals.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(vals.std(0), 1.0, atol=0.02)  # up to eps
+
+
+def test_local_correlation_matches_numpy():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
+  b = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
+  r = 2
+  got = np.asarray(models.local_correlation(jnp.asarray(a), jnp.asarray(b), r))
+  offs = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+  ref = np.zeros((2, 9, 11, len(offs)))
+  for k, (dy, dx) in enumerate(offs):
+    for y in range(9):
+      for x in range(11):
+        yy, xx = y + dy, x + dx
+        if 0 <= yy < 9 and 0 <= xx < 11:
+          ref[:, y, x, k] = (a[:, yy, xx] * b[:, y, x]).astype(np.float64).mean(-1)
+  np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_untrained_aligner_recovers_a_known_translation():
+  """Zero-initialised corrections: the multi-scale soft-argmax alone finds a shift of several px,
+  with the sign of the pull convention (warp(src, f) ≈ tgt)."""
+  rng = np.random.default_rng(2)
+  base = ndimage.gaussian_filter(rng.normal(size=(4, 96, 96)), (0, 2.0, 2.0))
+  base /= base.std(axis=(1, 2), keepdims=True)
+  shift = (3, -2)  # src(r + shift) == tgt(r)
+  tgt = base[:, 16:80, 16:80]
+  src = base[:, 16 - shift[0]:80 - shift[0], 16 - shift[1]:80 - shift[1]]
+  enc = lambda x: jnp.asarray(np.moveaxis(x, 0, -1)[None], jnp.float32)
+  al = models.Aligner(4, models.AlignerConfig(scales=3, channels=4, dilations=(1,), radius=2), rngs=nnx.Rngs(0))
+  f = np.asarray(al(enc(src), enc(tgt)))[0]
+  inner = f[12:-12, 12:-12]
+  np.testing.assert_allclose(np.median(inner.reshape(-1, 2), axis=0), shift, atol=0.3)
+  # per pixel the untrained soft-argmax is noisy, but far better than no correction (|shift| = 3.6 px)
+  err = np.linalg.norm(inner - np.array(shift), axis=-1)
+  assert np.median(err) < 0.45 * np.hypot(*shift), np.median(err)
+
+
+def test_pyramid_protocol_shapes_and_errors():
+  pyr = models.Pyramid(small_cfg(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  src = rng.uniform(0.1, 1, size=(50, 45)).astype(np.float32)   # not a multiple of the pyramid's 4
+  tgt = rng.uniform(0.1, 1, size=(50, 45)).astype(np.float32)
+  init = np.full((50, 45, 2), 1.5, np.float32)
+  f = np.asarray(pyr(src, tgt, init_field=init, src_defects=np.zeros((50, 45), bool)))
+  assert f.shape == (50, 45, 2) and f.dtype == np.float32 and np.all(np.isfinite(f))
+  with pytest.raises(InputError, match="shape"):
+    pyr(src, tgt[:40])
+  with pytest.raises(InputError, match="src_defects"):
+    pyr(src, tgt, src_defects=np.zeros((10, 10), bool))
+  with pytest.raises(InputError, match="init_field"):
+    pyr(src, tgt, init_field=np.zeros((50, 45, 3), np.float32))
+
+
+def test_weights_roundtrip_and_malformed_files(tmp_path):
+  pyr = models.Pyramid(small_cfg(), rngs=nnx.Rngs(7))
+  x = jnp.asarray(np.random.default_rng(4).uniform(0.1, 1, size=(1, 32, 32)), jnp.float32)
+  y = jnp.roll(x, 1, axis=1)
+  z = jnp.zeros((1, 32, 32, 2))
+  models.save_weights(pyr, tmp_path / "w")
+  back = models.load_weights(tmp_path / "w")
+  assert back.cfg == pyr.cfg
+  for a, b in zip(pyr.levels, back.levels):
+    np.testing.assert_array_equal(np.asarray(a(x, y, z)), np.asarray(b(x, y, z)))
+  # a parameter with the wrong shape, an unknown architecture, a missing file
+  cfg = json.loads((tmp_path / "w.json").read_text())
+  cfg["levels"][0]["encoder"]["channels"] = 5
+  (tmp_path / "w.json").write_text(json.dumps(cfg))
+  with pytest.raises(InputError, match="shape"):
+    models.load_weights(tmp_path / "w")
+  cfg["levels"][0]["mip"] = -3
+  (tmp_path / "w.json").write_text(json.dumps(cfg))
+  with pytest.raises(InputError, match="mip"):
+    models.load_weights(tmp_path / "w")
+  with pytest.raises(InputError, match="need both"):
+    models.load_weights(tmp_path / "absent")
+  with pytest.raises(InputError, match="no shipped weights"):
+    models.pretrained("no_such_model")
+
+
+def test_malformed_pyramid_configs():
+  with pytest.raises(InputError, match="no levels"):
+    models.validate_pyramid_config(models.PyramidConfig(levels=()))
+  with pytest.raises(InputError, match="coarse to fine"):
+    models.validate_pyramid_config(small_cfg(mips=(0, 1)))
+  with pytest.raises(InputError, match="malformed"):
+    models.pyramid_config_from_dict({"levels": [{"encoder": {}}]})
+
+
+def _distorted_pair(size=256):
+  """Real section, distorted by a known smooth field: (src, tgt, gt) with warp(src, gt) ≈ tgt."""
+  from jaxalign import fields
+  sec = load_sections("isbi2012_train", [10], crop=size + 64)[0]
+  yy, xx = np.meshgrid(np.arange(size + 64), np.arange(size + 64), indexing="ij")
+  d = np.stack([5.0 + 3.0 * np.sin(2 * np.pi * xx / 300.0), -7.0 + 2.0 * np.cos(2 * np.pi * yy / 250.0)], -1)
+  src_full = np.asarray(fields.warp(jnp.asarray(sec), jnp.asarray(d, jnp.float32)))
+  gt = np.asarray(fields.invert(jnp.asarray(d, jnp.float32)))
+  c = slice(32, 32 + size)
+  return src_full[c, c], sec[c, c], gt[c, c]
+
+
+def test_pretrained_pyramid_loads_and_runs_the_protocol():
+  pyr = models.pretrained()
+  assert len(pyr.levels) >= 2 and [lv.cfg.mip for lv in pyr.levels] == sorted(lv.cfg.mip for lv in pyr.levels)[::-1]
+  src, tgt, _ = _distorted_pair(128)
+  f = np.asarray(pyr(src, tgt, use_finetuner=False))
+  assert f.shape == (128, 128, 2) and np.all(np.isfinite(f))
+
+
+@pytest.mark.slow
+def test_pretrained_pyramid_network_aligns_a_known_distortion():
+  pyr = models.pretrained()
+  src, tgt, gt = _distorted_pair()
+  f = np.asarray(pyr(src, tgt, use_finetuner=False))
+  inner = (slice(24, -24), slice(24, -24))
+  epe = np.linalg.norm(f - gt, axis=-1)[inner]
+  epe0 = np.linalg.norm(gt, axis=-1)[inner]
+  assert np.median(epe) < 0.25 * np.median(epe0), (np.median(epe), np.median(epe0))
+
+
+@pytest.mark.slow
+def test_pretrained_pyramid_with_finetuner_via_align_pair():
+  import jaxalign as ja
+  pyr = models.pretrained()
+  src, tgt, gt = _distorted_pair()
+  f = np.asarray(ja.align_pair(src, tgt, model=pyr))
+  inner = (slice(24, -24), slice(24, -24))
+  assert np.median(np.linalg.norm(f - gt, axis=-1)[inner]) < 1.0
