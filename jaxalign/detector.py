@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxalign import chunking, fields
+from jaxalign import chunking, fields, nnx_weights
 from jaxalign.errors import InputError, check_image
 
 CLASSES = ("crack", "fold", "tissue")
@@ -518,12 +518,6 @@ def _fit(mask: np.ndarray, shape: Sequence[int], fill: bool) -> np.ndarray:
 # Weights: compact npz of the nnx parameters + JSON config (same format as models.save_weights)
 
 
-def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {"/".join(str(k) for k in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-          for path, v in flat}
-
-
 def config_to_dict(cfg: DetectorConfig) -> dict:
   return {"channels": list(cfg.channels), "convs": cfg.convs, "nm_per_px": cfg.nm_per_px}
 
@@ -541,46 +535,14 @@ def save_weights(model: UNet, path, meta: dict | None = None) -> pathlib.Path:
 
   Both are written to temporary names and renamed, so nothing is left half-written.
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp_npz = path.with_name(path.name + ".tmp.npz")
-  tmp_json = path.with_name(path.name + ".tmp.json")
-  np.savez_compressed(tmp_npz, **_flat_params(model))
-  tmp_json.write_text(json.dumps({**config_to_dict(model.cfg), "meta": meta or {}}, indent=1))
-  tmp_npz.replace(path.with_suffix(".npz"))
-  tmp_json.replace(path.with_suffix(".json"))
-  return path.with_suffix(".npz")
+  return nnx_weights.save(model, path, {**config_to_dict(model.cfg), "meta": meta or {}})
 
 
 def load_weights(path) -> UNet:
   """Builds a `UNet` from `<path>.json` and fills its parameters from `<path>.npz`."""
-  path = pathlib.Path(path)
-  npz, cfg_path = path.with_suffix(".npz"), path.with_suffix(".json")
-  if not npz.is_file() or not cfg_path.is_file():
-    raise InputError(f"detector weights {path}: need both {npz.name} and {cfg_path.name}")
-  try:
-    cfg = config_from_dict(json.loads(cfg_path.read_text()))
-  except json.JSONDecodeError as e:
-    raise InputError(f"detector config {cfg_path}: not valid JSON ({e})") from None
   # abstract init (shapes only): the random initialisers never run, so loading compiles nothing
-  model = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  with np.load(npz) as data:
-    stored = dict(data)
-  leaves = []
-  for p, v in flat:
-    key = "/".join(str(k) for k in p)
-    if key not in stored:
-      raise InputError(f"detector weights {npz}: missing parameter {key}")
-    arr = stored.pop(key)
-    cur = v.get_value() if hasattr(v, "get_value") else v.value
-    if arr.shape != cur.shape:
-      raise InputError(f"detector weights {npz}: {key} has shape {arr.shape}, model expects {cur.shape}")
-    leaves.append((p, v.replace(jnp.asarray(arr, jnp.float32))))
-  if stored:
-    raise InputError(f"detector weights {npz}: unexpected parameters {sorted(stored)[:5]}")
-  nnx.update(model, nnx.from_flat_state(leaves))
-  return model
+  return nnx_weights.load(path, lambda d: nnx.eval_shape(lambda: UNet(config_from_dict(d), rngs=nnx.Rngs(0))),
+                          what="detector weights")
 
 
 @functools.lru_cache(maxsize=4)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxalign import fields
+from jaxalign import fields, nnx_weights
 from jaxalign.errors import InputError, check_field, check_image, check_mask, check_same_shape
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
@@ -465,59 +465,17 @@ class Pyramid(nnx.Module):
 # Weights: compact npz of the nnx state + JSON config
 # ----------------------------------------------------------------------------------------------
 
-def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-  state = nnx.state(model, nnx.Param)
-  flat = nnx.to_flat_state(state)
-  return {"/".join(str(k) for k in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-          for path, v in flat}
-
-
 def save_weights(model: Pyramid, path) -> pathlib.Path:
   """Writes `<path>.npz` (parameters, float32) and `<path>.json` (PyramidConfig); returns the npz path.
 
   Both files are written to temporary names first and renamed, so nothing is left half-written.
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  params = _flat_params(model)
-  tmp_npz = path.with_name(path.name + ".tmp.npz")
-  tmp_json = path.with_name(path.name + ".tmp.json")
-  np.savez_compressed(tmp_npz, **params)
-  tmp_json.write_text(json.dumps(config_to_dict(model.cfg), indent=1))
-  tmp_npz.replace(path.with_suffix(".npz"))
-  tmp_json.replace(path.with_suffix(".json"))
-  return path.with_suffix(".npz")
+  return nnx_weights.save(model, path, config_to_dict(model.cfg))
 
 
 def load_weights(path) -> Pyramid:
   """Builds a `Pyramid` from `<path>.json` and fills its parameters from `<path>.npz`."""
-  path = pathlib.Path(path)
-  npz, cfg_path = path.with_suffix(".npz"), path.with_suffix(".json")
-  if not npz.is_file() or not cfg_path.is_file():
-    raise InputError(f"weights {path}: need both {npz.name} and {cfg_path.name}")
-  try:
-    cfg_dict = json.loads(cfg_path.read_text())
-  except json.JSONDecodeError as e:
-    raise InputError(f"weights config {cfg_path}: not valid JSON ({e})") from None
-  model = Pyramid(pyramid_config_from_dict(cfg_dict), rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  flat = nnx.to_flat_state(state)
-  with np.load(npz) as data:
-    stored = dict(data)
-  new_leaves = []
-  for p, v in flat:
-    key = "/".join(str(k) for k in p)
-    if key not in stored:
-      raise InputError(f"weights {npz}: missing parameter {key}")
-    arr = stored.pop(key)
-    cur = v.get_value() if hasattr(v, "get_value") else v.value
-    if arr.shape != cur.shape:
-      raise InputError(f"weights {npz}: parameter {key} has shape {arr.shape}, model expects {cur.shape}")
-    new_leaves.append((p, v.replace(jnp.asarray(arr, jnp.float32))))
-  if stored:
-    raise InputError(f"weights {npz}: unexpected parameters {sorted(stored)[:5]}")
-  nnx.update(model, nnx.from_flat_state(new_leaves))
-  return model
+  return nnx_weights.load(path, lambda d: Pyramid(pyramid_config_from_dict(d), rngs=nnx.Rngs(0)))
 
 
 def pretrained(name: str = DEFAULT_WEIGHTS) -> Pyramid:
