@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxalign.errors import InputError, check_field, check_image, check_mask, check_same_shape
+from jaxalign.errors import InputError, check_pair
 from jaxalign.fields import blur_field, compose, downsample_image, gaussian_blur, upsample_field, warp
 
 # Below this variance (intensity^2 x pixels) a patch is treated as featureless.
@@ -267,16 +267,10 @@ def block_match(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None
     InputError: shape mismatch, NaN/Inf, an image without data, bad mask or field shapes.
   """
   config = config or BlockMatchConfig()
-  src = check_image(src, "src")
-  tgt = check_image(tgt, "tgt")
-  check_same_shape(src, tgt, "src", "tgt")
+  src, tgt, sd, td, field = check_pair(src, tgt, src_defects, tgt_defects, init_field)
   h, w = src.shape
-  sd = check_mask(src_defects, "src_defects", (h, w))
-  td = check_mask(tgt_defects, "tgt_defects", (h, w))
-  field = (np.zeros((h, w, 2), np.float32) if init_field is None
-           else check_field(init_field, "init_field", shape=(h, w)))
-  if field.ndim != 3:
-    raise InputError(f"init_field: expected [H, W, 2], got {field.shape}")
+  if field is None:
+    field = np.zeros((h, w, 2), np.float32)
   levels = [lv for lv in config.levels if min(h, w) >> lv >= config.min_patches * config.patch]
   skipped = sorted(set(config.levels) - set(levels))
   if skipped:

@@ -81,3 +81,27 @@ def check_mask(m, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
       raise InputError(f"{name}: contains NaN or Inf values")
     arr = arr > 0.5 if np.issubdtype(arr.dtype, np.floating) else arr != 0
   return arr
+
+
+def check_pair(src, tgt, src_defects=None, tgt_defects=None, init_field=None):
+  """Checks the inputs of one pair-aligner call (`(src, tgt, *, init_field, src_defects, tgt_defects)`).
+
+  Args:
+    src, tgt: `[H, W]` images of equal shape, each with some non-zero data.
+    src_defects, tgt_defects: optional `[H, W]` masks (True = defect).
+    init_field: optional `[H, W, 2]` float field, pixels, (dy, dx).
+  Returns:
+    `(src, tgt, src_defects, tgt_defects, init_field)`: float32 images, bool masks or None, and a
+    float32 field or None.
+  """
+  src = check_image(src, "src")
+  tgt = check_image(tgt, "tgt")
+  check_same_shape(src, tgt, "src", "tgt")
+  shape = src.shape
+  src_defects = check_mask(src_defects, "src_defects", shape)
+  tgt_defects = check_mask(tgt_defects, "tgt_defects", shape)
+  if init_field is not None:
+    init_field = check_field(init_field, "init_field", shape=shape)
+    if init_field.ndim != 3:
+      raise InputError(f"init_field: expected [H, W, 2], got {init_field.shape}")
+  return src, tgt, src_defects, tgt_defects, init_field

@@ -34,7 +34,7 @@ from absl import logging
 from flax import nnx
 
 from jaxalign import fields, nnx_weights
-from jaxalign.errors import InputError, check_field, check_image, check_mask, check_same_shape
+from jaxalign.errors import InputError, check_image, check_pair
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = "default"
@@ -403,14 +403,9 @@ class Pyramid(nnx.Module):
     Returns:
       `[H, W, 2]` float32 field, pixels, (dy, dx), with `warp(src, field) ≈ tgt`.
     """
-    src = check_image(src, "src")
-    tgt = check_image(tgt, "tgt")
-    check_same_shape(src, tgt, "src", "tgt")
+    src, tgt, src_def, tgt_def, init = check_pair(src, tgt, src_defects, tgt_defects, init_field)
     h, w = src.shape
-    src_def = check_mask(src_defects, "src_defects", (h, w))
-    tgt_def = check_mask(tgt_defects, "tgt_defects", (h, w))
-    init = (np.zeros((h, w, 2), np.float32) if init_field is None
-            else check_field(init_field, "init_field", shape=(h, w)))
+    init = np.zeros((h, w, 2), np.float32) if init is None else init
     src_def = np.zeros((h, w), bool) if src_def is None else src_def
     tgt_def = np.zeros((h, w), bool) if tgt_def is None else tgt_def
     src = np.where(src_def, 0.0, src).astype(np.float32)
