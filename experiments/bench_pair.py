@@ -48,6 +48,14 @@ def finetuner_unmasked(src, tgt, *, init_field=None, src_defects=None, tgt_defec
                     config=_UNMASKED)
 
 
+_NO_REFINE = PairConfig(tear_refine_iterations=0)
+
+
+def finetuner_no_refine(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  return align_pair(src, tgt, src_defects=src_defects, tgt_defects=tgt_defects, init_field=init_field,
+                    config=_NO_REFINE)
+
+
 _BM_INIT = PairConfig(init="blockmatch")
 
 
@@ -60,13 +68,17 @@ def blockmatch(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None)
   return block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)
 
 
-METHODS = (("finetuner", finetuner), ("finetuner, elastic not masked", finetuner_unmasked),
+METHODS = (("finetuner", finetuner), ("finetuner, no tear refinement", finetuner_no_refine),
+           ("finetuner, elastic not masked", finetuner_unmasked),
            ("finetuner, init=blockmatch", finetuner_bm_init),
            ("block matching", blockmatch), ("identity", evaluation.identity_aligner))
 
 
 def run_accuracy(out: pathlib.Path):
   cases = [evaluation.shared_case("same", "isbi2012_train", num=FLAGS.num),
+           evaluation.shared_case("same", "isbi2012_train", num=FLAGS.num, seed=10,
+                                  config=dataclasses.replace(evaluation.DistortionConfig(), crack_probability=0.5,
+                                                             fold_probability=0.5)),
            evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=FLAGS.num)]
   rows = []
   for case in cases:

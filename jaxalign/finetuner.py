@@ -9,11 +9,12 @@ semantics on tgt's grid) minimises
 - `src`, `tgt` are images `[H, W]` or channels-last encodings `[H, W, C]` (SEAMLeSS encoder output).
 - `mse_mask` keeps pixels where tgt has data and where the *warped* src has data on all four bilinear
   neighbours, so that no-data regions (zeros, masked defects) neither add error nor attract the field.
-- `elastic_mask` is zero on the pixels that sample a src defect under the run's *initial* field and
-  on tgt defects: springs touching them are cut (`elastic_energy` counts a spring only when both ends
-  are in the mask), so the field may tear there and tissue on both sides of a crack or fold aligns
-  independently. The MSE mask is recomputed from the current field at every step (gradient stopped);
-  the elastic mask is fixed for the run (see `_tear_mask` for why).
+- the elastic term has per-spring weights: a spring is cut where its source-space segment under the
+  run's *initial* field crosses a src crack or fold (`jaxalign.tears`: one spring wide, so the field
+  tears there and tissue on both sides aligns independently, while defect pixels stay attached to
+  their side), and springs touching tgt defects are cut. The MSE mask is recomputed from the current
+  field at every step (gradient stopped); the spring weights are fixed for the run (see
+  `_spring_weights` for why).
 
 The whole loop is one `lax.while_loop` (learning-rate schedule, early stop on plateau), jitted with the
 config static, so it compiles once per (shape, config); `finetune_batch` vmaps it over pairs.
@@ -33,6 +34,7 @@ from jax import lax
 from jaxalign import fields as _fields
 from jaxalign.errors import InputError
 from jaxalign import losses as _losses
+from jaxalign import tears as _tears
 
 # A bilinear sample counts as "has data" only if all four neighbours are valid; float32 rounding of
 # the bilinear weights keeps a fully valid sample a hair below 1.
@@ -52,13 +54,13 @@ class FinetuneConfig:
     final_lr_fraction: end-of-schedule learning rate as a fraction of `learning_rate`.
     optimizer: "adam" (paper, metroem) or "sgd" (momentum 0.9).
     gamma: weight of the elastic (spring) regulariser; paper 5-25, larger at coarser levels.
-    mask_elastic_at_defects: zero the elastic weight where the field samples src defects and on tgt
-      defects (paper). False is only for the ablation that shows why masking matters.
-    defect_dilation: radius (pixels of this level) by which defect masks are grown before masking the
-      elastic term, so the springs of the pixels right at the tear are released too.
-    defect_push_sigma, defect_push_weight: optional extra term `weight * (1 - warp(blur(1 - src defects,
-      sigma)))` on pixels that sample a src defect, pushing them to the nearest tissue. Off by default:
-      on the crack benchmark it placed pixels on the wrong side of the tear more often than it helped.
+    mask_elastic_at_defects: cut the springs that cross src defects and those touching tgt defects
+      (paper: the elastic term is dropped at defects). False is only for the ablation that shows why
+      masking matters.
+    defect_dilation: radius (pixels of this level) by which tgt defect masks are grown before their
+      springs are cut.
+    tear_jump_px: full-resolution px; a spring is cut where the nearest-tissue map jumps by this much
+      more than the sample spacing along it (`jaxalign.tears.tear_springs`).
     patience: stop after this many steps without a relative loss improvement of `rel_tol`.
     rel_tol: relative improvement that resets the plateau counter.
   """
@@ -70,8 +72,7 @@ class FinetuneConfig:
   gamma: float = 10.0
   mask_elastic_at_defects: bool = True
   defect_dilation: int = 0
-  defect_push_sigma: float = 4.0
-  defect_push_weight: float = 0.0
+  tear_jump_px: float = _tears.TEAR_JUMP_PX
   patience: int = 30
   rel_tol: float = 1e-4
 
@@ -130,51 +131,51 @@ def _data_mask(x: jax.Array) -> jax.Array:
   return nz.astype(jnp.float32)
 
 
-def _loss_terms(field, src, tgt, src_valid, tgt_valid, src_def, src_def_soft, elastic_mask,
-                config: FinetuneConfig):
+def _loss_terms(field, src, tgt, src_valid, tgt_valid, tgt_springs, springs, config: FinetuneConfig):
   """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field."""
   fixed = lax.stop_gradient(field)
   warped_valid = _fields.warp(src_valid, fixed)
   mse_mask = (warped_valid > _FULL_SUPPORT).astype(jnp.float32) * tgt_valid
   mse = _losses.masked_mse(_fields.warp(src, field), tgt, mse_mask)
-  elastic = _losses.elastic_loss(field, elastic_mask)
+  elastic = _losses.elastic_loss(field, tgt_springs, springs)
   total = mse + config.gamma * elastic
-  if config.mask_elastic_at_defects and config.defect_push_weight > 0:
-    in_defect = (_fields.warp(src_def, fixed) > 0).astype(jnp.float32) * tgt_valid
-    total = total + config.defect_push_weight * jnp.mean(in_defect * (1.0 - _fields.warp(src_def_soft, field)))
   return total, (mse, elastic)
 
 
-def _tear_mask(init_field, src_defects, tgt_defects, config: FinetuneConfig):
-  """`[H, W]` float elastic weights: 0 where the field may tear, fixed for the whole run.
+def _spring_weights(init_field, src_nearest, tgt_defects, scale: int, config: FinetuneConfig):
+  """(`[H, W]` per-pixel, `[H, W, 4]` per-spring) elastic weights, fixed for the whole run.
 
-  The torn set is taken from the *initial* field (pixels sampling a dilated src defect, plus dilated
-  tgt defects) and kept fixed: recomputing it every step lets pixels enter and leave the spring-free
-  set, and Adam's momentum then carries them far off (measured: 2-4x larger errors at the tear).
+  Cuts are taken from the *initial* field and kept fixed: recomputing them every step lets springs
+  switch on and off, and Adam's momentum then carries pixels far off (measured on the crack
+  benchmark: 2-4x larger errors at the tear).
   """
+  ones = jnp.ones(init_field.shape[:-1], jnp.float32)
   if not config.mask_elastic_at_defects:
-    return jnp.ones(init_field.shape[:-1], jnp.float32)
-  src_def_d = _dilate(src_defects, config.defect_dilation)
-  tgt_def_d = _dilate(tgt_defects, config.defect_dilation)
-  torn = jnp.maximum(_fields.warp(src_def_d, init_field) > 0, tgt_def_d > 0)
-  return 1.0 - torn.astype(jnp.float32)
+    return ones, jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
+  tgt_ok = 1.0 - (_dilate(tgt_defects, config.defect_dilation) > 0).astype(jnp.float32)
+  springs = _tears.tear_springs(init_field, src_nearest, scale=scale, jump_px=config.tear_jump_px)
+  return tgt_ok, springs
 
 
 def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
-                   config: FinetuneConfig):
-  """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats)."""
+                   config: FinetuneConfig, *, src_nearest=None, scale: int = 1):
+  """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats).
+
+  `src_nearest` (`[H * scale, W * scale, 2]`, `tears.nearest_tissue` of the full-resolution src defect
+  mask) lets a coarse level cut springs at defects thinner than its pixels; by default it is computed
+  from `src_defects` at this level (`scale` 1).
+  """
   init_field = init_field.astype(jnp.float32)
   src_valid = src_valid * (1.0 - src_defects)
   tgt_valid = tgt_valid * (1.0 - tgt_defects)
-  elastic_mask = _tear_mask(init_field, src_defects, tgt_defects, config)
-  src_def_soft = (_fields.gaussian_blur(1.0 - src_defects, config.defect_push_sigma)
-                  if config.defect_push_weight > 0 else src_defects)
+  if src_nearest is None:
+    src_nearest, scale = _tears.nearest_tissue(src_defects), 1
+  tgt_springs, springs = _spring_weights(init_field, src_nearest, tgt_defects, scale, config)
   opt = _optimizer(config)
   grad_fn = jax.value_and_grad(_loss_terms, has_aux=True)
 
   def loss_and_grad(f):
-    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, src_defects, src_def_soft, elastic_mask,
-                           config)
+    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, tgt_springs, springs, config)
     return loss, g
 
   inf = jnp.asarray(jnp.inf, jnp.float32)

@@ -79,18 +79,31 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1e-12)
 
 
+SPRING_OFFSETS = _SPRING_OFFSETS
+
+
 @jax.jit
-def elastic_loss(field: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def elastic_loss(field: jax.Array, mask: jax.Array | None = None,
+                 spring_weights: jax.Array | None = None) -> jax.Array:
   """Masked mean spring energy (scalar, px^2) of `field [..., H, W, 2]` over pixels in `mask [..., H, W]`.
 
   Equals `sum(elastic_energy(field, mask)) / sum(mask)` for a 0/1 mask, computed spring by spring
   on overlapping slices (no per-pixel map, no padding): this is the finetuner's inner loop.
+
+  Args:
+    field: `[..., H, W, 2]` float32, pixels, (dy, dx).
+    mask: optional `[..., H, W]` per-pixel weights (a spring counts with the product of its ends').
+    spring_weights: optional `[..., H, W, 4]` per-spring weights: entry k at p weighs the spring from
+      p to p + `SPRING_OFFSETS[k]` (entries whose neighbour is outside the image are ignored). This is
+      how a tear is cut one spring wide (see `jaxalign.tears`), instead of freeing whole pixels.
   """
   field = field.astype(jnp.float32)
   h, w = field.shape[-3:-1]
   m = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, jnp.float32), field.shape[:-1])
+  sw = None if spring_weights is None else jnp.broadcast_to(
+      jnp.asarray(spring_weights, jnp.float32), field.shape[:-1] + (len(_SPRING_OFFSETS),))
   total = jnp.zeros(field.shape[:-3], jnp.float32)
-  for dy, dx in _SPRING_OFFSETS:
+  for k, (dy, dx) in enumerate(_SPRING_OFFSETS):
     rest = float(np.hypot(dy, dx))
     x0, x1 = max(0, -dx), w - max(0, dx)
     p = field[..., 0:h - dy, x0:x1, :]
@@ -100,6 +113,8 @@ def elastic_loss(field: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     spring = (jnp.sqrt(vy * vy + vx * vx + _LENGTH_EPS) - rest) ** 2
     if m is not None:
       spring = spring * m[..., 0:h - dy, x0:x1] * m[..., dy:h, x0 + dx:x1 + dx]
+    if sw is not None:
+      spring = spring * sw[..., 0:h - dy, x0:x1, k]
     total = total + spring.sum(axis=(-2, -1))
   count = jnp.float32(h * w) if m is None else jnp.maximum(m.sum(axis=(-2, -1)), 1e-12)
   return (total / count).mean()

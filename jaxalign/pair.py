@@ -29,11 +29,13 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from absl import logging
 
 from jaxalign import errors
 from jaxalign import fields as _fields
 from jaxalign import preprocess as _preprocess
+from jaxalign import tears as _tears
 from jaxalign.finetuner import FinetuneConfig, FinetuneStats, _finetune_core
 
 # Per-level defaults, level 0 (full resolution) first. Coarse levels are cheap, so they get many
@@ -43,7 +45,7 @@ DEFAULT_ITERATIONS = (100, 150, 200, 250, 300, 300)
 DEFAULT_LEARNING_RATES = (0.05, 0.1, 0.15, 0.2, 0.2, 0.2)
 # A defect is "resolved" at a coarse level where it covers at least this fraction of a pixel.
 RESOLVED_DEFECT_FRACTION = 0.5
-DEFAULT_GAMMAS = (0.5, 0.8, 1.2, 1.8, 2.5, 2.5)
+DEFAULT_GAMMAS = (1.0, 2.0, 4.0, 8.0, 10.0, 10.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,12 @@ class PairConfig:
     finetune: template for everything else of the per-level `FinetuneConfig` (schedule, optimiser,
       plateau early stop, defect dilation).
     mask_elastic_at_defects: release the elastic term at defects (paper). False = ablation.
+    tear_refine_iterations: propagation steps of `tears.refine_tears` after the finest level (0 = off):
+      moves the tear line next to src defects to where the images put it (about the widest band, px,
+      of pixels a crack leaves on the wrong side: up to half the widest crack).
+    tear_refine_radius: full-resolution px: pixels whose sample lies this close to a src defect may
+      be changed by the refinement.
+    tear_refine_window: window radius (px) of the refinement's image cost.
     init: "identity" or "blockmatch" (use `jaxalign.blockmatch.block_match` as the initial field when
       no `init_field` and no `model` is given).
     refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
@@ -72,6 +80,9 @@ class PairConfig:
   gammas: tuple[float, ...] = DEFAULT_GAMMAS
   finetune: FinetuneConfig = FinetuneConfig()
   mask_elastic_at_defects: bool = True
+  tear_refine_iterations: int = 8
+  tear_refine_radius: int = 8
+  tear_refine_window: int = 2
   init: str = "identity"
   refine_model: bool = False
 
@@ -129,9 +140,10 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   sv_p = _fields.pyramid(src_valid, levels, "min")
   tv_p = _fields.pyramid(tgt_valid, levels, "min")
   # Tissue masks (min) already exclude any coarse pixel touched by a defect, which keeps defects out of
-  # the MSE. The elastic term is released only where a defect is *resolved* at this level (covers at
-  # least half the coarse pixel): a crack narrower than that is a sub-pixel jump here, best bridged
-  # by the springs; releasing it would leave whole coarse pixels unregularised and misplace the tear.
+  # the MSE. Springs across src defects are cut at every level from the full-resolution mask
+  # (`jaxalign.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
+  # cut the springs of the coarse pixels they mostly cover.
+  src_nearest = _tears.nearest_tissue(src_defects)
   sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
   td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
   init_p = [init_field]
@@ -147,10 +159,19 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     s = _preprocess.normalize(src_p[k] * sv_p[k], sv_p[k] > 0)
     t = _preprocess.normalize(tgt_p[k] * tv_p[k], tv_p[k] > 0)
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
-                               td_p[k].astype(jnp.float32), config.level_config(k))
+                               td_p[k].astype(jnp.float32), config.level_config(k),
+                               src_nearest=src_nearest, scale=2 ** k)
     stats.append(st)
   for k in range(config.finest_level - 1, -1, -1):
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
+  if config.mask_elastic_at_defects and config.tear_refine_iterations > 0:
+    near_defect = lax.reduce_window(src_defects, 0.0, lax.max, (2 * config.tear_refine_radius + 1,) * 2,
+                                    (1, 1), "SAME")
+    zone = (_fields.warp(near_defect, field) > 0) & (tgt_valid > 0)
+    s = _preprocess.normalize(src * src_valid, src_valid > 0)
+    t = _preprocess.normalize(tgt * tgt_valid, tgt_valid > 0)
+    field = _tears.refine_tears(field, s, t, src_valid, tgt_valid, zone,
+                                iterations=config.tear_refine_iterations, radius=config.tear_refine_window)
   stats = stats[::-1]
   return field, PairStats(*(jnp.stack([getattr(s, n) for s in stats]) for n in FinetuneStats._fields))
 

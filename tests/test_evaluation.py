@@ -124,3 +124,14 @@ def test_eval_command(tmp_path):
   r = _cli(str(tmp_path / "missing"), f"--output={tmp_path / 'out2'}", cwd=tmp_path)
   assert r.returncode == 2 and "missing path" in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("shift", [(1.3, -2.6), (-0.45, 0.8), (2.75, 0.1)])
+def test_content_shift_recovers_known_translation(shift):
+  # Two crops of one larger image, one displaced by a sub-pixel shift: fixed(r) = moving(r + s).
+  from scipy import ndimage
+  rng = np.random.default_rng(0)
+  big = ndimage.gaussian_filter(rng.random((192, 224)), 2)
+  shifted = ndimage.shift(big, (-shift[0], -shift[1]), order=3)
+  moving, fixed = big[32:160, 32:192], shifted[32:160, 32:192]
+  np.testing.assert_allclose(ev.content_shift(moving, fixed), shift, atol=0.1)

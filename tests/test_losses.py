@@ -96,3 +96,20 @@ def test_masked_mean_and_mse_vs_numpy():
   ref = ((enc_a - enc_b) ** 2).mean(-1)[mask].mean()
   np.testing.assert_allclose(ja.masked_mse(jnp.float32(enc_a), jnp.float32(enc_b), mask), ref, rtol=1e-5)
   assert float(ja.masked_mean(jnp.float32(a), np.zeros_like(mask))) == 0.0
+
+
+def test_spring_weights_match_numpy_reference():
+  rng = np.random.default_rng(4)
+  f = rng.normal(scale=0.5, size=(7, 9, 2))
+  sw = (rng.random((7, 9, 4)) > 0.3).astype(np.float64)
+  offsets = ((0, 1), (1, 0), (1, 1), (1, -1))
+  total = 0.0
+  for i in range(7):
+    for j in range(9):
+      for k, (dy, dx) in enumerate(offsets):
+        qi, qj = i + dy, j + dx
+        if 0 <= qi < 7 and 0 <= qj < 9:
+          v = np.array([dy, dx]) + f[qi, qj] - f[i, j]
+          total += sw[i, j, k] * (np.hypot(*v) - np.hypot(dy, dx)) ** 2
+  got = ja.elastic_loss(jnp.float32(f), None, jnp.float32(sw))
+  np.testing.assert_allclose(float(got), total / (7 * 9), rtol=1e-4)

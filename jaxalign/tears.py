@@ -1,0 +1,183 @@
+"""Tears: which springs of the elastic regulariser are cut where a field crosses a crack or fold.
+
+Paper: Popovych et al. 2024, Methods "Loss masking" / "Elastic regularizer": the elastic term is
+dropped at defects so the field may tear and the tissue on both sides of a crack or fold aligns
+independently. Dropping it for whole *pixels* (every spring of every pixel that samples a defect)
+leaves a band as wide as the defect with neither data nor springs: those pixels drift, and at coarse
+levels, where a crack is thinner than a pixel, nothing is released at all, so the field cannot tear
+until the finest levels and large regions fall into local minima.
+
+Here a tear is one spring wide. The source defect mask is turned into a nearest-tissue map (for every
+defect pixel, the nearest pixel outside the defect; jump flooding). A spring between neighbouring
+target pixels p, q is cut when its source-space segment `p + u(p) -> q + u(q)` crosses a defect's
+medial axis, i.e. when the nearest-tissue points of consecutive samples along the segment jump by
+more than the step between the samples plus `jump_px`. Springs that only enter a defect from one side
+are kept, so defect pixels stay attached to the tissue on their side and follow it. The test samples
+the full-resolution mask, so it also cuts at coarse levels where the defect is sub-pixel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import fields as _fields
+from jaxalign.losses import SPRING_OFFSETS
+
+# A spring is cut when the nearest-tissue map jumps by this many full-resolution pixels more than the
+# spacing of the samples: cracks and folds narrower than ~2 px are bridged (sub-pixel effect on EPE).
+TEAR_JUMP_PX = 2.0
+# Samples per spring, per full-resolution pixel of rest length: spacing <= 1/2 px at rest.
+SAMPLES_PER_PX = 2
+# Stands in for "no tissue found yet" in jump flooding (farther than any image side).
+_FAR = 1e7
+
+
+def _shifted(x: jax.Array, dy: int, dx: int, fill: float) -> jax.Array:
+  """`out[i, j] = x[i + dy, j + dx]` for `x [H, W, C]`, `fill` outside."""
+  h, w = x.shape[:2]
+  pad = ((max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0)), (0, 0))
+  xp = jnp.pad(x, pad, constant_values=fill)
+  y0, x0 = max(dy, 0), max(dx, 0)
+  return xp[y0:y0 + h, x0:x0 + w]
+
+
+@jax.jit
+def nearest_tissue(defects: jax.Array) -> jax.Array:
+  """Nearest pixel outside the defect mask, by jump flooding (exact up to rare 1-px ties).
+
+  Args:
+    defects: `[H, W]` bool or {0, 1}: cracks / folds.
+  Returns:
+    `[H, W, 2]` float32 (y, x) pixel coordinates: the pixel itself outside defects, the nearest
+    non-defect pixel inside. An image with no non-defect pixel gives `_FAR` everywhere.
+  """
+  h, w = defects.shape
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  own = jnp.stack([yy, xx], -1)
+  seeds = jnp.where(jnp.asarray(defects)[..., None] > 0, _FAR, own)
+
+  def d2(c):
+    return jnp.sum((c - own) ** 2, axis=-1)
+
+  steps = [2 ** k for k in range(max(int(math.ceil(math.log2(max(h, w, 2)))) - 1, 0), -1, -1)] + [1]
+  best = seeds
+  for step in steps:
+    best_d = d2(best)
+    for dy in (-step, 0, step):
+      for dx in (-step, 0, step):
+        if dy == dx == 0:
+          continue
+        cand = _shifted(best, dy, dx, _FAR)
+        cd = d2(cand)
+        better = cd < best_d
+        best = jnp.where(better[..., None], cand, best)
+        best_d = jnp.where(better, cd, best_d)
+  return best
+
+
+def _gather(nearest: jax.Array, points: jax.Array) -> jax.Array:
+  """Nearest-neighbour lookup of `nearest [Hf, Wf, 2]` at `points [..., 2]` (y, x), clamped."""
+  hf, wf = nearest.shape[:2]
+  iy = jnp.clip(jnp.round(points[..., 0]), 0, hf - 1).astype(jnp.int32)
+  ix = jnp.clip(jnp.round(points[..., 1]), 0, wf - 1).astype(jnp.int32)
+  return nearest.reshape(-1, 2)[iy * wf + ix]
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def tear_springs(field: jax.Array, nearest: jax.Array, *, scale: int = 1,
+                 jump_px: float = TEAR_JUMP_PX) -> jax.Array:
+  """Per-spring weights `[H, W, 4]` float32 {0, 1}: 0 where the spring crosses a tear.
+
+  Args:
+    field: `[H, W, 2]` float32, pixels of its level (`scale` full-resolution px each), (dy, dx):
+      target grid -> source.
+    nearest: `[Hf, Wf, 2]` float32 `nearest_tissue` of the full-resolution source defect mask,
+      `Hf >= H * scale`.
+    scale: full-resolution pixels per pixel of `field` (2**level). Static: it fixes the sample count.
+    jump_px: full-resolution px; see `TEAR_JUMP_PX`.
+  Returns:
+    `[H, W, 4]` weights for the springs p -> p + `SPRING_OFFSETS[k]` (layout of
+    `losses.elastic_loss(spring_weights=...)`).
+  """
+  h, w = field.shape[:2]
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  # Sample point of every target pixel, in full-resolution source coordinates (pixel centres).
+  pts = (jnp.stack([yy, xx], -1) + field.astype(jnp.float32) + 0.5) * scale - 0.5
+  samples = SAMPLES_PER_PX * 2 * scale + 1  # diagonal springs are sqrt(2) * scale long at rest
+  t = jnp.linspace(0.0, 1.0, samples, dtype=jnp.float32)[:, None]
+  weights = []
+  for dy, dx in SPRING_OFFSETS:
+    q = _shifted(pts, dy, dx, 0.0)  # outside the image: irrelevant, those springs do not exist
+    seg = pts[..., None, :] * (1.0 - t) + q[..., None, :] * t  # [H, W, S, 2]
+    near = _gather(nearest, seg)
+    jump = jnp.linalg.norm(near[..., 1:, :] - near[..., :-1, :], axis=-1)
+    step = jnp.linalg.norm(seg[..., 1:, :] - seg[..., :-1, :], axis=-1)
+    weights.append(jnp.all(jump <= step + jump_px, axis=-1))
+  return jnp.stack(weights, -1).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- tear refinement
+
+# Cost per pixel, in units of the normalised images' variance, of sampling no data (a crack gap, a
+# fold, outside the section): twice the squared difference expected between unrelated images, so a
+# sample on tissue of the right content always wins over a sample in the gap.
+GAP_COST = 4.0
+# Neighbour directions a displacement can be taken from (8-connected).
+_PROPAGATION = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _box_mean(x: jax.Array, radius: int) -> jax.Array:
+  """Mean over a (2r+1)² window of `x [H, W]` (zero outside), by cumulative sums (no convolution:
+  this runs inside a loop, where jaxlib 0.10's CPU convolution is unreliable)."""
+  k = 2 * radius + 1
+  p = jnp.pad(x, ((radius + 1, radius), (radius + 1, radius)))
+  c = jnp.cumsum(jnp.cumsum(p, axis=0), axis=1)
+  s = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+  return s / float(k * k)
+
+
+def _patch_cost(field, src, tgt, src_valid, tgt_valid, radius):
+  """`[H, W]`: window mean of squared difference (tissue) plus `GAP_COST` where the sample has no data."""
+  data = (_fields.warp(src_valid, field) > 0.999).astype(jnp.float32)
+  diff = data * (_fields.warp(src, field) - tgt) ** 2 + GAP_COST * (1.0 - data)
+  return _box_mean(diff * tgt_valid, radius)
+
+
+def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: jax.Array, tgt_valid: jax.Array,
+                 zone: jax.Array, *, iterations: int, radius: int) -> jax.Array:
+  """Moves the tear line to where the images say it is: discrete propagation next to defects.
+
+  Gradient descent cannot decide on which side of a crack a pixel belongs: the two candidate
+  displacements are a crack width apart. Here each pixel in `zone` repeatedly compares its displacement
+  with its 8 neighbours' (a PatchMatch-style propagation step) by the window cost of `_patch_cost` and
+  takes the cheapest, so the correct side's displacement spreads over pixels left on the wrong side,
+  one pixel per iteration.
+
+  Args:
+    field: `[H, W, 2]` float32 px (dy, dx), tgt grid.
+    src, tgt: `[H, W]` float32 normalised images (0 = no data).
+    src_valid, tgt_valid: `[H, W]` float32 {0, 1}: data that is not a defect.
+    zone: `[H, W]` bool: pixels allowed to change (next to a defect).
+    iterations: propagation steps (the widest misplaced band it can fix, px). Static.
+    radius: window radius, px. Static.
+  Returns:
+    `[H, W, 2]` float32 field.
+  """
+  def step(_, f):
+    best_f = f
+    best_c = _patch_cost(f, src, tgt, src_valid, tgt_valid, radius)
+    for dy, dx in _PROPAGATION:
+      cand = _shifted(f, dy, dx, 0.0)
+      # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
+      inside = _shifted(jnp.ones(f.shape[:-1] + (1,), jnp.float32), dy, dx, 0.0)[..., 0] > 0
+      c = _patch_cost(cand, src, tgt, src_valid, tgt_valid, radius)
+      take = zone & inside & (c < best_c)
+      best_f = jnp.where(take[..., None], cand, best_f)
+      best_c = jnp.where(take, c, best_c)
+    return best_f
+
+  return jax.lax.fori_loop(0, iterations, step, field.astype(jnp.float32))
