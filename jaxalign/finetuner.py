@@ -131,30 +131,38 @@ def _data_mask(x: jax.Array) -> jax.Array:
   return nz.astype(jnp.float32)
 
 
-def _loss_terms(field, src, tgt, src_valid, tgt_valid, tgt_springs, springs, config: FinetuneConfig):
+def _loss_terms(field, src, tgt, src_valid, tgt_valid, springs, config: FinetuneConfig):
   """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field."""
   fixed = lax.stop_gradient(field)
   warped_valid = _fields.warp(src_valid, fixed)
   mse_mask = (warped_valid > _FULL_SUPPORT).astype(jnp.float32) * tgt_valid
   mse = _losses.masked_mse(_fields.warp(src, field), tgt, mse_mask)
-  elastic = _losses.elastic_loss(field, tgt_springs, springs)
+  elastic = _losses.elastic_loss(field, None, springs)
   total = mse + config.gamma * elastic
   return total, (mse, elastic)
 
 
-def _spring_weights(init_field, src_nearest, tgt_defects, scale: int, config: FinetuneConfig):
-  """(`[H, W]` per-pixel, `[H, W, 4]` per-spring) elastic weights, fixed for the whole run.
+def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale: int,
+                    config: FinetuneConfig):
+  """`[H, W, 4]` per-spring elastic weights (layout of `losses.elastic_loss`), fixed for the whole run.
+
+  Springs crossing a src tear are cut, and so are springs with an end on a (dilated) tgt defect; both
+  are folded into one array before the loop so each step pays one multiply per spring.
 
   Cuts are taken from the *initial* field and kept fixed: recomputing them every step lets springs
   switch on and off, and Adam's momentum then carries pixels far off (measured on the crack
   benchmark: 2-4x larger errors at the tear).
   """
-  ones = jnp.ones(init_field.shape[:-1], jnp.float32)
   if not config.mask_elastic_at_defects:
-    return ones, jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
+    return jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
   tgt_ok = 1.0 - (_dilate(tgt_defects, config.defect_dilation) > 0).astype(jnp.float32)
-  springs = _tears.tear_springs(init_field, src_nearest, scale=scale, jump_px=config.tear_jump_px)
-  return tgt_ok, springs
+  # Without src defects every spring stays: skip the segment sampling (a cond, so batched runs
+  # under vmap still compute it).
+  springs = lax.cond(has_src_defects,
+                     lambda: _tears.tear_springs(init_field, src_nearest, scale=scale,
+                                                 jump_px=config.tear_jump_px),
+                     lambda: jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32))
+  return springs * _tears.spring_pairs(tgt_ok)
 
 
 def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
@@ -170,12 +178,12 @@ def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_
   tgt_valid = tgt_valid * (1.0 - tgt_defects)
   if src_nearest is None:
     src_nearest, scale = _tears.nearest_tissue(src_defects), 1
-  tgt_springs, springs = _spring_weights(init_field, src_nearest, tgt_defects, scale, config)
+  springs = _spring_weights(init_field, src_nearest, jnp.any(src_defects > 0), tgt_defects, scale, config)
   opt = _optimizer(config)
   grad_fn = jax.value_and_grad(_loss_terms, has_aux=True)
 
   def loss_and_grad(f):
-    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, tgt_springs, springs, config)
+    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, springs, config)
     return loss, g
 
   inf = jnp.asarray(jnp.inf, jnp.float32)

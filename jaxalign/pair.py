@@ -143,7 +143,8 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   # the MSE. Springs across src defects are cut at every level from the full-resolution mask
   # (`jaxalign.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
   # cut the springs of the coarse pixels they mostly cover.
-  src_nearest = _tears.nearest_tissue(src_defects)
+  src_nearest = lax.cond(jnp.any(src_defects > 0), _tears.nearest_tissue,
+                         lambda d: _tears.identity_coordinates(d.shape), src_defects)
   sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
   td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
   init_p = [init_field]
@@ -165,13 +166,16 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   for k in range(config.finest_level - 1, -1, -1):
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
   if config.mask_elastic_at_defects and config.tear_refine_iterations > 0:
-    near_defect = lax.reduce_window(src_defects, 0.0, lax.max, (2 * config.tear_refine_radius + 1,) * 2,
-                                    (1, 1), "SAME")
-    zone = (_fields.warp(near_defect, field) > 0) & (tgt_valid > 0)
-    s = _preprocess.normalize(src * src_valid, src_valid > 0)
-    t = _preprocess.normalize(tgt * tgt_valid, tgt_valid > 0)
-    field = _tears.refine_tears(field, s, t, src_valid, tgt_valid, zone,
-                                iterations=config.tear_refine_iterations, radius=config.tear_refine_window)
+    def refine(f):
+      near_defect = lax.reduce_window(src_defects, 0.0, lax.max, (2 * config.tear_refine_radius + 1,) * 2,
+                                      (1, 1), "SAME")
+      zone = (_fields.warp(near_defect, f) > 0) & (tgt_valid > 0)
+      s = _preprocess.normalize(src * src_valid, src_valid > 0)
+      t = _preprocess.normalize(tgt * tgt_valid, tgt_valid > 0)
+      return _tears.refine_tears(f, s, t, src_valid, tgt_valid, zone, iterations=config.tear_refine_iterations,
+                                 radius=config.tear_refine_window)
+    # Skipped at run time for pairs without src defects (most pairs of a stack).
+    field = lax.cond(jnp.any(src_defects > 0), refine, lambda f: f, field)
   stats = stats[::-1]
   return field, PairStats(*(jnp.stack([getattr(s, n) for s in stats]) for n in FinetuneStats._fields))
 

@@ -45,6 +45,13 @@ def _shifted(x: jax.Array, dy: int, dx: int, fill: float) -> jax.Array:
   return xp[y0:y0 + h, x0:x0 + w]
 
 
+def identity_coordinates(shape) -> jax.Array:
+  """`[H, W, 2]` float32 (y, x) of every pixel: `nearest_tissue` of an image without defects."""
+  h, w = shape
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+  return jnp.stack([yy, xx], -1)
+
+
 @jax.jit
 def nearest_tissue(defects: jax.Array) -> jax.Array:
   """Nearest pixel outside the defect mask, by jump flooding (exact up to rare 1-px ties).
@@ -56,8 +63,7 @@ def nearest_tissue(defects: jax.Array) -> jax.Array:
     non-defect pixel inside. An image with no non-defect pixel gives `_FAR` everywhere.
   """
   h, w = defects.shape
-  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
-  own = jnp.stack([yy, xx], -1)
+  own = identity_coordinates((h, w))
   seeds = jnp.where(jnp.asarray(defects)[..., None] > 0, _FAR, own)
 
   def d2(c):
@@ -77,6 +83,12 @@ def nearest_tissue(defects: jax.Array) -> jax.Array:
         best = jnp.where(better[..., None], cand, best)
         best_d = jnp.where(better, cd, best_d)
   return best
+
+
+def spring_pairs(mask: jax.Array) -> jax.Array:
+  """`[H, W, 4]` per-spring weights `m(p) * m(p + o_k)` of a per-pixel mask `[H, W]` (0 outside)."""
+  m = jnp.asarray(mask, jnp.float32)[..., None]
+  return jnp.concatenate([m * _shifted(m, dy, dx, 0.0) for dy, dx in SPRING_OFFSETS], -1)
 
 
 def _gather(nearest: jax.Array, points: jax.Array) -> jax.Array:

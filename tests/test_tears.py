@@ -78,3 +78,12 @@ def test_no_defects_no_cuts():
   weights = tears.tear_springs(jnp.asarray(np.random.default_rng(0).normal(size=(16, 16, 2)), jnp.float32),
                                tears.nearest_tissue(np.zeros((16, 16), bool)))
   assert float(jnp.min(weights)) == 1.0
+
+
+def test_spring_pairs_equals_pixel_mask_in_elastic_loss():
+  from jaxalign.losses import elastic_loss
+  rng = np.random.default_rng(1)
+  f = jnp.asarray(rng.normal(scale=0.5, size=(12, 10, 2)), jnp.float32)
+  mask = rng.random((12, 10)) > 0.3
+  np.testing.assert_allclose(float(elastic_loss(f, None, tears.spring_pairs(mask))) * 120 / mask.sum(),
+                             float(elastic_loss(f, mask)), rtol=1e-5)
