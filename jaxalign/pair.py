@@ -34,6 +34,7 @@ from absl import logging
 
 from jaxalign import errors
 from jaxalign import fields as _fields
+from jaxalign import losses as _losses
 from jaxalign import preprocess as _preprocess
 from jaxalign import tears as _tears
 from jaxalign.finetuner import FinetuneConfig, FinetuneStats, _finetune_core
@@ -68,6 +69,9 @@ class PairConfig:
     tear_refine_radius: full-resolution px: pixels whose sample lies this close to a src defect may
       be changed by the refinement.
     tear_refine_window: window radius (px) of the refinement's image cost.
+    global_translation: before the coarsest level, try the translation found by phase correlation of the
+      coarsest images and keep it if it lowers their masked MSE. This extends the capture range from
+      ~2 coarsest-level pixels (gradient descent) to about a quarter of the section.
     init: "identity" or "blockmatch" (use `jaxalign.blockmatch.block_match` as the initial field when
       no `init_field` and no `model` is given).
     refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
@@ -83,6 +87,7 @@ class PairConfig:
   tear_refine_iterations: int = 8
   tear_refine_radius: int = 8
   tear_refine_window: int = 2
+  global_translation: bool = True
   init: str = "identity"
   refine_model: bool = False
 
@@ -123,6 +128,40 @@ class PairStats(NamedTuple):
 # --------------------------------------------------------------------------- traced core
 
 
+def _phase_correlation_shift(src, tgt):
+  """Integer translation `d` (px, (dy, dx)) with `tgt(r) ≈ src(r + d)`, by phase correlation.
+
+  Args:
+    src, tgt: `[h, w]` float32 normalised images (0 = no data); a Hann window hides the borders.
+  Returns:
+    `[2]` float32, pixels of this image, within (-h/2, h/2] x (-w/2, w/2].
+  """
+  h, w = src.shape
+  window = jnp.outer(jnp.hanning(h), jnp.hanning(w)).astype(jnp.float32)
+  cross = jnp.fft.fft2(src * window) * jnp.conj(jnp.fft.fft2(tgt * window))
+  corr = jnp.real(jnp.fft.ifft2(cross / jnp.maximum(jnp.abs(cross), 1e-12)))
+  peak = jnp.argmax(corr)
+  d = jnp.stack([peak // w, peak % w]).astype(jnp.float32)
+  size = jnp.array([h, w], jnp.float32)
+  return jnp.where(d > size / 2, d - size, d)
+
+
+def _with_global_translation(field, src, tgt, src_valid, tgt_valid):
+  """`field [h, w, 2]` plus the phase-correlation translation of `warp(src, field)` onto `tgt`, if that
+  lowers the masked MSE (coarsest level; `src`, `tgt` normalised, valid masks float {0, 1})."""
+  warped = _fields.warp(src, field)
+  shift = _phase_correlation_shift(warped, tgt)
+  moved = field + shift
+
+  def cost(f):
+    mask = (_fields.warp(src_valid, f) > 0.999).astype(jnp.float32) * tgt_valid
+    # Few overlapping pixels make any MSE look good: require a quarter of the target's tissue.
+    enough = jnp.sum(mask) >= 0.25 * jnp.sum(tgt_valid)
+    return jnp.where(enough, _losses.masked_mse(_fields.warp(src, f), tgt, mask), jnp.inf)
+
+  return jnp.where(cost(moved) < cost(field), moved, field)
+
+
 def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field, *,
                     config: PairConfig, levels: int):
   """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1).
@@ -159,6 +198,8 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     # Re-normalise per level: 2x2 means shrink the variance, and the gamma balance assumes unit variance.
     s = _preprocess.normalize(src_p[k] * sv_p[k], sv_p[k] > 0)
     t = _preprocess.normalize(tgt_p[k] * tv_p[k], tv_p[k] > 0)
+    if k == levels - 1 and config.global_translation:
+      field = _with_global_translation(field, s, t, sv_p[k], tv_p[k])
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
                                td_p[k].astype(jnp.float32), config.level_config(k),
                                src_nearest=src_nearest, scale=2 ** k)
