@@ -1,5 +1,6 @@
-"""Sections of any size: block alignment and rendering on overlapping chunks, with per-chunk
-translation re-centring (DESIGN.md §3 "Large sections are processed as overlapping chunks").
+"""Sections of any size: block alignment, stitch fields, composition with decay and rendering on
+overlapping chunks, with per-chunk translation re-centring (DESIGN.md §3 "Large sections are
+processed as overlapping chunks").
 
 A chunk only ever holds `chunk x chunk` pixels (plus a margin), so memory is bounded by the chunk
 size, not the section size. Large displacements do not need huge pads: each chunk is first
@@ -15,6 +16,12 @@ re-centred by an integer translation, the mean displacement of its window, and o
   stack is read with section z shifted by `o_z` (so all chunks of a column sit within a few pixels of
   each other), aligned with `align_block_task`, and `o_z` is added back to the chunk's fields
   (reading at offset o means chunk'(r) = S(r + o), so warp(chunk', f')(r) = S(r + f'(r) + o)).
+
+- Stitch fields (`stitch_field_chunked`): a coarse stitch field gives each chunk an offset o; the
+  chunk aligns block N+1's rendering read at W + o to block N's at W and adds o back.
+- Composition with decay (`compose_with_decay_chunked`): nested windows, each shifted by the rounded
+  mean of the decayed stitch sampled through it; equal to the whole-section composition to float
+  rounding (the margins are checked per chunk).
 
 Chunk windows come from `jaxalign.chunking.split`; reassembly "crop" keeps each chunk's core (at
 least `overlap` px from interior window edges), "blend" cross-fades the overlaps.
@@ -34,7 +41,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import chunking
 from jaxalign.errors import InputError
-from jaxalign.fields import downsample_image, upsample_field, warp
+from jaxalign.fields import compose, downsample_image, upsample_field, warp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +52,10 @@ class ChunkConfig:
     chunk: chunk window edge, px (memory per chunk ~ chunk^2).
     overlap: context margin, px: chunk cores lie at least this far from interior window edges.
       Needs to cover the aligner's receptive field (finetuner smoothing, voting blur).
-    coarse_levels: the re-centring estimate is computed `2^coarse_levels` times coarser.
+    coarse_levels: the re-centring estimate is computed up to `2^coarse_levels` times coarser ...
+    min_coarse_size: ... but never on sections smaller than this many px per side (the pair
+      aligner needs context: on 512^2 ISBI sections a 64^2 estimate re-centred worse than a 128^2
+      one, docs/benchmarks/scale.md "seams"). See `coarse_levels_for`.
     render_margin: smallest margin (px) a render chunk reads around its re-centred window; grown to
       the next power of two when the residual displacement inside a chunk is larger.
     batch: render chunks per jitted (and device-sharded) call; the last batch is padded.
@@ -54,6 +64,7 @@ class ChunkConfig:
   chunk: int = 1024
   overlap: int = 64
   coarse_levels: int = 3
+  min_coarse_size: int = 128
   render_margin: int = 16
   batch: int = 4
   mode: str = "crop"
@@ -61,10 +72,17 @@ class ChunkConfig:
   def __post_init__(self):
     if self.chunk <= 2 * self.overlap:
       raise InputError(f"chunk ({self.chunk}) must exceed twice the overlap ({self.overlap})")
-    if self.coarse_levels < 0 or self.render_margin < 1 or self.batch < 1:
+    if self.coarse_levels < 0 or self.min_coarse_size < 1 or self.render_margin < 1 or self.batch < 1:
       raise InputError(f"bad ChunkConfig {self}")
     if self.mode not in chunking.MODES:
       raise InputError(f"ChunkConfig.mode must be one of {chunking.MODES}, got {self.mode!r}")
+
+
+def coarse_levels_for(config: ChunkConfig, h: int, w: int) -> int:
+  """MIP levels down to the re-centring estimate of an h x w section: `config.coarse_levels`, fewer
+  where that would leave less than `config.min_coarse_size` px on the short side."""
+  room = int(math.floor(math.log2(max(min(h, w) / config.min_coarse_size, 1.0))))
+  return min(config.coarse_levels, room)
 
 
 class Source(Protocol):
@@ -109,13 +127,12 @@ class VolumeSource:
   def shape(self):
     return tuple(self.volume.shape(self.level)[1:3])
 
-  def coarse(self, levels: int) -> np.ndarray:
-    """The section `2^levels` coarser: read from the volume's pyramid when it has that level
-    (bounded memory), else downsampled from the whole section."""
-    if self.level + levels < self.volume.levels:
+  def coarse(self, levels: int, tile: int = 1024) -> np.ndarray:
+    """The section `2^levels` coarser: read from the volume's pyramid when it has that level,
+    else downsampled tile by tile (`coarse_of`); either way memory stays ~ tile^2 + the result."""
+    if self.level + levels < self.volume.levels and not self.volume.is_field:
       return self.volume.read(self.z, self.level + levels).astype(np.float32)
-    h, w = self.shape
-    return _downsample_to(self.window(0, h, 0, w)[None], levels)[0]
+    return coarse_of(self, levels, tile)
 
   def window(self, y0, y1, x0, x1):
     trailing = (2,) if self.volume.is_field else ()
@@ -125,6 +142,43 @@ class VolumeSource:
 
 def as_source(x) -> Source:
   return x if hasattr(x, "window") else ArraySource(np.asarray(x, np.float32))
+
+
+def edge_window(src: Source, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+  """`src.window` with edge replication instead of zeros outside the section (fields: the value at
+  the nearest section pixel, as the clamped sampling of `compose` and the edge padding of
+  `decay_field` see it). Returns `[y1-y0, x1-x0(, 2)]` float32."""
+  h, w = src.shape
+  ys = np.clip(np.arange(y0, y1), 0, h - 1)
+  xs = np.clip(np.arange(x0, x1), 0, w - 1)
+  a = src.window(int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
+  return a[np.ix_(ys - ys[0], xs - xs[0])]
+
+
+def coarse_of(src: Source, levels: int, tile: int = 1024) -> np.ndarray:
+  """A section (image `[H, W]` or field `[H, W, 2]`) `2^levels` times coarser, computed tile by tile
+  so only one `tile x tile` window is in memory besides the coarse result.
+
+  Images go down by 2x2 means, fields by `downsample_field` (values in pixels of the coarse level);
+  the last tile is edge-padded to a multiple of `2^levels`. Returns
+  `[ceil(H/2^levels), ceil(W/2^levels)(, 2)]` float32.
+  """
+  from jaxalign.fields import downsample_field
+  f = 2 ** levels
+  h, w = src.shape
+  ch, cw = -(-h // f), -(-w // f)
+  t = max(f, tile // f * f)
+  out = None
+  for y0 in range(0, ch * f, t):
+    for x0 in range(0, cw * f, t):
+      a = jnp.asarray(edge_window(src, y0, min(y0 + t, ch * f), x0, min(x0 + t, cw * f)))
+      for _ in range(levels):
+        a = downsample_field(a) if a.ndim == 3 else downsample_image(a)
+      a = np.asarray(a)
+      if out is None:
+        out = np.zeros((ch, cw) + a.shape[2:], np.float32)
+      out[y0 // f:y0 // f + a.shape[0], x0 // f:x0 // f + a.shape[1]] = a
+  return out
 
 
 # --------------------------------------------------------------------------- rendering
@@ -212,6 +266,9 @@ def _downsample_to(x: np.ndarray, levels: int) -> np.ndarray:
   return np.asarray(a)
 
 
+COARSE_PAD = 2  # coarse cells around a window whose upsampling reaches into it (1 per level, bounded)
+
+
 def coarse_offsets(coarse_fields: np.ndarray, specs: Sequence[chunking.ChunkSpec], levels: int) -> np.ndarray:
   """Per section and chunk, the integer re-centring offset at full resolution.
 
@@ -222,15 +279,22 @@ def coarse_offsets(coarse_fields: np.ndarray, specs: Sequence[chunking.ChunkSpec
   Returns:
     `[Z, len(specs), 2]` int: round(mean of the upsampled field over each window).
   """
-  f = jnp.asarray(coarse_fields, jnp.float32)
-  for _ in range(levels):
-    f = upsample_field(f)
-  f = np.asarray(f)
-  out = np.zeros((f.shape[0], len(specs), 2), np.int64)
+  f = np.asarray(coarse_fields, np.float32)
+  z_count, hc, wc = f.shape[:3]
+  scale = 2 ** levels
+  out = np.zeros((z_count, len(specs), 2), np.int64)
   for i, s in enumerate(specs):
     (y0, x0), (ch, cw) = s.origin, s.size
-    win = f[:, y0:min(y0 + ch, f.shape[1]), x0:min(x0 + cw, f.shape[2])]
-    out[:, i] = np.rint(win.reshape(f.shape[0], -1, 2).mean(axis=1))
+    # Only the coarse cells under the window (plus COARSE_PAD for the bilinear support of every
+    # upsampling step) are upsampled: memory ~ chunk size, values equal to upsampling the whole field.
+    cy0, cx0 = max(y0 // scale - COARSE_PAD, 0), max(x0 // scale - COARSE_PAD, 0)
+    cy1, cx1 = min(-(-(y0 + ch) // scale) + COARSE_PAD, hc), min(-(-(x0 + cw) // scale) + COARSE_PAD, wc)
+    for z in range(z_count):
+      piece = jnp.asarray(f[z, cy0:cy1, cx0:cx1])
+      for _ in range(levels):
+        piece = upsample_field(piece)
+      win = np.asarray(piece)[y0 - cy0 * scale:y0 - cy0 * scale + ch, x0 - cx0 * scale:x0 - cx0 * scale + cw]
+      out[z, i] = np.rint(win.reshape(-1, 2).mean(axis=0))
   return out
 
 
@@ -245,7 +309,7 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
     block: `jaxalign.stack.BlockPlan` (default: the whole stack, starter 0).
     voting_distance, block_config: as `align_block` (`BlockConfig`: aligner, voting).
     config: `ChunkConfig`.
-    coarse_fields: optional `[Z, H/2^c, W/2^c, 2]` coarse block fields (c = config.coarse_levels);
+    coarse_fields: optional `[Z, H/2^c, W/2^c, 2]` coarse block fields (c = `coarse_levels_for`);
       computed when None from each source's `coarse(c)` (a `VolumeSource` reads its pyramid level
       when present, so only coarse sections are ever whole in memory).
     sink: optional `sink(z, core_slices, fields [h, w, 2])` receiving each chunk's core per section;
@@ -262,10 +326,9 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
   if any(s.shape != (h, w) for s in srcs):
     raise InputError("sections of a block must share one shape")
   block = block or BlockPlan(0, 0, z_count, 0, 0, z_count)
-  c = config.coarse_levels
+  c = coarse_levels_for(config, h, w)
   if coarse_fields is None:
-    coarse = np.stack([s.coarse(c) if hasattr(s, "coarse") else _downsample_to(s.window(0, h, 0, w)[None], c)[0]
-                       for s in srcs])
+    coarse = np.stack([s.coarse(c) if hasattr(s, "coarse") else coarse_of(s, c, config.chunk) for s in srcs])
     coarse_fields = np.asarray(align_block_task(coarse, block, voting_distance=voting_distance,
                                                 config=block_config))
   specs = chunking.split((h, w), config.chunk, config.overlap)
@@ -291,3 +354,287 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
   if sink is not None:
     return None
   return np.stack([a.result() for a in acc])
+
+
+# --------------------------------------------------------------------------- composition with decay
+
+
+# Attempts at doubling a decay chunk's margin before a chunk is accepted as it is (logged): each
+# attempt doubles the context, so 6 covers residual displacements of 64x the configured overlap.
+MAX_MARGIN_DOUBLINGS = 6
+
+
+def _decay_reach(level: int) -> int:
+  """Pixels of the field that level `level` of the decay hierarchy (2^l-px box means, bilinear back
+  up level by level) depends on around a pixel: ~1.5 cells of every level below, plus the cell."""
+  return 3 * 2 ** level
+
+
+def _decay_window_size(n: int, max_levels: int) -> int:
+  """Smallest window edge >= n that `decay_field` processes without padding it internally: a power
+  of two up to 2^max_levels, a multiple of 2^max_levels beyond."""
+  b = 2 ** max_levels
+  if n <= b:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+  return -(-n // b) * b
+
+
+@jax.jit
+def _decay_step(prev: jax.Array, e: jax.Array, shift: jax.Array, bounds: jax.Array) -> jax.Array:
+  """One composition step on re-centred windows.
+
+  Args:
+    prev: `[S, S', 2]` the composed field so far on its window, whose origin is this window's + shift.
+    e: `[S, S', 2]` the decayed stitch field on this window (pixels, (dy, dx)).
+    shift: `[2]` float32 integer offset between the two windows.
+    bounds: `[4]` int32 (y_lo, y_hi, x_lo, x_hi): window rows/columns inside the section.
+  Returns:
+    `[S, S', 2]` compose(prev, e) in this window's frame, with positions outside the section set to
+    the nearest section pixel (so later steps sample it clamped at the section border, as the
+    whole-section `compose` does).
+  """
+  g = compose(prev, e - shift) + shift
+  iy = jnp.clip(jnp.arange(g.shape[0]), bounds[0], bounds[1])
+  ix = jnp.clip(jnp.arange(g.shape[1]), bounds[2], bounds[3])
+  return g[iy][:, ix]
+
+
+def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[float], *,
+                               decay_distance: float = 100.0, blur_rate: float = 0.2,
+                               config: ChunkConfig = ChunkConfig(),
+                               sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
+                               progress: bool = False):
+  """`jaxalign.stack.compose_with_decay` of one section, computed chunk by chunk.
+
+  Output chunk W needs the last (farthest) decayed stitch E_K on W, the previous one on W shifted by
+  E_K, and so on down to the block field: `G_j(r) = E_j(r) + G_{j-1}(r + E_j(r))`. Each step's window
+  is the next one's shifted by the rounded mean of its decayed stitch (translation re-centring: a
+  stitch of hundreds of px costs no margin), and the margin only covers the residual displacement
+  (doubled until it does; exactness is checked per chunk). Decayed stitches are computed on windows
+  aligned to the coarsest hierarchy level the chain uses, with a margin covering that level's
+  reach, and clipped to the section's padded extent exactly as `decay_field` pads the whole
+  section; fields outside the section are edge-replicated as `compose` clamps. So the result equals
+  the whole-section composition to float rounding, with memory ~ (chunk + margins)^2.
+
+  Args:
+    field: `[H, W, 2]` float32 block field of the section (pixels, (dy, dx)), array or `Source`.
+    stitches: K stitch fields `[H, W, 2]` (arrays or `Source`s), nearest interface first.
+    distances: `[K]` sections from each interface; entries >= decay_distance are dropped (zero).
+    decay_distance, blur_rate: see `jaxalign.decay.decay_field`.
+    config: `ChunkConfig` (`chunk`: core window edge; `overlap`: initial margin, px).
+    sink: optional `sink(core_slices, field_core [h, w, 2])` instead of assembling in memory.
+    progress: tqdm bar over chunks.
+  Returns:
+    `[H, W, 2]` float32 (None with a sink).
+  """
+  from jaxalign.decay import MAX_DECAY_LEVELS, _num_levels, decay_field
+  fld = as_source(field)
+  h, w = fld.shape
+  if len(stitches) != len(distances):
+    raise InputError(f"{len(stitches)} stitch fields but {len(distances)} distances")
+  chain = [(as_source(t), float(d)) for t, d in zip(stitches, distances) if float(d) < decay_distance]
+  for t, _ in chain:
+    if t.shape != (h, w):
+      raise InputError(f"stitch field shape {t.shape} does not match the block field's {(h, w)}")
+  specs = chunking.split((h, w), config.chunk, 0)
+  out = None if sink is not None else np.zeros((h, w, 2), np.float32)
+
+  def emit(spec, core):
+    if sink is not None:
+      sink(spec.core, core)
+    else:
+      out[spec.core] = core
+
+  levels = _num_levels(h, w)
+  top = math.log2(1.0 + blur_rate * max([max(d, 0.0) for _, d in chain] + [0.0]))
+  hi = min(levels, math.floor(top) + 1)
+  a, mb = 2 ** hi, _decay_reach(hi)
+  pad_h, pad_w = -(-h // 2 ** levels) * 2 ** levels, -(-w // 2 ** levels) * 2 ** levels
+  if not chain:
+    for spec in specs:  # compose with a zero field is the identity
+      (y0, x0), (ch, cw) = spec.origin, spec.size
+      emit(spec, fld.window(y0, y0 + ch, x0, x0 + cw)[spec.crop])
+    return out
+  if top >= levels:
+    # The blur reaches the top of the whole section's hierarchy (a section-wide mean): no window
+    # smaller than the section reproduces it.
+    logging.warning("compose_with_decay_chunked: blur of %.1f px reaches the whole %dx%d section; "
+                    "composing the whole section at once", blur_rate * max(d for _, d in chain), h, w)
+    from jaxalign.stack import compose_with_decay
+    res = np.asarray(compose_with_decay(
+        jnp.asarray(fld.window(0, h, 0, w)), jnp.asarray(np.stack([t.window(0, h, 0, w) for t, _ in chain])),
+        jnp.asarray([d for _, d in chain], jnp.float32), decay_distance=decay_distance, blur_rate=blur_rate))
+    for spec in specs:
+      emit(spec, res[spec.core])
+    return out
+
+  def decayed(src, d, origin, size):
+    """Decayed stitch on window [origin, origin + size) (edge-clamped outside the section)."""
+    sd = _decay_window_size(max(size) + 2 * mb + a, MAX_DECAY_LEVELS)
+    sdy, sdx = min(sd, pad_h), min(sd, pad_w)
+    y0 = int(np.clip((origin[0] - mb) // a * a, 0, pad_h - sdy))
+    x0 = int(np.clip((origin[1] - mb) // a * a, 0, pad_w - sdx))
+    t = edge_window(src, y0, y0 + sdy, x0, x0 + sdx)
+    dec = np.asarray(decay_field(jnp.asarray(t), d, decay_distance=decay_distance, blur_rate=blur_rate))
+    iy = np.clip(origin[0] + np.arange(size[0]) - y0, 0, sdy - 1)
+    ix = np.clip(origin[1] + np.arange(size[1]) - x0, 0, sdx - 1)
+    return dec[np.ix_(iy, ix)]
+
+  def interval(lo, hi_, n):
+    """Correct range [lo, hi_] along an axis of length n, extended past a section border it holds
+    (positions beyond the border take the border's value, as the clamped sampling does)."""
+    if lo > hi_:
+      return lo, hi_
+    return (-math.inf if lo <= 0 else lo), (math.inf if hi_ >= n - 1 else hi_)
+
+  def attempt(spec, m):
+    (y0, x0), (ch, cw) = spec.origin, spec.size
+    size = (ch + 2 * m, cw + 2 * m)
+    k = len(chain)
+    origins, es, shifts, reach = [None] * k, [None] * k, [None] * k, [None] * k
+    o = np.array([y0 - m, x0 - m])
+    for j in reversed(range(k)):  # from the output window inwards: the last stitch is sampled at r
+      origins[j] = o
+      e = decayed(chain[j][0], chain[j][1], o, size)
+      s = np.rint(e.reshape(-1, 2).mean(axis=0)).astype(np.int64)
+      es[j], shifts[j], reach[j] = e, s, math.ceil(float(np.abs(e - s).max())) + 1
+      o = o + s
+    g = jnp.asarray(edge_window(fld, int(o[0]), int(o[0]) + size[0], int(o[1]), int(o[1]) + size[1]))
+    # Exactness bookkeeping per axis, in section coordinates: where is each step's window correct?
+    ok = [interval(o[ax], o[ax] + size[ax] - 1, (h, w)[ax]) for ax in range(2)]
+    for j in range(k):
+      oj = origins[j]
+      bounds = np.array([np.clip(-oj[0], 0, size[0] - 1), np.clip(h - 1 - oj[0], 0, size[0] - 1),
+                         np.clip(-oj[1], 0, size[1] - 1), np.clip(w - 1 - oj[1], 0, size[1] - 1)], np.int32)
+      g = _decay_step(g, jnp.asarray(es[j]), jnp.asarray(shifts[j], jnp.float32), jnp.asarray(bounds))
+      new = []
+      for ax, n in enumerate((h, w)):
+        lo = max(ok[ax][0] - shifts[j][ax] + reach[j], oj[ax], 0)
+        hi_ = min(ok[ax][1] - shifts[j][ax] - reach[j], oj[ax] + size[ax] - 1, n - 1)
+        new.append(interval(lo, hi_, n))
+      ok = new
+    exact = all(ok[ax][0] <= (y0, x0)[ax] + spec.crop[ax].start and
+                ok[ax][1] >= (y0, x0)[ax] + spec.crop[ax].stop - 1 for ax in range(2))
+    core = np.asarray(g)[m + spec.crop[0].start:m + spec.crop[0].stop, m + spec.crop[1].start:m + spec.crop[1].stop]
+    return core, exact
+
+  for spec in tqdm(specs, desc="decay chunks", unit="chunk", disable=not progress, leave=False):
+    m = max(1, config.overlap)
+    for attempt_no in range(MAX_MARGIN_DOUBLINGS + 1):
+      core, exact = attempt(spec, m)
+      if exact:
+        break
+      if attempt_no < MAX_MARGIN_DOUBLINGS:
+        m *= 2
+    if not exact:
+      logging.warning("compose_with_decay_chunked: chunk %s still not exact with a %d px margin "
+                      "(folding stitch fields?); kept", spec.index, m)
+    emit(spec, core)
+  return out
+
+
+# --------------------------------------------------------------------------- stitch fields
+
+
+def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: ChunkConfig = ChunkConfig(),
+                         block_config=None, coarse_field: np.ndarray | None = None,
+                         sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
+                         progress: bool = False):
+  """`jaxalign.stack.stitch_field` on overlapping, re-centred chunks (memory ~ O x chunk^2).
+
+  A coarse stitch field (the overlap sections and block fields `2^coarse_levels` coarser, through
+  `stitch_field`) gives each chunk window W an integer offset o ~ t on W. Writing `src = warp(S,
+  next)`, `tgt = warp(S, prev)`, the chunk solves the shifted problem `src(r + o + t') ~ tgt(r)`:
+  `stitch_field` on the section read at W + b (b = rounded mean of prev on W), with
+  `prev' = prev|W - b` and `next' = next|W+o + o - b`, so both renderings sit inside one chunk-sized
+  box however large the fields are; then t = t' + o. Cores are cropped `overlap` px from interior
+  window edges.
+
+  Args:
+    overlap_sections: O sections `[H, W]` (arrays or `Source`s; 0 = no data).
+    prev_fields, next_fields: O fields `[H, W, 2]` each (arrays or field `Source`s): the overlap
+      sections' fields in block N and in block N+1 (pixels, (dy, dx)).
+    config: `ChunkConfig` (chunk, overlap, coarse_levels, mode).
+    block_config: `BlockConfig` (pair aligner, voting), as `stitch_field`.
+    coarse_field: optional `[H/2^c, W/2^c, 2]` coarse stitch field (pixels of that level,
+      c = `coarse_levels_for`).
+    sink: optional `sink(core_slices, t_core [h, w, 2])`; forces "crop" reassembly.
+    progress: tqdm bar over chunks.
+  Returns:
+    `[H, W, 2]` float32 stitch field (None with a sink).
+  """
+  from jaxalign.stack import stitch_field
+  secs = [as_source(s) for s in overlap_sections]
+  prevs, nxts = [as_source(f) for f in prev_fields], [as_source(f) for f in next_fields]
+  if not secs or len(prevs) != len(secs) or len(nxts) != len(secs):
+    raise InputError(f"stitch_field_chunked: {len(secs)} sections, {len(prevs)} prev and {len(nxts)} next fields")
+  h, w = secs[0].shape
+  if any(s.shape != (h, w) for s in secs + prevs + nxts):
+    raise InputError("stitch_field_chunked: sections and fields must share one (H, W)")
+  c = coarse_levels_for(config, h, w)
+  if coarse_field is None:
+    coarse_field = stitch_field(np.stack([s.coarse(c) if hasattr(s, "coarse") else coarse_of(s, c, config.chunk)
+                                          for s in secs]),
+                                np.stack([coarse_of(f, c, config.chunk) for f in prevs]),
+                                np.stack([coarse_of(f, c, config.chunk) for f in nxts]), config=block_config)
+  specs = chunking.split((h, w), config.chunk, config.overlap)
+  offsets = coarse_offsets(np.asarray(coarse_field)[None], specs, c)[0]
+  mode = "crop" if sink is not None else config.mode
+  acc = chunking.Assembler((h, w, 2), mode) if sink is None else None
+  for i, spec in enumerate(tqdm(specs, desc="stitch chunks", unit="chunk", disable=not progress, leave=False)):
+    (y0, x0), (ch, cw) = spec.origin, spec.size
+    o = offsets[i]
+    sec_w, prev_w, next_w = [], [], []
+    for s, p, n in zip(secs, prevs, nxts):
+      pw = p.window(y0, y0 + ch, x0, x0 + cw)
+      b = np.rint(pw.reshape(-1, 2).mean(axis=0)).astype(np.int64)
+      prev_w.append(pw - b)
+      next_w.append(edge_window(n, y0 + o[0], y0 + o[0] + ch, x0 + o[1], x0 + o[1] + cw) + (o - b))
+      sec_w.append(s.window(y0 + b[0], y0 + b[0] + ch, x0 + b[1], x0 + b[1] + cw))
+    inside = np.zeros((ch, cw), bool)  # where src = warp(S, next) exists: r + o inside the section
+    inside[max(0, -y0 - o[0]):max(0, h - y0 - o[0]), max(0, -x0 - o[1]):max(0, w - x0 - o[1])] = True
+    t = _stitch_chunk(np.stack(sec_w), np.stack(prev_w).astype(np.float32), np.stack(next_w).astype(np.float32),
+                      inside, block_config) + o.astype(np.float32)
+    if sink is not None:
+      sink(spec.core, t[spec.crop])
+    else:
+      acc.add(t, spec)
+  logging.info("stitch_field_chunked: %d overlap sections of %dx%d in %d chunks", len(secs), h, w, len(specs))
+  return None if sink is not None else acc.result()
+
+
+def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np.ndarray, config) -> np.ndarray:
+  """`jaxalign.stack.stitch_field` on one re-centred chunk, where the block N+1 rendering only
+  exists at `inside`: beyond the section it is no data (zero, not a valid voter), as in the
+  whole-section stitch, instead of a rendering through edge-extrapolated block fields.
+
+  Args:
+    sec: `[O, h, w]` overlap sections read at the chunk's box.
+    prev, nxt: `[O, h, w, 2]` their block N / block N+1 fields in the box's coordinates.
+    inside: `[h, w]` bool.
+    config: `BlockConfig` (None = defaults).
+  Returns:
+    `[h, w, 2]` float32 stitch field of the chunk's shifted problem.
+  """
+  from jaxalign.block import BlockConfig, _vote, default_aligner
+  from jaxalign.stack import _algebraic_stitch, _aligned_data_batch
+  config = config or BlockConfig()
+  o, h, w = sec.shape
+  data = sec != 0
+  keep = [i for i in range(o) if data[i].any()]
+  if not keep or not inside.any():
+    return np.zeros((h, w, 2), np.float32)
+  aligner = config.aligner or default_aligner(None, config.pair)
+  inits = np.asarray(_algebraic_stitch(jnp.asarray(nxt), jnp.asarray(prev)))
+  src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt))) * inside
+  tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
+  src_valid = (np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold) & inside
+  tgt_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
+  idx = np.array(keep + [keep[-1]] * (o - len(keep)))  # padded to O: one compile per overlap size
+  none = np.zeros((o, h, w), bool)
+  cands = np.asarray(aligner(src[idx], tgt[idx], src_defects=none, tgt_defects=none, init_fields=inits[idx]),
+                     np.float32)[:len(keep)]
+  if len(keep) == 1:
+    return cands[0]
+  return np.asarray(_vote(jnp.asarray(cands), temperature=config.temperature, blur_sigma=config.blur_sigma,
+                          valid=jnp.asarray(tgt_valid[keep] & src_valid[keep])))

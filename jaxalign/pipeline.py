@@ -24,6 +24,11 @@ too; re-running into DST with different parameters is refused rather than mixing
 Every task reads its inputs from volumes, so results do not depend on which worker or executor ran
 it: inline, processes and Dask give identical output.
 
+Sections larger than `VolumeConfig.chunk` run every stage chunk by chunk (`jaxalign.chunked`:
+`align_block_chunked`, `stitch_field_chunked`, `compose_with_decay_chunked`, `render_chunked`), reading
+windows from and writing chunk cores to the volumes, so memory per worker does not grow with the
+section size.
+
 `render_volume(SRC, FIELDS, DST)` is the same per-section render job for given fields.
 """
 
@@ -41,7 +46,8 @@ from absl import logging
 
 from jaxalign import distributed as jd
 from jaxalign import io
-from jaxalign.chunked import ChunkConfig, VolumeSource, align_block_chunked, render_chunked
+from jaxalign.chunked import (ChunkConfig, VolumeSource, align_block_chunked, compose_with_decay_chunked,
+                              render_chunked, stitch_field_chunked)
 from jaxalign.errors import InputError
 from jaxalign.stack import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan,
                             align_block_task, choose_starters, compose_with_decay, plan_blocks,
@@ -64,8 +70,9 @@ class VolumeConfig:
     level: MIP level of SRC that is aligned and rendered (fields are in pixels of that level).
     pyramid_levels: MIP levels of the aligned volume; None = down to >= `pyramid_min_size` px.
     pyramid_min_size: smallest side of the coarsest automatic pyramid level, px.
-    chunk: `ChunkConfig` for sections larger than `chunk.chunk` px (block fields and rendering run
-      on re-centred overlapping chunks); None = whole sections always.
+    chunk: `ChunkConfig` for sections larger than `chunk.chunk` px: block fields, stitch fields,
+      composition with decay, rendering and the aligned pyramid all run on (re-centred, overlapping)
+      chunks, so a worker's memory is bounded by the chunk size; None = whole sections always.
     stack: `StackConfig` (blur rate, starter rules, `BlockConfig` with the pair aligner).
   """
   block_size: int = DEFAULT_BLOCK_SIZE
@@ -111,6 +118,30 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return x.astype(dtype)
 
 
+def _chunked(config: VolumeConfig, h: int, w: int) -> bool:
+  """Whether sections of h x w px run chunk by chunk (memory ~ chunk size) under `config`."""
+  return config.chunk is not None and max(h, w) > config.chunk.chunk
+
+
+def _tiles(h: int, w: int, tile: int):
+  """((y0, y1), (x0, x1)) boxes of at most tile x tile px covering an h x w section."""
+  for y0 in range(0, h, tile):
+    for x0 in range(0, w, tile):
+      yield (y0, min(y0 + tile, h)), (x0, min(x0 + tile, w))
+
+
+def _stream_pyramid(vol: io.Volume, z: int, tile: int) -> None:
+  """MIP levels 1.. of section z from the level below, tile by tile (2x2 mean, odd edges
+  replicated like `io.build_pyramid`): memory ~ (2 tile)^2 px whatever the section size."""
+  from jaxalign.chunked import _downsample_to
+  for k in range(1, vol.levels):
+    hk, wk = vol.shape(k)[1:3]
+    hb, wb = vol.shape(k - 1)[1:3]
+    for (y0, y1), (x0, x1) in _tiles(hk, wk, tile):
+      a = vol.read(z, k - 1, ((2 * y0, min(2 * y1, hb)), (2 * x0, min(2 * x1, wb)))).astype(np.float32)
+      vol.write(_to_dtype(_downsample_to(a[None], 1)[0], vol.dtype), z, k, ((y0, y1), (x0, x1)))
+
+
 def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> None:
   """Writes section z at level 0 and its MIP levels 1.. (2x2 mean, odd edges replicated like
   `io.build_pyramid`), all chunk-aligned (one section per chunk in z)."""
@@ -128,12 +159,17 @@ def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> No
 QUALITY_LEVELS = 3  # tissue fractions are read this many MIP levels coarser when SRC has them
 
 
-def quality_task(src_url: str, z: int, level: int) -> tuple[float, float]:
+def quality_task(src_url: str, z: int, level: int, config_tile: int | None = None) -> tuple[float, float]:
   """(tissue fraction, defect fraction) of section z (no defect volume: defects 0), from a coarser
-  MIP level when SRC has one (a fraction does not need full resolution)."""
+  MIP level when SRC has one (a fraction does not need full resolution); counted tile by tile
+  (`config_tile` px) when the section is larger than that."""
   src = _open(src_url)
-  img = src.read(z, min(src.levels - 1, level + QUALITY_LEVELS))
-  return float(np.mean(img != 0)), 0.0
+  lvl = min(src.levels - 1, level + QUALITY_LEVELS)
+  h, w = src.shape(lvl)[1:3]
+  if config_tile is None or max(h, w) <= config_tile:
+    return float(np.mean(src.read(z, lvl) != 0)), 0.0
+  count = sum(int(np.count_nonzero(src.read(z, lvl, box))) for box in _tiles(h, w, config_tile))
+  return count / float(h * w), 0.0
 
 
 def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -> dict:
@@ -144,7 +180,7 @@ def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -
   out = _open(_url(dst, WORK, f"block_{block.index:05d}"))
   h, w = src.shape(config.level)[1:3]
   kw = dict(voting_distance=config.voting_distance)
-  if config.chunk is not None and max(h, w) > config.chunk.chunk:
+  if _chunked(config, h, w):
     sources = [VolumeSource(src, z, config.level) for z in range(block.start, block.stop)]
     align_block_chunked(sources, block, config=config.chunk, block_config=config.stack.block,
                         sink=lambda i, core, f: out.write(f, i, 0, core), **kw)
@@ -160,6 +196,16 @@ def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeC
   src = _open(src_url)
   prev_b, b = plan.blocks[k - 1], plan.blocks[k]
   ov = np.arange(b.start, b.own_start)
+  h, w = src.shape(config.level)[1:3]
+  if _chunked(config, h, w):
+    prev_vol = _open(_url(dst, WORK, f"block_{prev_b.index:05d}"))
+    next_vol = _open(_url(dst, WORK, f"block_{b.index:05d}"))
+    stitches = _open(_url(dst, WORK, "stitches"))
+    stitch_field_chunked([VolumeSource(src, int(z), config.level) for z in ov],
+                         [VolumeSource(prev_vol, int(z - prev_b.start)) for z in ov],
+                         [VolumeSource(next_vol, int(z - b.start)) for z in ov], config=config.chunk,
+                         block_config=config.stack.block, sink=lambda core, t: stitches.write(t, k, 0, core))
+    return
   sections = src.read(slice(int(ov[0]), int(ov[-1]) + 1), config.level).astype(np.float32)
   prev = _open(_url(dst, WORK, f"block_{prev_b.index:05d}")).read(
     slice(int(ov[0] - prev_b.start), int(ov[-1] - prev_b.start) + 1))
@@ -178,8 +224,18 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   t0 = time.perf_counter()
   src = _open(src_url)
   b = plan.owner(z)
-  field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
   ks, ds = stitch_chain(plan, z, config.decay_distance)
+  h, w = src.shape(config.level)[1:3]
+  if _chunked(config, h, w):
+    fields = _open(_url(dst, FIELDS))
+    stitches = _open(_url(dst, WORK, "stitches"))
+    compose_with_decay_chunked(VolumeSource(_open(_url(dst, WORK, f"block_{b.index:05d}")), z - b.start),
+                               [VolumeSource(stitches, k) for k in ks], ds,
+                               decay_distance=float(config.decay_distance), blur_rate=float(config.stack.blur_rate),
+                               config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
+    _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
+    return {"seconds": time.perf_counter() - t0}
+  field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
   k_max = _max_chain(plan, config.decay_distance)
   if k_max:
     # Neutral padding (zero stitches at decay_distance) keeps one compiled shape for all sections.
@@ -199,18 +255,17 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
 def _render_section(src: io.Volume, fields: io.Volume, out: io.Volume, z: int, config: VolumeConfig,
                     field: np.ndarray | None = None) -> None:
   h, w = src.shape(config.level)[1:3]
-  if config.chunk is not None and max(h, w) > config.chunk.chunk and out.levels == 1:
-    # Streaming: chunk cores go straight to the volume; memory stays ~ chunk size.
+  if _chunked(config, h, w):
+    # Streaming: chunk cores go straight to the volume, then each MIP level is built tile by tile
+    # from the one below; memory stays ~ chunk size.
     render_chunked(VolumeSource(src, z, config.level), VolumeSource(fields, z, 0), config=config.chunk,
                    sink=lambda core, a: out.write(_to_dtype(a, out.dtype), z, 0, core))
+    _stream_pyramid(out, z, config.chunk.chunk)
     return
   field = fields.read(z) if field is None else field
   image = src.read(z, config.level).astype(np.float32)
-  if config.chunk is not None and max(h, w) > config.chunk.chunk:
-    aligned = render_chunked(image, field, config=config.chunk)
-  else:
-    from jaxalign.render import render
-    aligned = np.asarray(render(image[None], field[None], batch_size=1))[0]
+  from jaxalign.render import render
+  aligned = np.asarray(render(image[None], field[None], batch_size=1))[0]
   _write_pyramid(out, z, aligned, out.levels)
 
 
@@ -241,15 +296,19 @@ def _params(src_url: str, config: VolumeConfig) -> dict:
   return {"src": src_url, "config": _stable_repr(config)}
 
 
-def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool) -> None:
-  """Reads every section of `vol` at `level` once, before anything is written: NaN/Inf anywhere,
-  or (with `need_data`) a volume whose sections are all zero, is an InputError naming it."""
+def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool, tile: int | None = None) -> None:
+  """Reads every section of `vol` at `level` once (tile by tile with `tile`, so the driver never
+  holds a whole large section), before anything is written: NaN/Inf anywhere, or (with
+  `need_data`) a volume whose sections are all zero, is an InputError naming it."""
   any_data = False
-  for z in range(vol.shape(level)[0]):
-    section = np.asarray(vol.read(z=z, level=level))
-    if np.issubdtype(section.dtype, np.floating) and not np.all(np.isfinite(section)):
-      raise InputError(f"{url}: section {z} contains NaN or Inf values")
-    any_data = any_data or bool(np.any(section))
+  z_count, h, w = vol.shape(level)[:3]
+  boxes = [None] if tile is None or max(h, w) <= tile else list(_tiles(h, w, tile))
+  for z in range(z_count):
+    for box in boxes:
+      section = np.asarray(vol.read(z=z, level=level, box=box))
+      if np.issubdtype(section.dtype, np.floating) and not np.all(np.isfinite(section)):
+        raise InputError(f"{url}: section {z} contains NaN or Inf values")
+      any_data = any_data or bool(np.any(section))
   if need_data and not any_data:
     raise InputError(f"{url}: the volume has no data (every section is all zeros)")
 
@@ -277,7 +336,8 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
   src = _open(src_url)
   z_count, h, w = src.shape(config.level)
   if config.starters is None:
-    q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task, (src_url, z, config.level))
+    tile = config.chunk.chunk if config.chunk is not None else None
+    q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task, (src_url, z, config.level, tile))
                         for z in range(z_count)], "quality")
     tissue, defect = np.array([a for a, _ in q]), np.array([b for _, b in q])
     choices = choose_starters(tissue, defect, block_size=config.block_size, overlap=config.overlap,
@@ -321,7 +381,8 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
   src = io.open_volume(src_url)
   if not src.is_field and config.level < src.levels:
     # Validate before CompletionRecords or any volume touches dst: bad input writes nothing.
-    _check_sections(src, src_url, config.level, need_data=True)
+    _check_sections(src, src_url, config.level, need_data=True,
+                    tile=config.chunk.chunk if config.chunk is not None else None)
   records = jd.CompletionRecords(dst)
   if restart:
     records.clear()
@@ -346,7 +407,7 @@ def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig 
   if not np.allclose(src_res, field_res):
     raise InputError(f"fields resolution {field_res} nm does not match {src_url} level {config.level} "
                      f"resolution {src_res} nm")
-  _check_sections(fields, fields_url, 0, need_data=False)
+  _check_sections(fields, fields_url, 0, need_data=False, tile=config.chunk.chunk if config.chunk is not None else None)
   records = jd.CompletionRecords(dst)
   if restart:
     records.clear()

@@ -153,3 +153,74 @@ def test_dask_local_cluster_matches_reference(tmp_path):
   np.testing.assert_array_equal(_open(url).read().result(), ref)
   assert total == pytest.approx(ref.astype(np.float64).sum(), rel=1e-6)
   assert all(c == 1 for c in _count(log).values())
+
+
+# ----------------------------------------------------------------------------- volume pipeline on Dask
+
+
+def killing_aligner(srcs, tgts, **kw):
+  """The FFT stand-in aligner (exact for integer shifts), which can kill its own process:
+  - $JAXALIGN_TEST_KILL_AT=N (counter in $JAXALIGN_TEST_KILL_DIR): `os._exit` at the Nth call, as
+    when the driver of an inline run is killed;
+  - $JAXALIGN_TEST_KILL_MARKER: the first call anywhere (marker file absent) SIGKILLs its worker."""
+  from tests.stack_helpers import phase_aligner
+  if os.environ.get("JAXALIGN_TEST_KILL_AT"):
+    counter = pathlib.Path(os.environ["JAXALIGN_TEST_KILL_DIR"]) / "calls"
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    if n == int(os.environ["JAXALIGN_TEST_KILL_AT"]):
+      os._exit(17)
+  marker = os.environ.get("JAXALIGN_TEST_KILL_MARKER")
+  if marker and not os.path.exists(marker):
+    pathlib.Path(marker).touch()
+    os.kill(os.getpid(), 9)
+  return phase_aligner(srcs, tgts, **kw)
+
+
+def _volume_config():
+  from jaxalign import pipeline
+  from jaxalign.block import BlockConfig
+  from jaxalign.stack import StackConfig
+  return pipeline.VolumeConfig(block_size=4, overlap=2, decay_distance=1e6, pyramid_levels=1,
+                               stack=StackConfig(block=BlockConfig(aligner=killing_aligner)))
+
+
+def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch):
+  """align_volume on 6 sections of 64^2: (1) an inline run whose process is killed in block 1;
+  (2) its restart on a 2-process Dask LocalCluster, during which a worker is SIGKILLed mid-task.
+  The restart skips every recorded task, runs each other task once, and its output equals an
+  uninterrupted inline run bit for bit. The Dask workers (and the killed driver) share a JAX
+  persistent compilation cache, which must not change a bit either."""
+  pytest.importorskip("distributed")
+  from jaxalign import io, pipeline
+  from tests.stack_helpers import random_shifts, texture_stack
+  sections = texture_stack(random_shifts(6, limit=5), size=64)
+  src = str(tmp_path / "src")
+  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  config = _volume_config()
+  ref_dst, dst = str(tmp_path / "ref"), str(tmp_path / "dst")
+  pipeline.align_volume(src, ref_dst, config, progress=False)  # uninterrupted, no cache, this process
+  for k, v in jd.compilation_cache_env(str(tmp_path / "xla_cache")).items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+  # Blocks [0, 4) and [2, 6): block 0 makes 3 pair alignments (one per section), block 1 is killed.
+  script = textwrap.dedent(f"""
+    import sys; sys.path.insert(0, {str(REPO)!r})
+    from tests.test_distributed import _volume_config
+    from jaxalign import pipeline
+    pipeline.align_volume({src!r}, {dst!r}, _volume_config(), progress=False)
+  """)
+  env = dict(os.environ, JAXALIGN_TEST_KILL_AT="4", JAXALIGN_TEST_KILL_DIR=str(tmp_path))
+  first = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, env=env)
+  assert first.returncode == 17, first.stderr.decode()[-2000:]
+  done = {k for k in jd.CompletionRecords(dst).keys() if k != "params"}
+  assert done == {f"quality/{z:06d}" for z in range(6)} | {"block/00000"}
+  marker = str(tmp_path / "worker_killed")
+  monkeypatch.setenv("JAXALIGN_TEST_KILL_MARKER", marker)
+  stats = jd.RunStats()
+  with jd.DaskExecutor(workers=2) as ex:
+    pipeline.align_volume(src, dst, config, executor=ex, progress=False, stats=stats)
+  assert os.path.exists(marker)  # a worker was killed mid-task (in block 1) and the run went on
+  assert (stats.skipped, stats.executed) == (len(done), 1 + 1 + 6)  # block 1, stitch 1, 6 sections
+  for name in ("fields", "aligned"):
+    np.testing.assert_array_equal(io.open_volume(f"{dst}/{name}").read(), io.open_volume(f"{ref_dst}/{name}").read())

@@ -172,5 +172,5 @@ def test_align_block_chunked_recovers_shifts_larger_than_the_overlap():
   sections = texture_stack(shifts, size=128, margin=60)
   config = BlockConfig(aligner=phase_aligner)
   fields = align_block_chunked(sections, voting_distance=2, block_config=config,
-                               config=ChunkConfig(chunk=64, overlap=12, coarse_levels=2))
+                               config=ChunkConfig(chunk=64, overlap=12, coarse_levels=2, min_coarse_size=32))
   np.testing.assert_allclose(fields, expected_fields(shifts, 128), atol=1e-4)

@@ -14,9 +14,9 @@ def define() -> None:
   flags.DEFINE_string("scheduler", None, "Dask scheduler address (e.g. tcp://host:8786); default: a LocalCluster")
   flags.DEFINE_boolean("progress", True, "show progress bars")
   flags.DEFINE_string("compilation_cache", "",
-                      "JAX persistent compilation cache folder shared by all workers (default off: "
-                      "executables loaded from it can round differently, which breaks bitwise-identical "
-                      "output across executors)")
+                      "JAX persistent compilation cache folder shared by this process and all workers, "
+                      "for every jitted function (workers load what the first compile produced instead "
+                      "of compiling again; output stays bitwise identical)")
 
 
 def executor() -> jd.Executor:
