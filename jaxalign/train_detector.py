@@ -79,6 +79,9 @@ class SynthConfig:
     fold_darkness: (min, max) intensity factor inside a fold band.
     fold_edge_probability: chance a fold gets thin bright edge lines.
     crack_bright_probability: chance a crack gap is bright film rather than empty (0).
+      Defaults (2-14 px, mostly empty) match the ground-truth generator's cracks (4-14 px at MIP 1,
+      empty), which the benchmarks and users see; session 1's (2-8 px, half bright) left wide empty
+      gaps undetected (they looked like the no-data margin of a section).
     bright: (min, max) intensity of bright film / resin.
     resin_probability: chance a patch gets a resin region.
     resin_noise: (min, max) sigma of the resin's pixel noise.
@@ -96,11 +99,11 @@ class SynthConfig:
   crops_per_section: int = 4
   crack_probability: float = 0.55
   fold_probability: float = 0.55
-  crack_width: tuple[float, float] = (2.0, 8.0)
+  crack_width: tuple[float, float] = (2.0, 14.0)
   fold_width: tuple[float, float] = (4.0, 20.0)
   fold_darkness: tuple[float, float] = (0.2, 0.55)
   fold_edge_probability: float = 0.5
-  crack_bright_probability: float = 0.5
+  crack_bright_probability: float = 0.2
   bright: tuple[float, float] = (0.7, 0.97)
   resin_probability: float = 0.35
   resin_noise: tuple[float, float] = (0.005, 0.04)
@@ -110,6 +113,39 @@ class SynthConfig:
   dark_blob_factor: tuple[float, float] = (0.25, 0.7)
   elastic_amplitude: float = 4.0
   max_translation: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HardNegativeConfig:
+  """Hard negatives: dark, undamaged tissue that a detector trained on synthetic folds calls "fold".
+
+  Dense organelles, dark cell profiles and membrane-rich regions look like a fold band (dark) and were
+  the main false positives on real sections (docs/benchmarks/detector.md). Two mechanisms, both on
+  real tissue (no synthetic look-alikes, which slowed fold learning, see `SynthConfig`):
+
+  Attributes:
+    dark_weight: BCE weight of crack / fold *negative* pixels that are dark (1 = off): the
+      `dark_radius` box mean of the image is below `dark_level` x the patch's median tissue
+      intensity (a fold band is 0.2-0.55x as bright, so such pixels are what the net confuses).
+    dark_level: see `dark_weight`.
+    dark_radius: box radius (px) of the local mean used for "dark".
+    mined_patches: undamaged patches of training sections added to the training set (0 = off):
+      the ones where `mine_from` (a detector) finds the most crack / fold pixels.
+    mined_candidates: undamaged patches scored to pick `mined_patches` from.
+    mined_weight: BCE weight of the negative crack / fold pixels of a mined patch that the mining
+      detector called defect (grown by `mined_grow` px).
+    mined_grow: see `mined_weight`.
+    mine_from: detector weights (path without suffix) used for mining; None = the model being
+      trained at initialisation (only useful with `DetectorTrainConfig.init_weights`).
+  """
+  dark_weight: float = 1.0
+  dark_level: float = 0.6
+  dark_radius: int = 2
+  mined_patches: int = 0
+  mined_candidates: int = 512
+  mined_weight: float = 4.0
+  mined_grow: int = 2
+  mine_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +159,11 @@ class DetectorTrainConfig:
     steps, batch, learning_rate, weight_decay, warmup: optimisation.
     pos_weight: BCE weight of positive pixels per class (crack, fold, tissue); defects are rare.
     dice_weight: weight of the soft Dice term (crack and fold).
+    init_weights: start from these detector weights (path without suffix; fine-tuning) instead of a
+      fresh initialisation; their architecture must equal `detector`.
     checkpoint_every, keep_checkpoints: orbax cadence / retention.
     seed: data and init seed.
+    hard_negatives: extra weight on dark undamaged tissue and mined false positives (off by default).
   """
   detector: detector.DetectorConfig = detector.DetectorConfig(channels=(8, 16, 32, 48))
   synth: SynthConfig = SynthConfig()
@@ -136,9 +175,11 @@ class DetectorTrainConfig:
   warmup: int = 30
   pos_weight: tuple[float, float, float] = (4.0, 2.0, 1.0)
   dice_weight: float = 1.0
+  init_weights: str | None = None
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
   seed: int = 0
+  hard_negatives: HardNegativeConfig = HardNegativeConfig()
 
 
 def config_to_dict(cfg: DetectorTrainConfig) -> dict:
@@ -150,9 +191,24 @@ def config_to_dict(cfg: DetectorTrainConfig) -> dict:
 
 
 class LabelledSet(NamedTuple):
-  """Images `[N, P, P]` float32 in [0, 1] and labels `[N, P, P, 3]` float32 (crack, fold, tissue)."""
+  """Images `[N, P, P]` float32 in [0, 1], labels `[N, P, P, 3]` float32 (crack, fold, tissue) and
+  optional per-pixel BCE weights `[N, P, P, 3]` float32 (None = all 1)."""
   images: np.ndarray
   labels: np.ndarray
+  weights: np.ndarray | None = None
+
+  def pixel_weights(self) -> np.ndarray:
+    """`weights`, or ones `[N, P, P, 3]` float32 when absent."""
+    return self.weights if self.weights is not None else np.ones(self.labels.shape, np.float32)
+
+
+def concat_sets(parts: Sequence[LabelledSet]) -> LabelledSet:
+  """One `LabelledSet` from several (weights filled with 1 where a part has none)."""
+  parts = [p for p in parts if len(p.images)]
+  weights = None
+  if any(p.weights is not None for p in parts):
+    weights = np.concatenate([p.pixel_weights() for p in parts])
+  return LabelledSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), weights)
 
 
 def load_stack(root: pathlib.Path, spec: StackSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -298,8 +354,13 @@ def synthesize(sections: np.ndarray, synth: SynthConfig, seed: int, *, progress:
   return LabelledSet(np.stack(images).astype(np.float32), np.stack(labels).astype(np.float32))
 
 
-def build_datasets(cfg: DetectorTrainConfig, root=DEFAULT_DATA_ROOT) -> tuple[LabelledSet, LabelledSet]:
-  """(train, held-out) labelled sets from `cfg.stacks` (held-out = last sections of each stack)."""
+def build_datasets(cfg: DetectorTrainConfig, root=DEFAULT_DATA_ROOT, *,
+                   mining_model: detector.UNet | None = None) -> tuple[LabelledSet, LabelledSet]:
+  """(train, held-out) labelled sets from `cfg.stacks` (held-out = last sections of each stack).
+
+  With `cfg.hard_negatives`: mined undamaged patches are appended to the training set (mined by
+  `mine_from`, else by `mining_model`) and dark negative pixels re-weighted. The held-out set is
+  never re-weighted (its scores are plain pixel scores)."""
   train_secs, val_secs = [], []
   for spec in cfg.stacks:
     tr, va = load_stack(pathlib.Path(root), spec)
@@ -310,31 +371,113 @@ def build_datasets(cfg: DetectorTrainConfig, root=DEFAULT_DATA_ROOT) -> tuple[La
     parts_tr.append(synthesize(tr, cfg.synth, cfg.seed * 1000 + i))
     parts_va.append(synthesize(va, cfg.synth, cfg.seed * 1000 + 500 + i))
     logging.info("%s: %d train / %d held-out sections", name, len(tr), len(va))
-  cat = lambda parts: LabelledSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
-  return cat(parts_tr), cat(parts_va)
+  train_set = concat_sets(parts_tr)
+  hn = cfg.hard_negatives
+  if hn.mined_patches > 0:
+    miner = mining_model
+    if hn.mine_from is not None:
+      miner = detector.load_weights(hn.mine_from)
+    if miner is None:
+      raise InputError("hard negative mining needs a detector: set HardNegativeConfig.mine_from "
+                       "(or DetectorTrainConfig.init_weights)")
+    mined = mine_hard_negatives(miner, [tr for _, tr in train_secs], cfg.synth, hn, cfg.seed * 1000 + 900)
+    logging.info("mined %d hard-negative patches (%d defect-called px)", len(mined.images),
+                 int(np.sum(mined.weights[..., :2] > 1)))
+    train_set = concat_sets([train_set, mined])
+  if hn.dark_weight != 1.0:
+    train_set = train_set._replace(weights=np.asarray(dark_negative_weights(
+      jnp.asarray(train_set.images), jnp.asarray(train_set.labels), jnp.asarray(train_set.pixel_weights()),
+      weight=hn.dark_weight, level=hn.dark_level, radius=hn.dark_radius)))
+  return train_set, concat_sets(parts_va)
 
 
-def augment_batch(rng: np.random.Generator, data: LabelledSet, batch: int) -> tuple[np.ndarray, np.ndarray]:
-  """A random batch with random flips / 90° rotations (the defects have no preferred direction)."""
+@functools.partial(jax.jit, static_argnames=("radius",))
+def dark_negative_weights(images: jax.Array, labels: jax.Array, weights: jax.Array, *, weight: float,
+                          level: float, radius: int) -> jax.Array:
+  """Multiplies the crack / fold BCE weight of dark negative pixels by `weight`.
+
+  Args:
+    images: `[N, P, P]` float32 in [0, 1] (0 = no data). labels: `[N, P, P, 3]` float32.
+    weights: `[N, P, P, 3]` float32 current weights.
+    weight, level, radius: see `HardNegativeConfig.dark_weight` / `dark_level` / `dark_radius`.
+  Returns:
+    `[N, P, P, 3]` float32 weights: x `weight` where the pixel has data, is neither crack nor fold,
+    and its `(2 radius + 1)^2` box mean is below `level` x the patch's median data intensity.
+  """
+  data = images > 0
+  # the median of a patch's data pixels: no-data pixels are pushed to the top half, then the
+  # data-count-th order statistic is read
+  ranked = jnp.sort(jnp.where(data, images, 2.0).reshape(images.shape[0], -1), axis=-1)
+  count = jnp.maximum(jnp.sum(data, axis=(1, 2)), 1)
+  median = jnp.take_along_axis(ranked, ((count - 1) // 2)[:, None], axis=-1)[:, 0]
+  k = 2 * radius + 1
+  local = jax.lax.reduce_window(images, 0.0, jax.lax.add, (1, k, k), (1, 1, 1), "SAME") / float(k * k)
+  dark = data & (local < level * median[:, None, None]) & (labels[..., 0] < 0.5) & (labels[..., 1] < 0.5)
+  boost = jnp.where(dark, weight, 1.0)
+  return weights * jnp.stack([boost, boost, jnp.ones_like(boost)], axis=-1)
+
+
+def mine_hard_negatives(model: detector.UNet, stacks: Sequence[np.ndarray], synth: SynthConfig,
+                        config: HardNegativeConfig, seed: int) -> LabelledSet:
+  """Undamaged training patches on which `model` calls the most crack / fold pixels.
+
+  Args:
+    model: the mining detector.
+    stacks: training sections per stack, each `[Z, H, W]` float32 in [0, 1] (never held-out ones).
+    synth: patch size and MIPs (`cut_patches`).
+    config: `mined_candidates` patches are cut (spread over the stacks), the `mined_patches` with
+      the most defect-called pixels kept.
+    seed: patch positions.
+  Returns:
+    `LabelledSet`: the clean patches, labels (no crack / fold; tissue where there is data) and
+    weights (`mined_weight` on the negative crack / fold pixels the miner called defect, grown by
+    `mined_grow` px; 1 elsewhere).
+  """
+  rng = np.random.default_rng(seed)
+  per_stack = max(1, config.mined_candidates // max(len(stacks), 1))
+  cands = []
+  for st in stacks:
+    patches = cut_patches(st, synth, rng)
+    cands.append(patches[rng.permutation(len(patches))[:per_stack]])
+  cands = np.concatenate(cands)
+  probs = predict_set(model, LabelledSet(cands, np.zeros(cands.shape + (3,), np.float32)))
+  called = np.asarray(detector.dilate(jnp.asarray(np.max(probs[..., :2], axis=-1) > 0.5), config.mined_grow))
+  order = np.argsort(-called.sum(axis=(1, 2)), kind="stable")[:config.mined_patches]
+  images, called = cands[order], called[order]
+  labels = np.zeros(images.shape + (3,), np.float32)
+  labels[..., 2] = images > 0
+  boost = np.where(called, np.float32(config.mined_weight), np.float32(1.0))
+  weights = np.stack([boost, boost, np.ones_like(boost)], axis=-1).astype(np.float32)
+  return LabelledSet(images.astype(np.float32), labels, weights)
+
+
+def augment_batch(rng: np.random.Generator, data: LabelledSet,
+                  batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A random batch (images, labels, weights) with random flips / 90° rotations (the defects have
+  no preferred direction)."""
   idx = rng.integers(0, len(data.images), batch)
   imgs, labs = data.images[idx], data.labels[idx]
+  wts = data.weights[idx] if data.weights is not None else np.ones(labs.shape, np.float32)
   k = int(rng.integers(0, 4))
-  imgs, labs = np.rot90(imgs, k, axes=(1, 2)), np.rot90(labs, k, axes=(1, 2))
+  imgs, labs, wts = (np.rot90(a, k, axes=(1, 2)) for a in (imgs, labs, wts))
   if rng.uniform() < 0.5:
-    imgs, labs = imgs[:, :, ::-1], labs[:, :, ::-1]
-  return np.ascontiguousarray(imgs), np.ascontiguousarray(labs)
+    imgs, labs, wts = imgs[:, :, ::-1], labs[:, :, ::-1], wts[:, :, ::-1]
+  return np.ascontiguousarray(imgs), np.ascontiguousarray(labs), np.ascontiguousarray(wts)
 
 
 # ----------------------------------------------------------------------------------------------
 # Loss and step
 
 
-def detector_loss(logits: jax.Array, labels: jax.Array, pos_weight: Sequence[float], dice_weight: float) -> jax.Array:
+def detector_loss(logits: jax.Array, labels: jax.Array, pos_weight: Sequence[float], dice_weight: float,
+                  weights: jax.Array | None = None) -> jax.Array:
   """Weighted BCE (all classes) + soft Dice (crack, fold).
 
   Args:
     logits: `[B, H, W, 3]` float32. labels: `[B, H, W, 3]` float32 in {0, 1}.
     pos_weight: per-class weight of positive pixels. dice_weight: weight of the Dice term.
+    weights: optional `[B, H, W, 3]` float32 per-pixel BCE weights (hard negatives), applied on top
+      of `pos_weight`; the BCE stays a plain mean over pixels.
   Returns:
     scalar float32.
   """
@@ -342,6 +485,8 @@ def detector_loss(logits: jax.Array, labels: jax.Array, pos_weight: Sequence[flo
   log_p = jax.nn.log_sigmoid(logits)
   log_not_p = jax.nn.log_sigmoid(-logits)
   bce = -(pw * labels * log_p + (1.0 - labels) * log_not_p)
+  if weights is not None:
+    bce = bce * weights
   prob = jax.nn.sigmoid(logits[..., :2])
   lab = labels[..., :2]
   inter = jnp.sum(prob * lab, axis=(1, 2))
@@ -357,10 +502,11 @@ def make_optimizer(model: detector.UNet, cfg: DetectorTrainConfig) -> nnx.Optimi
 
 
 @nnx.jit(static_argnames=("pos_weight", "dice_weight"))
-def train_step(model, optimizer, images, labels, *, pos_weight, dice_weight):
-  """One optimiser step on a batch `[B, P, P]` / `[B, P, P, 3]`; returns the loss (before the step)."""
+def train_step(model, optimizer, images, labels, weights=None, *, pos_weight, dice_weight):
+  """One optimiser step on a batch `[B, P, P]` / `[B, P, P, 3]` (optional per-pixel BCE weights
+  `[B, P, P, 3]`); returns the loss (before the step)."""
   def loss_fn(m):
-    return detector_loss(m(images), labels, pos_weight, dice_weight)
+    return detector_loss(m(images), labels, pos_weight, dice_weight, weights)
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)
   return loss
@@ -452,13 +598,20 @@ def train(cfg: DetectorTrainConfig, workdir, *, datasets: tuple[LabelledSet, Lab
     raise InputError(f"patch {cfg.synth.patch} must be a multiple of {cfg.detector.multiple}")
   t0 = time.time()
   # data first: a bad stack list fails before anything is written
-  train_set, val_set = datasets if datasets is not None else build_datasets(cfg, root)
+  init = detector.load_weights(cfg.init_weights) if cfg.init_weights else None
+  if init is not None and tuple(init.cfg.channels) != tuple(cfg.detector.channels):
+    raise InputError(f"init_weights {cfg.init_weights} have widths {init.cfg.channels}, "
+                     f"the run asks for {cfg.detector.channels}")
+  train_set, val_set = datasets if datasets is not None else build_datasets(cfg, root, mining_model=init)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
   logging.info("detector data: %d train / %d held-out patches (%.1f s)", len(train_set.images),
                len(val_set.images), time.time() - t0)
   model = detector.UNet(cfg.detector, rngs=nnx.Rngs(cfg.seed))
+  if init is not None:
+    nnx.update(model, nnx.state(init, nnx.Param))
+    logging.info("detector initialised from %s", cfg.init_weights)
   optimizer = make_optimizer(model, cfg)
   mgr = _manager(workdir, cfg.keep_checkpoints)
   start = 0
@@ -479,8 +632,8 @@ def train(cfg: DetectorTrainConfig, workdir, *, datasets: tuple[LabelledSet, Lab
   bar = tqdm(range(start, stop), desc="train-detector", disable=not progress)
   for step in bar:
     rng = np.random.default_rng((cfg.seed, step))
-    x, y = augment_batch(rng, train_set, cfg.batch)
-    loss = float(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y),
+    x, y, wt = augment_batch(rng, train_set, cfg.batch)
+    loss = float(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y), jnp.asarray(wt),
                             pos_weight=tuple(cfg.pos_weight), dice_weight=cfg.dice_weight))
     losses.append(loss)
     bar.set_postfix(loss=f"{loss:.4f}")
@@ -502,5 +655,5 @@ def train(cfg: DetectorTrainConfig, workdir, *, datasets: tuple[LabelledSet, Lab
   mgr.close()
   weights = detector.save_weights(model, workdir / "detector",
                                   meta={"steps": stop, "train_patches": len(train_set.images),
-                                        "stacks": [s.name for s in cfg.stacks]})
+                                        "stacks": [s.name for s in cfg.stacks], "init_weights": cfg.init_weights})
   return TrainResult(model, stop, losses, weights)
