@@ -69,6 +69,12 @@ class PairConfig:
     tear_refine_radius: full-resolution px: pixels whose sample lies this close to a src defect may
       be changed by the refinement.
     tear_refine_window: window radius (px) of the refinement's image cost.
+    presmooth_sigma, presmooth_levels: Gaussian blur (px of the level) of both images before the
+      finetuner's MSE, at the `presmooth_levels` finest levels (coarser ones are averaged by the
+      pyramid already). Bilinear
+      resampling averages noise, so on noisy images the raw MSE prefers fractional shifts (measured:
+      +0.17 px in y and x between two noisy copies of one FIB-SEM crop, which builds up along a stack);
+      smoothing first removes that bias.
     global_translation: before the coarsest level, try the translation found by phase correlation of the
       coarsest images and keep it if it lowers their masked MSE. This extends the capture range from
       ~2 coarsest-level pixels (gradient descent) to about a quarter of the section.
@@ -87,6 +93,8 @@ class PairConfig:
   tear_refine_iterations: int = 8
   tear_refine_radius: int = 8
   tear_refine_window: int = 2
+  presmooth_sigma: float = 0.7
+  presmooth_levels: int = 2
   global_translation: bool = True
   init: str = "identity"
   refine_model: bool = False
@@ -162,6 +170,17 @@ def _with_global_translation(field, src, tgt, src_valid, tgt_valid):
   return jnp.where(cost(moved) < cost(field), moved, field)
 
 
+def _smoothed(image, valid, sigma: float):
+  """Normalised `image [h, w]` over `valid`, blurred by `sigma` px with the no-data pixels filled by
+  their neighbours' blur (normalised convolution), so tissue borders do not darken; 0 off `valid`."""
+  x = _preprocess.normalize(image * valid, valid > 0)
+  if sigma > 0:
+    num = _fields.gaussian_blur(x * valid, sigma)
+    den = _fields.gaussian_blur(valid, sigma)
+    x = _preprocess.normalize(jnp.where(valid > 0, num / jnp.maximum(den, 1e-6), 0.0), valid > 0)
+  return x
+
+
 def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field, *,
                     config: PairConfig, levels: int):
   """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1).
@@ -196,8 +215,9 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     if k < levels - 1:
       field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
     # Re-normalise per level: 2x2 means shrink the variance, and the gamma balance assumes unit variance.
-    s = _preprocess.normalize(src_p[k] * sv_p[k], sv_p[k] > 0)
-    t = _preprocess.normalize(tgt_p[k] * tv_p[k], tv_p[k] > 0)
+    sigma = config.presmooth_sigma if k < config.presmooth_levels else 0.0
+    s = _smoothed(src_p[k], sv_p[k], sigma)
+    t = _smoothed(tgt_p[k], tv_p[k], sigma)
     if k == levels - 1 and config.global_translation:
       field = _with_global_translation(field, s, t, sv_p[k], tv_p[k])
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
