@@ -1,42 +1,63 @@
 """Evidence for block/stack alignment (issue 6 §4) on ground-truth stacks from ../shared/data/em.
 
-Two experiments, both on sections distorted with known fields by `jaxalign.groundtruth`:
+Sections are distorted with known fields by `jaxalign.groundtruth` (elastic, small affine, gain,
+offset, noise). The pair aligner is the library default (`jaxalign.pair.align_pairs`, the Online
+Field Finetuner, through `BlockConfig.aligner=None`) unless `--aligner=blockmatch`.
 
-* ``defects``: a short stack (FIB-SEM every 4th slice = 40 nm sections, or ssTEM) with one blank
-  section and strong stripes (knife chatter, *not* given to the aligner as a mask) in two consecutive
-  sections. Per-section endpoint error (EPE) against the ground truth with voting distance 3 vs 1
-  (plain sequential alignment), plotted.
-* ``abcd``: >= 100 sections (the FIB-SEM every-4th sequence played forward and backward), aligned
-  as one block and with `align_stack` in blocks (blocks' starter sections are left undistorted, as
-  in a coarsely pre-aligned stack whose starters define the frame). Per-section EPE of both (drift),
-  the difference of the two runs away from block interfaces, a seam measure at interfaces, and the
-  low-CPC fraction of the aligned stack next to the undistorted original's.
+Three experiments:
 
-The pair aligner is `jaxalign.blockmatch.block_match` (fast on CPU) or `jaxalign.pair.align_pair`.
+* ``motion``: sequential alignment (n = 1) of the UNDISTORTED stack (every 4th slice, every slice
+  over the same depth, one section repeated with noise, and several elastic-prior strengths):
+  the motion the aligner finds in data whose ground truth is the identity.
 
-  python experiments/eval_stack.py --experiment=defects --stack=flyem_medulla_fibsem --crop=192
-  python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --crop=192 --num=24
-  python experiments/eval_stack.py --experiment=abcd --crop=128 --num=100 --block_size=20
+* ``defects``: a short stack with one blank section and a pair defect *not* given to the aligner
+  as a mask, aligned with voting distance 3 and 1 (plain sequential alignment). The pair defect is
+  strong knife-chatter stripes in two consecutive sections (``--pair_defect=stripes``) or one
+  section with a misregistered montage tile (``--pair_defect=tile``: a centre square whose
+  content is shifted by ``--tile_shift`` px) or a mirrored centre square (``--pair_defect=mirror``:
+  content that matches nothing, so the pair alignment of that section fails there). Each run is
+  repeated on the blank-only stack; the pair defect's own effect is the field difference
+  |F(blank + defect) - F(blank only)| (and the excess EPE, which can cancel against drift).
+* ``abcd``: >= 100 sections, aligned as one block and with `align_stack` in blocks at several decay
+  distances. Every run is repeated on the *undistorted* stack: that run's fields U are the motion
+  the same pipeline finds in the data itself (FIB-SEM "registered" slices still differ by
+  content shifts at 40 nm), and the fair reference for the distorted run is compose(GT, U) (what the
+  distorted run returns if the aligner is exact and equivariant). Reports absolute and relative EPE
+  per section, block-vs-single-block differences away from interfaces, seams (field jumps and x-z
+  reslices of the rendered stacks) and the low-CPC fraction. ``--content=repeat`` uses one section
+  repeated (no tissue change: the aligner is well-posed, a check of the block machinery).
+
+Commands of docs/benchmarks/stack.md (run under ``nice -n 5``):
+
+  python experiments/eval_stack.py --experiment=motion --crop=160 --num=13
+  python experiments/eval_stack.py --experiment=defects --pair_defect=mirror --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=defects --pair_defect=stripes --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=abcd --crop=160 --num=100 --block_size=20 --decays=25,100,1e6
+  python experiments/eval_stack.py --experiment=abcd --content=repeat --crop=128 --num=100 \
+      --block_size=20 --decays=25,1e6 [--stitch_refine=false]
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
 import time
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 
 from jaxalign.block import BlockConfig, align_block
 from jaxalign.evaluation import em_data_dir, load_stack
+from jaxalign.fields import compose
 from jaxalign.groundtruth import DistortionConfig, distort_stack
 from jaxalign.metrics import cpc
 from jaxalign.render import render
 from jaxalign.stack import StackConfig, align_stack, choose_starters, plan_blocks
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("experiment", "defects", ["defects", "abcd"], "which experiment")
+flags.DEFINE_enum("experiment", "defects", ["defects", "abcd", "motion"], "which experiment")
 flags.DEFINE_string("stack", "flyem_medulla_fibsem", "shared stack name (../shared/data/em/<name>)")
 flags.DEFINE_integer("step", None, "slice step (default 4 for FIB-SEM: 40 nm sections, else 1)")
 flags.DEFINE_integer("crop", 192, "centre crop (px)")
@@ -46,54 +67,86 @@ flags.DEFINE_float("elastic", 6.0, "elastic distortion amplitude (px)")
 flags.DEFINE_float("translation", 3.0, "max translation of the distortion (px)")
 flags.DEFINE_bool("discontinuities", False, "also draw random cracks, folds and missing blobs")
 flags.DEFINE_integer("blank", 8, "defects: index of the blank section")
-flags.DEFINE_integer("stripes", 14, "defects: first of the two striped sections")
+flags.DEFINE_enum("pair_defect", "stripes", ["stripes", "tile", "mirror"], "defects: the unmasked defect")
+flags.DEFINE_integer("stripes", 14, "defects: first defective section (stripes: it and the next)")
 flags.DEFINE_float("stripe_amplitude", 1.0, "defects: relative stripe modulation")
 flags.DEFINE_float("stripe_period", 6.0, "defects: stripe period (px)")
+flags.DEFINE_float("tile_shift", 12.0, "defects: tile misregistration (px, along x and y each)")
+flags.DEFINE_float("tile_fraction", 0.75, "defects: side of the tile / mirrored square, as a fraction of the crop")
 flags.DEFINE_integer("block_size", 20, "abcd: block size")
 flags.DEFINE_integer("overlap", 3, "abcd: overlap")
-flags.DEFINE_float("decay_distance", 100.0, "abcd: decay distance (sections)")
+flags.DEFINE_list("decays", ["25", "100", "1e6"], "abcd: decay distances (sections); 1e6 = plain composition")
 flags.DEFINE_integer("voting_distance", 3, "abcd: voting distance")
-flags.DEFINE_enum("aligner", "blockmatch", ["blockmatch", "pair"], "pair aligner")
+flags.DEFINE_enum("aligner", "pairs", ["pairs", "blockmatch"], "pair aligner (pairs = library default)")
+flags.DEFINE_float("gamma_scale", 1.0, "pairs: multiply PairConfig().gammas (elastic prior) by this; 1 = defaults")
+flags.DEFINE_enum("content", "sequence", ["sequence", "repeat"],
+                  "abcd: real section sequence, or section 0 repeated (no content change between sections: "
+                  "isolates the alignment machinery from the tissue's own section-to-section change)")
+flags.DEFINE_bool("stitch_refine", True, "abcd: align overlap renderings for the stitch fields (paper); "
+                  "False = vote the algebraic estimates only")
+flags.DEFINE_list("motion_gamma_scales", ["4", "16"], "motion: gamma scales to compare")
 flags.DEFINE_integer("cpc_chunk", 32, "CPC chunk (px)")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where PNG/JSON results go")
 
 # Sections within this distance of a block interface count as "near" it.
 INTERFACE_MARGIN = 3
+# Low-CPC threshold (chunks below it count as misaligned).
+LOW_CPC = 0.25
 
 
-def _aligner():
-  """Batched protocol around a one-pair aligner (the benchmark runs pairs one by one on CPU)."""
-  if FLAGS.aligner == "blockmatch":
-    from jaxalign.blockmatch import BlockMatchConfig, block_match
-    # Large, smooth patches: the distortions are smooth, and small patches follow the tissue's own
-    # section-to-section change (which the ground truth counts as error) more.
-    cfg = BlockMatchConfig(levels=(2, 1, 0), patch=64, stride=32, smooth=1.0)
+def _pair_config():
+  from jaxalign.pair import PairConfig
+  base = PairConfig()
+  if FLAGS.gamma_scale == 1.0:
+    return base
+  return PairConfig(gammas=tuple(g * FLAGS.gamma_scale for g in base.gammas))
 
-    def one(s, t, sd, td, init):
-      return block_match(s, t, init_field=init, src_defects=sd, tgt_defects=td, config=cfg)
-  else:
-    from jaxalign.pair import align_pair
 
-    def one(s, t, sd, td, init):
-      return align_pair(s, t, src_defects=sd, tgt_defects=td, init_field=init)
+def _suffix() -> str:
+  out = "" if FLAGS.gamma_scale == 1.0 else f"_gamma{FLAGS.gamma_scale:g}"
+  out += "_repeat" if FLAGS.experiment == "abcd" and FLAGS.content == "repeat" else ""
+  return out + ("_algebraic" if FLAGS.experiment == "abcd" and not FLAGS.stitch_refine else "")
+
+
+def _block_config() -> BlockConfig:
+  if FLAGS.aligner == "pairs":
+    # Default aligner: jaxalign.pair.align_pairs; PairConfig() unless --gamma_scale.
+    return BlockConfig() if FLAGS.gamma_scale == 1.0 else BlockConfig(pair=_pair_config())
+  from jaxalign.blockmatch import BlockMatchConfig, block_match
+  cfg = BlockMatchConfig(levels=(2, 1, 0), patch=64, stride=32, smooth=1.0)
 
   def aligner(srcs, tgts, *, src_defects=None, tgt_defects=None, init_fields=None):
-    b = len(srcs)
-    out = []
-    for i in range(b):
-      out.append(np.asarray(one(np.asarray(srcs[i]), np.asarray(tgts[i]),
-                                None if src_defects is None else np.asarray(src_defects[i]),
-                                None if tgt_defects is None else np.asarray(tgt_defects[i]),
-                                None if init_fields is None else np.asarray(init_fields[i]))))
-    return np.stack(out)
-  return aligner
+    return np.stack([np.asarray(block_match(srcs[i], tgts[i], init_field=init_fields[i],
+                                            src_defects=src_defects[i], tgt_defects=tgt_defects[i],
+                                            config=cfg)) for i in range(len(srcs))])
+  return BlockConfig(aligner=aligner)
 
 
-def _load(num: int) -> np.ndarray:
+def _provenance() -> dict:
+  from jaxalign.pair import PairConfig
+  try:
+    commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    # The pair aligner may have uncommitted edits: fingerprint the files it is made of.
+    dirty = subprocess.run(["git", "diff", "--stat", "--", "jaxalign/pair.py", "jaxalign/finetuner.py",
+                            "jaxalign/losses.py"], capture_output=True, text=True, check=False).stdout.strip()
+    import hashlib
+    digest = hashlib.md5(b"".join(pathlib.Path(f"jaxalign/{m}.py").read_bytes()
+                                  for m in ("pair", "finetuner", "losses"))).hexdigest()[:10]
+    commit = f"{commit}{' + uncommitted pair-aligner edits' if dirty else ''} (pair/finetuner/losses md5 {digest})"
+  except OSError:
+    commit = "?"
+  return dict(commit=commit, aligner=FLAGS.aligner, pair_config=repr(_pair_config()),
+              default_pair_config=repr(PairConfig()))
+
+
+def _load(num: int, crop: int | None = -1) -> np.ndarray:
+  """`[num, H, W]` sections (crop -1 = `--crop`, None = full frames)."""
+  crop = FLAGS.crop if crop == -1 else crop
   step = FLAGS.step or (4 if FLAGS.stack == "flyem_medulla_fibsem" else 1)
   available = len(list((em_data_dir() / FLAGS.stack).glob("[0-9]*.png")))
   unique = min(num, (available - 1) // step + 1)
-  base = load_stack(FLAGS.stack, num=unique, step=step, crop=FLAGS.crop)
+  base = load_stack(FLAGS.stack, num=unique, step=step, crop=crop)
   if unique >= num:
     return base
   # Ping-pong through the sequence so neighbouring sections stay neighbours in the tissue.
@@ -114,171 +167,382 @@ def _distortion(undistorted=(0,)) -> DistortionConfig:
                              dict(crack_probability=0.0, fold_probability=0.0, blob_probability=0.0)))
 
 
-def _section_epe(pred, d) -> np.ndarray:
-  """`[Z]` median EPE (px) over each section's valid pixels (NaN where none)."""
-  err = np.linalg.norm(np.asarray(pred) - d.fields, axis=-1)
-  out = np.full(err.shape[0], np.nan)
-  for z in range(err.shape[0]):
-    v = d.valid[z] & d.tissue[z] if d.tissue[z].shape == d.valid[z].shape else d.valid[z]
-    if v.any():
-      out[z] = float(np.median(err[z][v]))
-  return out
+def _median_epe(pred, ref, valid) -> np.ndarray:
+  """`[Z]` median |pred - ref| (px) over each section's `valid` pixels (NaN where none)."""
+  err = np.linalg.norm(np.asarray(pred) - np.asarray(ref), axis=-1)
+  return np.array([float(np.median(err[z][valid[z]])) if valid[z].any() else np.nan
+                   for z in range(err.shape[0])])
 
 
-def _low_cpc(stack, threshold=0.25) -> tuple[float, int]:
-  """Fraction of scored chunks with CPC < threshold over consecutive section pairs, and the count."""
+_compose_batch = jax.jit(jax.vmap(compose))
+
+
+def _fair_reference(gt, undistorted_fields) -> np.ndarray:
+  """`[Z, H, W, 2]` compose(GT, U): undo the distortion, then the undistorted run's own motion."""
+  return np.asarray(_compose_batch(np.asarray(gt, np.float32), np.asarray(undistorted_fields, np.float32)))
+
+
+def _low_cpc(stack) -> tuple[float, int]:
+  """Fraction of scored chunks with CPC < LOW_CPC over consecutive section pairs, and the count."""
   vals = []
   for z in range(1, stack.shape[0]):
     c = np.asarray(cpc(stack[z - 1], stack[z], chunk=FLAGS.cpc_chunk))
     vals.append(c[~np.isnan(c)])
   vals = np.concatenate(vals)
-  return float(np.mean(vals < threshold)), int(vals.size)
+  return float(np.mean(vals < LOW_CPC)), int(vals.size)
 
 
-def _plot(path, curves: dict, title: str, marks: dict | None = None):
+def _phase_shift(a, b) -> np.ndarray:
+  """(dy, dx) px, float64 phase correlation with parabolic sub-pixel peak: b(x) ≈ a(x + d)."""
+  win = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
+  fa = np.fft.fft2((a - a.mean()) * win)
+  fb = np.fft.fft2((b - b.mean()) * win)
+  r = fb * np.conj(fa)
+  corr = np.real(np.fft.ifft2(r / (np.abs(r) + 1e-12)))
+  peak = np.array(np.unravel_index(np.argmax(corr), corr.shape))
+  out = []
+  for ax in range(2):
+    n = corr.shape[ax]
+    idx = [peak[0], peak[1]]
+    vals = []
+    for o in (-1, 0, 1):
+      idx[ax] = (peak[ax] + o) % n
+      vals.append(corr[tuple(idx)])
+    den = vals[0] - 2 * vals[1] + vals[2]
+    sub = 0.5 * (vals[0] - vals[2]) / den if den != 0 else 0.0
+    p = peak[ax] + sub
+    out.append(p - n if p > n / 2 else p)
+  return -np.array(out)
+
+
+def _plot(path, curves: dict, title: str, marks: dict | None = None, ylabel="median EPE (px)"):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 3.5))
   for label, y in curves.items():
-    ax.plot(np.arange(len(y)), y, marker=".", label=label)
+    style = dict(marker=".", ms=3) if not label.startswith("_") else dict(ls="--")
+    ax.plot(np.arange(len(y)), y, label=label.lstrip("_"), **style)
   for label, xs in (marks or {}).items():
     for i, x in enumerate(xs):
       ax.axvline(x, color="grey", ls=":", lw=1, label=label if i == 0 else None)
   ax.set_xlabel("section")
-  ax.set_ylabel("median EPE (px)")
-  ax.set_title(title)
-  ax.legend()
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
+# --------------------------------------------------------------------------- defects
+
+
+def _add_pair_defect(images: np.ndarray) -> list[int]:
+  """Adds the unmasked defect in place; returns the defective sections."""
+  z_count, h, w = images.shape
+  k = FLAGS.stripes
+  if FLAGS.pair_defect == "stripes":
+    yy, xx = np.mgrid[:h, :w]
+    stripes = 1.0 + FLAGS.stripe_amplitude * np.sin(2 * np.pi * (0.8 * xx + 0.6 * yy) / FLAGS.stripe_period)
+    for z in (k, k + 1):
+      images[z] = np.where(images[z] != 0, np.clip(images[z] * stripes, 1e-3, None), 0.0).astype(np.float32)
+    return [k, k + 1]
+  side = int(FLAGS.tile_fraction * min(h, w))
+  y0, x0 = (h - side) // 2, (w - side) // 2
+  if FLAGS.pair_defect == "tile":
+    # A misregistered montage tile: the centre square shows the tissue from `tile_shift` px away.
+    s = int(round(FLAGS.tile_shift))
+    src = np.roll(images[k], (s, s), axis=(0, 1))
+  else:
+    # A mirrored region (e.g. a tile stored flipped): content that matches nothing nearby.
+    src = images[k].copy()
+    src[:, x0:x0 + side] = images[k][:, x0:x0 + side][:, ::-1]
+  images[k, y0:y0 + side, x0:x0 + side] = src[y0:y0 + side, x0:x0 + side]
+  return [k]
+
+
 def run_defects(out_dir: pathlib.Path) -> dict:
   original = _load(FLAGS.num)
   d = distort_stack(original, _distortion(), progress=False)
-  images = d.images.copy()
-  z_count, h, w = images.shape
-  images[FLAGS.blank] = 0.0
-  yy, xx = np.mgrid[:h, :w]
-  stripes = 1.0 + FLAGS.stripe_amplitude * np.sin(2 * np.pi * (0.8 * xx + 0.6 * yy) / FLAGS.stripe_period)
-  for z in (FLAGS.stripes, FLAGS.stripes + 1):
-    images[z] = np.where(images[z] != 0, np.clip(images[z] * stripes, 1e-3, None), 0.0).astype(np.float32)
-  defects = d.defects.copy()
-  defects[FLAGS.blank] = False
-  cfg = BlockConfig(aligner=_aligner())
+  z_count = d.images.shape[0]
+  blank_only = d.images.copy()
+  blank_only[FLAGS.blank] = 0.0
+  images = blank_only.copy()
+  bad = _add_pair_defect(images)
+  cfg = _block_config()
   res = {}
-  for label, imgs in (("clean", d.images), ("defects", images)):
+  # Three stacks: defect-free, blank only, blank + pair defect. The blank shortens the chain of
+  # sequential alignments (one step fewer), which changes the content-motion drift, so the pair
+  # defect's own effect is measured against the blank-only run.
+  for label, imgs in (("clean", d.images), ("blank", blank_only), ("defects", images)):
     for n in (1, 3):
       t0 = time.time()
-      fields = align_block(imgs, voting_distance=n, defects=defects if label == "defects" else d.defects,
-                           config=cfg, progress=True)
-      epe = _section_epe(fields, d)
-      epe[FLAGS.blank] = np.nan
-      res[label, n] = dict(epe=epe, seconds=time.time() - t0)
+      fields = align_block(imgs, voting_distance=n, defects=d.defects, config=cfg, progress=False)
+      epe = _median_epe(fields, d.fields, d.valid)
+      if label != "clean":
+        epe[FLAGS.blank] = np.nan
+      res[label, n] = dict(epe=epe, seconds=time.time() - t0, fields=np.asarray(fields))
       logging.info("%s n=%d: %.1f s, per-section EPE %s", label, n, time.time() - t0, np.round(epe, 2))
-  # Sequential alignment of real sections drifts (the tissue itself changes between sections, and
-  # the ground truth counts following it as error), so the defects' own effect is the excess EPE
-  # over the same run on the defect-free stack.
   before = slice(1, FLAGS.blank)
-  after = slice(FLAGS.stripes + 2, z_count)
+  after = slice(max(bad) + 1, z_count)
   summary = {}
   excess = {}
+  divergence = {}
   for n in (1, 3):
-    e, c = res["defects", n]["epe"], res["clean", n]["epe"]
-    excess[n] = e - c
+    e, b, c = (res[x, n]["epe"] for x in ("defects", "blank", "clean"))
+    excess[n] = e - b
+    blank_excess = b - c
+    # The error the pair defect adds, as a vector: |F(blank + defect) - F(blank only)|. The
+    # difference of EPE norms above can cancel against the content-motion drift; this cannot.
+    divergence[n] = _median_epe(res["defects", n]["fields"], res["blank", n]["fields"], d.valid)
+    divergence[n][FLAGS.blank] = np.nan
     summary[n] = dict(epe_before=float(np.nanmedian(e[before])), epe_after=float(np.nanmedian(e[after])),
+                      blank_only_epe_after=float(np.nanmedian(b[after])),
                       clean_epe_after=float(np.nanmedian(c[after])),
                       excess_after_median=float(np.nanmedian(excess[n][after])),
                       excess_after_max=float(np.nanmax(excess[n][after])),
-                      excess_at_stripes=float(np.nanmax(excess[n][FLAGS.stripes:FLAGS.stripes + 2])),
+                      excess_last=float(excess[n][-1]),
+                      excess_at_defect=float(np.nanmax(excess[n][bad])),
+                      divergence_at_defect=float(np.nanmax(divergence[n][bad])),
+                      divergence_after_median=float(np.nanmedian(divergence[n][after])),
+                      divergence_after_max=float(np.nanmax(divergence[n][after])),
+                      divergence_last=float(divergence[n][-1]),
+                      blank_excess_after_median=float(np.nanmedian(blank_excess[FLAGS.blank + 1:])),
+                      blank_excess_after_max=float(np.nanmax(blank_excess[FLAGS.blank + 1:])),
                       seconds=res["defects", n]["seconds"])
-  name = f"stack_defects_{FLAGS.stack}"
-  marks = {"defect": [FLAGS.blank, FLAGS.stripes, FLAGS.stripes + 1]}
-  title = f"{FLAGS.stack} {FLAGS.crop}px: blank {FLAGS.blank}, stripes {FLAGS.stripes}-{FLAGS.stripes + 1}"
+  name = f"stack_defects_{FLAGS.pair_defect}_{FLAGS.stack}{_suffix()}"
+  marks = {"blank": [FLAGS.blank], FLAGS.pair_defect: bad}
+  what = {"stripes": f"stripes {bad[0]}-{bad[-1]}",
+          "tile": f"tile shifted {FLAGS.tile_shift:g} px in {bad[0]}",
+          "mirror": f"mirrored {FLAGS.tile_fraction:g}-side square in {bad[0]}"}[FLAGS.pair_defect]
+  title = f"{FLAGS.stack} {FLAGS.crop}px, {FLAGS.aligner} gamma x{FLAGS.gamma_scale:g}: blank {FLAGS.blank}, {what}"
   _plot(out_dir / f"{name}.png",
-        {**{f"n={n}, defects": res["defects", n]["epe"] for n in (3, 1)},
-         **{f"n={n}, defect-free": res["clean", n]["epe"] for n in (3, 1)}}, title, marks)
-  _plot(out_dir / f"{name}_excess.png", {f"voting distance {n}": excess[n] for n in (3, 1)},
-        title + " (EPE minus defect-free run)", marks)
-  return dict(experiment="defects", stack=FLAGS.stack, crop=FLAGS.crop, num=z_count, summary=summary,
-              per_section={f"{k[0]}_n{k[1]}": v["epe"].tolist() for k, v in res.items()},
-              plot=[f"{name}.png", f"{name}_excess.png"])
+        {**{f"n={n}, blank + {FLAGS.pair_defect}": res["defects", n]["epe"] for n in (3, 1)},
+         **{f"_n={n}, blank only": res["blank", n]["epe"] for n in (3, 1)}}, title, marks)
+  _plot(out_dir / f"{name}_excess.png",
+        {**{f"voting distance {n}: {FLAGS.pair_defect} (vs blank only)": excess[n] for n in (3, 1)},
+         **{f"_voting distance {n}: blank (vs defect-free)": res["blank", n]["epe"] - res["clean", n]["epe"]
+            for n in (3, 1)}},
+        title + ": excess EPE", marks, ylabel="excess median EPE (px)")
+  _plot(out_dir / f"{name}_divergence.png",
+        {f"voting distance {n}": divergence[n] for n in (3, 1)},
+        title + ": median |F(blank + defect) - F(blank only)|", marks, ylabel="px")
+  return dict(experiment="defects", name=name, stack=FLAGS.stack, crop=FLAGS.crop, num=z_count,
+              defect_sections=bad, summary=summary,
+              per_section={**{f"{k[0]}_n{k[1]}": v["epe"].tolist() for k, v in res.items()},
+                           **{f"divergence_n{n}": divergence[n].tolist() for n in (1, 3)}},
+              plot=[f"{name}.png", f"{name}_excess.png", f"{name}_divergence.png"])
+
+
+# --------------------------------------------------------------------------- motion
+
+
+def run_motion(out_dir: pathlib.Path) -> dict:
+  """Sequential alignment (n = 1) of UNDISTORTED stacks: whatever the fields do is motion the
+  aligner finds in the data itself (the ground truth of every section is the identity)."""
+  from jaxalign.pair import PairConfig
+  num = FLAGS.num
+  step4 = load_stack(FLAGS.stack, num=num, step=4, crop=FLAGS.crop)
+  # Same tissue depth at 10 nm: 4x the alignment steps, each over a quarter of the content change.
+  step1 = load_stack(FLAGS.stack, num=4 * (num - 1) + 1, step=1, crop=FLAGS.crop)
+  rng = np.random.default_rng(FLAGS.seed)
+  noise = DistortionConfig().noise_sigma[1]
+  repeat = np.stack([np.clip(step4[0] + rng.normal(0, noise, step4[0].shape), 1e-3, 1.0)
+                     for _ in range(num)]).astype(np.float32)
+  frames = load_stack(FLAGS.stack, num=num, step=4).astype(np.float64)
+  pc = [_phase_shift(frames[z - 1], frames[z]) for z in range(1, num)]
+  base = PairConfig()
+  runs = {}
+  cases = [("40 nm (every 4th slice)", step4, 1.0, 1), ("10 nm (every slice), same depth", step1, 1.0, 4),
+           ("one section repeated + noise", repeat, 1.0, 1)]
+  cases += [("40 nm (every 4th slice)", step4, float(g), 1) for g in FLAGS.motion_gamma_scales if float(g) != 1.0]
+  for label, st, g, every in cases:
+    pc_cfg = base if g == 1.0 else PairConfig(gammas=tuple(x * g for x in base.gammas))
+    t0 = time.time()
+    f = np.asarray(align_block(st, voting_distance=1, config=BlockConfig(pair=pc_cfg), progress=False))[::every]
+    key = f"{label}, gamma x{g:g}"
+    runs[key] = dict(median_abs=[float(np.median(np.linalg.norm(x, axis=-1))) for x in f],
+                     mean_dy=f[..., 0].mean(axis=(1, 2)).tolist(), mean_dx=f[..., 1].mean(axis=(1, 2)).tolist(),
+                     seconds=time.time() - t0)
+    logging.info("%s: %.1f s, median |U| %s", key, time.time() - t0, np.round(runs[key]["median_abs"], 2))
+  name = f"stack_motion_{FLAGS.stack}"
+  _plot(out_dir / f"{name}.png", {k: v["median_abs"] for k, v in runs.items()},
+        f"{FLAGS.stack} {FLAGS.crop}px, UNDISTORTED, sequential (n=1): median |field| (40-nm section index)",
+        ylabel="median |field| (px)")
+  summary = {k: dict(last=v["median_abs"][-1], max=max(v["median_abs"]), mean_last=[v["mean_dy"][-1], v["mean_dx"][-1]],
+                     seconds=v["seconds"]) for k, v in runs.items()}
+  summary["phase_correlation_whole_frame"] = dict(
+      median_abs_step=float(np.median(np.linalg.norm(pc, axis=1))),
+      cumulative=np.sum(pc, axis=0).tolist())
+  return dict(experiment="motion", name=name, stack=FLAGS.stack, crop=FLAGS.crop, num=num, summary=summary,
+              per_section=dict(runs=runs, phase_correlation_steps=[list(map(float, x)) for x in pc]), plot=[f"{name}.png"])
+
+
+# --------------------------------------------------------------------------- ABCD
+
+
+def _reslice(stack: np.ndarray) -> np.ndarray:
+  """`[Z, W]` x-z reslice through the centre row."""
+  return np.asarray(stack)[:, stack.shape[1] // 2, :]
+
+
+def _plot_reslices(path, slices: dict, interfaces, title):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 5.5), sharey=True)
+  for ax, (label, img) in zip(axes, slices.items()):
+    ax.imshow(img, cmap="gray", aspect="auto", interpolation="nearest")
+    for i in interfaces:
+      ax.axhline(i - 0.5, color="red", lw=0.6, ls=":")
+      ax.annotate("", xy=(0, i), xytext=(-8, i), arrowprops=dict(arrowstyle="->", color="red"),
+                  annotation_clip=False)
+    ax.set_title(label, fontsize=8)
+    ax.set_xlabel("x (px)")
+  axes[0].set_ylabel("section (interfaces dotted red)")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def run_abcd(out_dir: pathlib.Path) -> dict:
-  original = _load(FLAGS.num)
+  original = _load(FLAGS.num) if FLAGS.content == "sequence" else np.repeat(_load(1), FLAGS.num, axis=0)
   z_count = original.shape[0]
   choices = choose_starters(np.ones(z_count), block_size=FLAGS.block_size, overlap=FLAGS.overlap)
   starters = [c.index for c in choices]
   plan = plan_blocks(z_count, starters, overlap=FLAGS.overlap)
-  d = distort_stack(original, _distortion(undistorted=starters), progress=False)
-  block_cfg = BlockConfig(aligner=_aligner())
-  n = FLAGS.voting_distance
-  t0 = time.time()
-  single = np.asarray(align_block(d.images, voting_distance=n, defects=d.defects, config=block_cfg))
-  t_single = time.time() - t0
-  t0 = time.time()
-  blocks = np.asarray(align_stack(d.images, block_size=FLAGS.block_size, overlap=FLAGS.overlap,
-                                  voting_distance=n, decay_distance=FLAGS.decay_distance, starters=starters,
-                                  defects=d.defects, config=StackConfig(block=block_cfg)))
-  t_blocks = time.time() - t0
-  epe_single, epe_blocks = _section_epe(single, d), _section_epe(blocks, d)
   interfaces = [plan.interface(k) for k in range(1, len(plan.blocks))]
-  dist_to_iface = np.array([min([abs(z - i) for i in interfaces] + [10 ** 6]) for z in range(z_count)])
-  far = dist_to_iface >= INTERFACE_MARGIN
-  # Difference between the two runs, per section, over tissue that is valid in the ground truth.
-  diff = np.linalg.norm(blocks - single, axis=-1)
-  diff_med = np.array([np.median(diff[z][d.valid[z]]) for z in range(z_count)])
-  # Seam: change of the error from one section to the next (a seam is a jump at an interface).
-  err = blocks - d.fields
-  jump = np.array([np.nan] + [float(np.median(np.linalg.norm(err[z] - err[z - 1], axis=-1)[d.valid[z] & d.valid[z - 1]]))
-                              for z in range(1, z_count)])
-  at_iface = np.isin(np.arange(z_count), interfaces)
-  aligned = np.asarray(render(d.images, blocks))
-  low_aligned, n_chunks = _low_cpc(aligned)
-  low_original, _ = _low_cpc(original)
-  # Ceiling: the distorted sections warped with the exact ground-truth fields (intensity changes,
-  # noise and interpolation remain), and the single-block run for comparison.
-  low_truth, _ = _low_cpc(np.asarray(render(d.images, d.fields)))
-  low_single, _ = _low_cpc(np.asarray(render(d.images, single)))
+  # Starters undistorted: a coarsely pre-aligned stack whose starters define the frame, so the
+  # ground-truth frame is the frame ABCD converges to far from interfaces.
+  d = distort_stack(original, _distortion(undistorted=starters), progress=False)
+  cfg = _block_config()
+  n = FLAGS.voting_distance
+  decays = [float(x) for x in FLAGS.decays]
+  valid = d.valid
+  runs, seconds = {}, {}
+
+  def timed(key, fn):
+    t0 = time.time()
+    runs[key] = np.asarray(fn())
+    seconds[key] = time.time() - t0
+    logging.info("%s: %.1f s", key, seconds[key])
+
+  for label, imgs, dfx in (("undistorted", original, None), ("distorted", d.images, d.defects)):
+    timed((label, "single"), lambda: align_block(imgs, voting_distance=n, defects=dfx, config=cfg,
+                                                 progress=False))
+    for dd in decays:
+      timed((label, dd), lambda: align_stack(imgs, block_size=FLAGS.block_size, overlap=FLAGS.overlap,
+                                             voting_distance=n, decay_distance=dd, starters=starters,
+                                             defects=dfx, config=StackConfig(block=cfg, stitch_refine=FLAGS.stitch_refine),
+                                             progress=False))
+  keys = ["single"] + decays
+  label_of = {k: ("single block" if k == "single" else
+                  ("blocks, plain composition" if k >= 1e5 else f"blocks, decay {k:g}")) for k in keys}
+  per = {}
+  summary = dict(blocks=len(plan.blocks), starters=starters, interfaces=interfaces, seconds=
+                 {f"{a}_{b}": s for (a, b), s in seconds.items()})
+  zs = np.arange(1, z_count)
   q = max(5, z_count // 4)
-  summary = dict(
-      blocks=len(plan.blocks), starters=starters, interfaces=interfaces,
-      seconds_single=t_single, seconds_blocks=t_blocks,
-      epe_single_first_quarter=float(np.nanmedian(epe_single[1:q])),
-      epe_single_last_quarter=float(np.nanmedian(epe_single[-q:])),
-      epe_blocks_first_quarter=float(np.nanmedian(epe_blocks[1:q])),
-      epe_blocks_last_quarter=float(np.nanmedian(epe_blocks[-q:])),
-      epe_blocks_max=float(np.nanmax(epe_blocks)), epe_single_max=float(np.nanmax(epe_single)),
-      epe_slope_blocks_px_per_100=float(np.polyfit(np.arange(1, z_count), epe_blocks[1:], 1)[0] * 100),
-      epe_slope_single_px_per_100=float(np.polyfit(np.arange(1, z_count), epe_single[1:], 1)[0] * 100),
-      diff_far_median=float(np.median(diff_med[far])), diff_far_max=float(np.max(diff_med[far])),
-      frac_far_sections_within_0p5=float(np.mean(diff_med[far] <= 0.5)),
-      diff_near_max=float(np.max(diff_med[~far])) if np.any(~far) else float("nan"),
-      jump_at_interfaces_median=float(np.nanmedian(jump[at_iface])),
-      jump_elsewhere_median=float(np.nanmedian(jump[~at_iface])),
-      low_cpc_aligned=low_aligned, low_cpc_single_block=low_single, low_cpc_ground_truth_fields=low_truth,
-      low_cpc_original=low_original, cpc_chunks=n_chunks)
-  name = f"stack_abcd_{FLAGS.stack}"
-  _plot(out_dir / f"{name}.png", {"single block": epe_single, f"blocks of {FLAGS.block_size}": epe_blocks},
-        f"{FLAGS.stack} {FLAGS.crop}px, {z_count} sections, n={n}, decay {FLAGS.decay_distance:g}",
-        {"block interface": interfaces})
-  return dict(experiment="abcd", stack=FLAGS.stack, crop=FLAGS.crop, num=z_count, summary=summary,
-              per_section=dict(single=epe_single.tolist(), blocks=epe_blocks.tolist(), diff=diff_med.tolist(),
-                               jump=jump.tolist()), plot=f"{name}.png")
+  # Content motion of the data itself: the undistorted run's rigid part (mean field) and its
+  # cumulative whole-image phase-correlation shift (float64, independent of the aligner).
+  u = runs["undistorted", "single"]
+  frames = (_load(FLAGS.num, crop=None) if FLAGS.content == "sequence" else
+            np.repeat(_load(1, crop=None), FLAGS.num, axis=0)).astype(np.float64)  # whole frames: a robust rigid estimate
+  pc = np.cumsum([np.zeros(2)] + [_phase_shift(frames[z - 1], frames[z]) for z in range(1, z_count)], axis=0)
+  del frames
+  per["undistorted_single_mean_dy"] = u[..., 0].mean(axis=(1, 2)).tolist()
+  per["undistorted_single_mean_dx"] = u[..., 1].mean(axis=(1, 2)).tolist()
+  per["phasecorr_cumulative_dy"] = pc[:, 0].tolist()
+  per["phasecorr_cumulative_dx"] = pc[:, 1].tolist()
+  full = np.ones_like(valid)
+  for k in keys:
+    fk = runs["distorted", k]
+    uk = runs["undistorted", k]
+    ref = _fair_reference(d.fields, uk)
+    a = _median_epe(fk, d.fields, valid)
+    r = _median_epe(fk, ref, valid)
+    mot = _median_epe(uk, np.zeros_like(uk), full)  # how far the undistorted run moved each section
+    per[f"abs_{k}"], per[f"rel_{k}"], per[f"motion_undistorted_{k}"] = a.tolist(), r.tolist(), mot.tolist()
+    summary[f"{k}"] = dict(
+        abs_first_quarter=float(np.nanmedian(a[1:q])), abs_last_quarter=float(np.nanmedian(a[-q:])),
+        abs_max=float(np.nanmax(a)), abs_slope_px_per_100=float(np.polyfit(zs, a[1:], 1)[0] * 100),
+        rel_first_quarter=float(np.nanmedian(r[1:q])), rel_last_quarter=float(np.nanmedian(r[-q:])),
+        rel_max=float(np.nanmax(r)), rel_slope_px_per_100=float(np.polyfit(zs, r[1:], 1)[0] * 100),
+        motion_undistorted_last_quarter=float(np.median(mot[-q:])), motion_undistorted_max=float(np.max(mot)))
+  # Blocks vs single block away from interfaces, per decay; and seams (field jumps between
+  # neighbouring sections at interfaces vs elsewhere, relative to the same jumps of the reference).
+  dist_iface = np.array([min([abs(z - i) for i in interfaces] + [10 ** 6]) for z in range(z_count)])
+  far = dist_iface >= INTERFACE_MARGIN
+  at_iface = np.isin(np.arange(z_count), interfaces)
+  single = runs["distorted", "single"]
+  for k in decays:
+    fk = runs["distorted", k]
+    diff = _median_epe(fk, single, valid)
+    err = fk - _fair_reference(d.fields, runs["undistorted", k])
+    jump = np.array([np.nan] + [float(np.median(np.linalg.norm(err[z] - err[z - 1], axis=-1)[valid[z] & valid[z - 1]]))
+                                for z in range(1, z_count)])
+    per[f"diff_single_{k}"], per[f"jump_{k}"] = diff.tolist(), jump.tolist()
+    summary[f"{k}"].update(
+        diff_single_far_median=float(np.median(diff[far])), diff_single_far_p90=float(np.percentile(diff[far], 90)),
+        diff_single_far_max=float(np.max(diff[far])),
+        frac_far_within_0p5=float(np.mean(diff[far] <= 0.5)),
+        error_jump_at_interfaces_median=float(np.nanmedian(jump[at_iface])),
+        error_jump_at_interfaces_max=float(np.nanmax(jump[at_iface])),
+        error_jump_elsewhere_median=float(np.nanmedian(jump[~at_iface & (np.arange(z_count) > 0)])),
+        error_jump_elsewhere_p90=float(np.nanpercentile(jump[~at_iface & (np.arange(z_count) > 0)], 90)))
+  # Low-CPC fraction of aligned stacks vs the undistorted original (and its own aligned version).
+  rendered = {k: np.asarray(render(d.images, runs["distorted", k])) for k in keys}
+  low = {"original": _low_cpc(original)[0], "ground_truth_fields": _low_cpc(np.asarray(render(d.images, d.fields)))[0],
+         "distorted_unaligned": _low_cpc(d.images)[0]}
+  low.update({f"aligned_{k}": _low_cpc(rendered[k])[0] for k in keys})
+  low.update({f"undistorted_aligned_{k}": _low_cpc(np.asarray(render(original, runs['undistorted', k])))[0]
+              for k in keys})
+  summary["low_cpc"] = low
+  summary["cpc_chunks"] = _low_cpc(original)[1]
+  name = f"stack_abcd_{FLAGS.stack}{_suffix()}"
+  title = (f"{FLAGS.stack}{' (section 0 repeated)' if FLAGS.content == 'repeat' else ''} {FLAGS.crop}px, "
+           f"{z_count} sections, n={n}, blocks of {FLAGS.block_size}, gamma x{FLAGS.gamma_scale:g}")
+  marks = {"block interface": interfaces}
+  _plot(out_dir / f"{name}_abs.png", {label_of[k]: per[f"abs_{k}"] for k in keys},
+        title + ": EPE vs ground truth", marks)
+  _plot(out_dir / f"{name}_rel.png", {label_of[k]: per[f"rel_{k}"] for k in keys},
+        title + ": EPE vs compose(GT, undistorted run)", marks)
+  _plot(out_dir / f"{name}_motion.png",
+        {**{f"undistorted run, {label_of[k]}: median |U|": per[f"motion_undistorted_{k}"] for k in keys},
+         "_undistorted single block: mean dy": per["undistorted_single_mean_dy"],
+         "_undistorted single block: mean dx": per["undistorted_single_mean_dx"],
+         "_phase correlation, cumulative dy": per["phasecorr_cumulative_dy"],
+         "_phase correlation, cumulative dx": per["phasecorr_cumulative_dx"]},
+        title + ": motion found in the UNDISTORTED stack", marks, ylabel="px")
+  _plot(out_dir / f"{name}_vs_single.png", {label_of[k]: per[f"diff_single_{k}"] for k in decays},
+        title + ": median |blocks - single block|", marks, ylabel="px")
+  mid = decays[len(decays) // 2] if len(decays) > 1 else decays[0]
+  slices = {"original (undistorted)": _reslice(original), "distorted, unaligned": _reslice(d.images),
+            "single block": _reslice(rendered["single"]), label_of[mid]: _reslice(rendered[mid]),
+            label_of[decays[-1]]: _reslice(rendered[decays[-1]])}
+  _plot_reslices(out_dir / f"{name}_reslice.png", slices, interfaces, title + ": x-z reslice, centre row")
+  return dict(experiment="abcd", name=name, stack=FLAGS.stack, crop=FLAGS.crop, num=z_count, summary=summary,
+              per_section=per, plot=[f"{name}_{s}.png" for s in ("abs", "rel", "motion", "vs_single", "reslice")])
 
 
 def main(argv):
   del argv
   out_dir = pathlib.Path(FLAGS.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  result = run_defects(out_dir) if FLAGS.experiment == "defects" else run_abcd(out_dir)
+  t0 = time.time()
+  provenance = _provenance()  # before the run: the pair aligner's files may change while it runs
+  result = {"defects": run_defects, "abcd": run_abcd, "motion": run_motion}[FLAGS.experiment](out_dir)
+  result["provenance"] = provenance
+  result["seconds_total"] = time.time() - t0
+  result["loadavg"] = list(__import__("os").getloadavg())
   result["flags"] = {k: FLAGS[k].value for k in ("aligner", "stack", "step", "seed", "elastic", "translation", "crop",
-                                                  "num", "discontinuities", "blank", "stripes", "stripe_amplitude",
-                                                  "stripe_period", "block_size", "overlap", "decay_distance",
-                                                  "voting_distance", "cpc_chunk")}
-  path = out_dir / f"stack_{result['experiment']}_{FLAGS.stack}.json"
+                                                  "num", "discontinuities", "blank", "pair_defect", "stripes",
+                                                  "stripe_amplitude", "stripe_period", "tile_shift", "tile_fraction",
+                                                  "block_size", "overlap", "decays", "voting_distance", "gamma_scale", "content", "stitch_refine",
+                                                  "cpc_chunk")}
+  path = out_dir / f"{result['name']}.json"
   path.write_text(json.dumps(result, indent=1, default=float))
   print(json.dumps(result["summary"], indent=1, default=float))
 

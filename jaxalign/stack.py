@@ -59,12 +59,17 @@ class StackConfig:
       coverage (tissue = non-zero and not a defect).
     starter_max_defect: a good starter has at most this fraction of its pixels marked as defects.
     block: `BlockConfig` for the blocks and the stitch alignment (aligner, voting temperature).
+    stitch_refine: align the overlap renderings with the pair aligner to get the stitch field
+      (paper). False votes the algebraic estimates `compose(invert(F^{N+1}_i), F^N_i)` alone: both
+      blocks already aligned each overlap section, so no extra pair alignment (and none of its
+      bias, which otherwise adds once per interface under plain composition) is needed.
   """
   blur_rate: float = DEFAULT_BLUR_RATE
   starter_search: int = 3
   starter_min_data: float = 0.95
   starter_max_defect: float = 0.01
   block: BlockConfig = BlockConfig()
+  stitch_refine: bool = True
 
   def __post_init__(self):
     if self.starter_search < 0:
@@ -281,7 +286,7 @@ def align_block_task(block_sections, block: BlockPlan, *, voting_distance: int =
 
 
 def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=None, model=None,
-                 config: BlockConfig | None = None) -> jax.Array:
+                 config: BlockConfig | None = None, refine: bool = True) -> jax.Array:
   """The stitch field mapping block N+1's frame into block N's, voted over the overlap.
 
   For each overlap section i, `next_fields[i]` puts it in block N+1's frame and `prev_fields[i]` in
@@ -295,6 +300,8 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     next_fields: `[O, H, W, 2]` their fields in block N+1.
     overlap_defects: optional `[O, H, W]` bool.
     model, config: pair model and `BlockConfig` (aligner, voting temperature).
+    refine: align the renderings (paper); False votes the algebraic estimates alone (no pair
+      alignment, see `StackConfig.stitch_refine`).
   Returns:
     `[H, W, 2]` float32 t with `warp(warp(S, next_fields[i]), t) ≈ warp(S, prev_fields[i])`.
   """
@@ -310,19 +317,22 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
   if not keep:
     logging.warning("stitch_field: no overlap section has data; stitch field is the identity")
     return jnp.zeros((h, w, 2), jnp.float32)
-  aligner = config.aligner or default_aligner(model, config.pair)
   inits = _algebraic_stitch(jnp.asarray(nxt), jnp.asarray(prev))
-  src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt)))
-  tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
   src_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold
   tgt_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
-  # All overlap pairs in one batch, padded to O so the aligner compiles once per overlap size.
-  idx = np.array(keep + [keep[-1]] * (o - len(keep)))
-  src_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(nxt))) > config.valid_threshold
-  tgt_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(prev))) > config.valid_threshold
-  cands = aligner(src[idx], tgt[idx], src_defects=src_def[idx], tgt_defects=tgt_def[idx],
-                  init_fields=np.asarray(inits)[idx])
-  cands = jnp.asarray(np.asarray(cands, np.float32)[: len(keep)])
+  if refine:
+    aligner = config.aligner or default_aligner(model, config.pair)
+    src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt)))
+    tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
+    # All overlap pairs in one batch, padded to O so the aligner compiles once per overlap size.
+    idx = np.array(keep + [keep[-1]] * (o - len(keep)))
+    src_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(nxt))) > config.valid_threshold
+    tgt_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(prev))) > config.valid_threshold
+    cands = aligner(src[idx], tgt[idx], src_defects=src_def[idx], tgt_defects=tgt_def[idx],
+                    init_fields=np.asarray(inits)[idx])
+    cands = jnp.asarray(np.asarray(cands, np.float32)[: len(keep)])
+  else:
+    cands = inits[np.array(keep)]
   if len(keep) == 1:
     return cands[0]
   return _vote(cands, temperature=config.temperature, blur_sigma=config.blur_sigma,
@@ -433,7 +443,7 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     ov = np.arange(b.start, b.own_start)
     stitches.append(stitch_field(sec[ov], block_fields[k - 1][ov - prev_b.start],
                                  block_fields[k][ov - b.start], overlap_defects=dfx[ov], model=model,
-                                 config=config.block))
+                                 config=config.block, refine=config.stitch_refine))
 
   out = np.zeros((z_count, h, w, 2), np.float32)
   # One chain length for the whole stack (zero stitches pad it) so composition compiles once.
