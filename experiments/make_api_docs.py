@@ -27,7 +27,7 @@ flags.DEFINE_string("output", str(REPO / "docs" / "api.md"), "markdown file to w
 flags.DEFINE_list("modules", [
     "jaxalign.fields", "jaxalign.losses", "jaxalign.voting", "jaxalign.decay", "jaxalign.metrics",
     "jaxalign.preprocess", "jaxalign.errors", "jaxalign.io", "jaxalign.chunking", "jaxalign.pair",
-    "jaxalign.finetuner", "jaxalign.blockmatch", "jaxalign.block", "jaxalign.stack", "jaxalign.render",
+    "jaxalign.finetuner", "jaxalign.tears", "jaxalign.blockmatch", "jaxalign.block", "jaxalign.stack", "jaxalign.render",
     "jaxalign.pipeline", "jaxalign.distributed", "jaxalign.models", "jaxalign.train",
     "jaxalign.groundtruth", "jaxalign.evaluation", "jaxalign.synthetic", "jaxalign.report",
 ], "modules to document, in page order")
