@@ -9,19 +9,10 @@ Same flags as `jaxalign train`. The shipped weights were made with (2-core CPU V
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app
 
-from jaxalign import train
-
-train.define_flags(flags)
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  del argv
-  res = train.main_from_flags(FLAGS)
-  logging.info("trained to step %d; weights %s; metrics %s", res.step, res.weights_path, res.metrics_path)
-
+# The flags and the run are `jaxalign train`'s: one definition for the script and the command.
+from jaxalign.commands.train import main
 
 if __name__ == "__main__":
   app.run(main)

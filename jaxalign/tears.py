@@ -14,6 +14,8 @@ medial axis, i.e. when the nearest-tissue points of consecutive samples along th
 more than the step between the samples plus `jump_px`. Springs that only enter a defect from one side
 are kept, so defect pixels stay attached to the tissue on their side and follow it. The test samples
 the full-resolution mask, so it also cuts at coarse levels where the defect is sub-pixel.
+
+`refine_tears` then moves the tear line to where the images put it (see its docstring).
 """
 
 from __future__ import annotations
@@ -115,10 +117,8 @@ def tear_springs(field: jax.Array, nearest: jax.Array, *, scale: int = 1,
     `[H, W, 4]` weights for the springs p -> p + `SPRING_OFFSETS[k]` (layout of
     `losses.elastic_loss(spring_weights=...)`).
   """
-  h, w = field.shape[:2]
-  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
   # Sample point of every target pixel, in full-resolution source coordinates (pixel centres).
-  pts = (jnp.stack([yy, xx], -1) + field.astype(jnp.float32) + 0.5) * scale - 0.5
+  pts = (identity_coordinates(field.shape[:2]) + field.astype(jnp.float32) + 0.5) * scale - 0.5
   samples = SAMPLES_PER_PX * 2 * scale + 1  # diagonal springs are sqrt(2) * scale long at rest
   t = jnp.linspace(0.0, 1.0, samples, dtype=jnp.float32)[:, None]
   weights = []
