@@ -174,6 +174,14 @@ def _median_epe(pred, ref, valid) -> np.ndarray:
                    for z in range(err.shape[0])])
 
 
+def _mean_error(pred, ref, valid) -> np.ndarray:
+  """`[Z, 2]` mean (pred - ref) (px, (dy, dx)) over each section's `valid` pixels: the rigid part of
+  the error, which EPE norms cannot show (NaN where none)."""
+  err = np.asarray(pred) - np.asarray(ref)
+  return np.array([err[z][valid[z]].mean(axis=0) if valid[z].any() else np.full(2, np.nan)
+                   for z in range(err.shape[0])])
+
+
 _compose_batch = jax.jit(jax.vmap(compose))
 
 
@@ -465,12 +473,15 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
     r = _median_epe(fk, ref, valid)
     mot = _median_epe(uk, np.zeros_like(uk), full)  # how far the undistorted run moved each section
     per[f"abs_{k}"], per[f"rel_{k}"], per[f"motion_undistorted_{k}"] = a.tolist(), r.tolist(), mot.tolist()
+    rigid = _mean_error(fk, ref, valid)  # vs the fair reference: the aligner's own rigid error
+    per[f"rel_mean_dy_{k}"], per[f"rel_mean_dx_{k}"] = rigid[:, 0].tolist(), rigid[:, 1].tolist()
     summary[f"{k}"] = dict(
         abs_first_quarter=float(np.nanmedian(a[1:q])), abs_last_quarter=float(np.nanmedian(a[-q:])),
         abs_max=float(np.nanmax(a)), abs_slope_px_per_100=float(np.polyfit(zs, a[1:], 1)[0] * 100),
         rel_first_quarter=float(np.nanmedian(r[1:q])), rel_last_quarter=float(np.nanmedian(r[-q:])),
         rel_max=float(np.nanmax(r)), rel_slope_px_per_100=float(np.polyfit(zs, r[1:], 1)[0] * 100),
-        motion_undistorted_last_quarter=float(np.median(mot[-q:])), motion_undistorted_max=float(np.max(mot)))
+        motion_undistorted_last_quarter=float(np.median(mot[-q:])), motion_undistorted_max=float(np.max(mot)),
+        rel_mean_error_last_quarter=np.nanmean(rigid[-q:], axis=0).tolist())
   # Blocks vs single block away from interfaces, per decay; and seams (field jumps between
   # neighbouring sections at interfaces vs elsewhere, relative to the same jumps of the reference).
   dist_iface = np.array([min([abs(z - i) for i in interfaces] + [10 ** 6]) for z in range(z_count)])

@@ -47,6 +47,8 @@ DEFAULT_LEARNING_RATES = (0.05, 0.1, 0.15, 0.2, 0.2, 0.2)
 # A defect is "resolved" at a coarse level where it covers at least this fraction of a pixel.
 RESOLVED_DEFECT_FRACTION = 0.5
 DEFAULT_GAMMAS = (1.0, 2.0, 4.0, 8.0, 10.0, 10.0)
+# Coarsest-level pixels: a global phase-correlation translation is only applied from this size on.
+MIN_GLOBAL_SHIFT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,8 @@ class PairConfig:
       +0.17 px in y and x between two noisy copies of one FIB-SEM crop, which builds up along a stack);
       smoothing first removes that bias.
     global_translation: before the coarsest level, try the translation found by phase correlation of the
-      coarsest images and keep it if it lowers their masked MSE. This extends the capture range from
+      coarsest images and keep it if it is at least `MIN_GLOBAL_SHIFT` coarsest-level pixels and lowers
+      their masked MSE. This extends the capture range from
       ~2 coarsest-level pixels (gradient descent) to about a quarter of the section.
     init: "identity" or "blockmatch" (use `jaxalign.blockmatch.block_match` as the initial field when
       no `init_field` and no `model` is given).
@@ -167,7 +170,11 @@ def _with_global_translation(field, src, tgt, src_valid, tgt_valid):
     enough = jnp.sum(mask) >= 0.25 * jnp.sum(tgt_valid)
     return jnp.where(enough, _losses.masked_mse(_fields.warp(src, f), tgt, mask), jnp.inf)
 
-  return jnp.where(cost(moved) < cost(field), moved, field)
+  # Shifts within gradient descent's capture range are left to the finetuner: an integer shift of one
+  # coarsest-level pixel is a coarse guess (measured on FIB-SEM neighbours, applying it anyway raised
+  # the median EPE from 1.69 to 1.78 px).
+  large = jnp.max(jnp.abs(shift)) >= MIN_GLOBAL_SHIFT
+  return jnp.where(large & (cost(moved) < cost(field)), moved, field)
 
 
 def _smoothed(image, valid, sigma: float):
