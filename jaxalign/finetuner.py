@@ -36,9 +36,6 @@ from jaxalign.errors import InputError
 from jaxalign import losses as _losses
 from jaxalign import tears as _tears
 
-# A bilinear sample counts as "has data" only if all four neighbours are valid; float32 rounding of
-# the bilinear weights keeps a fully valid sample a hair below 1.
-_FULL_SUPPORT = 0.999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +132,7 @@ def _loss_terms(field, src, tgt, src_valid, tgt_valid, springs, config: Finetune
   """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field."""
   fixed = lax.stop_gradient(field)
   warped_valid = _fields.warp(src_valid, fixed)
-  mse_mask = (warped_valid > _FULL_SUPPORT).astype(jnp.float32) * tgt_valid
+  mse_mask = (warped_valid > _fields.FULL_SUPPORT).astype(jnp.float32) * tgt_valid
   mse = _losses.masked_mse(_fields.warp(src, field), tgt, mse_mask)
   elastic = _losses.elastic_loss(field, None, springs)
   total = mse + config.gamma * elastic
@@ -166,19 +163,20 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
 
 
 def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
-                   config: FinetuneConfig, *, src_nearest=None, scale: int = 1):
+                   config: FinetuneConfig, *, src_nearest=None, has_src_defects=None, scale: int = 1):
   """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats).
 
   `src_nearest` (`[H * scale, W * scale, 2]`, `tears.nearest_tissue` of the full-resolution src defect
   mask) lets a coarse level cut springs at defects thinner than its pixels; by default it is computed
-  from `src_defects` at this level (`scale` 1).
+  from `src_defects` at this level (`scale` 1). With it, pass `has_src_defects` (scalar bool: the
+  full-resolution mask has any defect), since a coarse level's own mask may have lost thin ones.
   """
   init_field = init_field.astype(jnp.float32)
   src_valid = src_valid * (1.0 - src_defects)
   tgt_valid = tgt_valid * (1.0 - tgt_defects)
   if src_nearest is None:
-    src_nearest, scale = _tears.nearest_tissue(src_defects), 1
-  springs = _spring_weights(init_field, src_nearest, jnp.any(src_defects > 0), tgt_defects, scale, config)
+    src_nearest, has_src_defects, scale = _tears.nearest_tissue(src_defects), jnp.any(src_defects > 0), 1
+  springs = _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale, config)
   opt = _optimizer(config)
   grad_fn = jax.value_and_grad(_loss_terms, has_aux=True)
 

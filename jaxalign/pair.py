@@ -165,7 +165,7 @@ def _with_global_translation(field, src, tgt, src_valid, tgt_valid):
   moved = field + shift
 
   def cost(f):
-    mask = (_fields.warp(src_valid, f) > 0.999).astype(jnp.float32) * tgt_valid
+    mask = (_fields.warp(src_valid, f) > _fields.FULL_SUPPORT).astype(jnp.float32) * tgt_valid
     # Few overlapping pixels make any MSE look good: require a quarter of the target's tissue.
     enough = jnp.sum(mask) >= 0.25 * jnp.sum(tgt_valid)
     return jnp.where(enough, _losses.masked_mse(_fields.warp(src, f), tgt, mask), jnp.inf)
@@ -208,7 +208,8 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   # the MSE. Springs across src defects are cut at every level from the full-resolution mask
   # (`jaxalign.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
   # cut the springs of the coarse pixels they mostly cover.
-  src_nearest = lax.cond(jnp.any(src_defects > 0), _tears.nearest_tissue,
+  has_src_defects = jnp.any(src_defects > 0)
+  src_nearest = lax.cond(has_src_defects, _tears.nearest_tissue,
                          lambda d: _tears.identity_coordinates(d.shape), src_defects)
   sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
   td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
@@ -229,7 +230,7 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
       field = _with_global_translation(field, s, t, sv_p[k], tv_p[k])
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
                                td_p[k].astype(jnp.float32), config.level_config(k),
-                               src_nearest=src_nearest, scale=2 ** k)
+                               src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k)
     stats.append(st)
   for k in range(config.finest_level - 1, -1, -1):
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
@@ -242,7 +243,7 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
       return _tears.refine_tears(f, s, t, src_valid, tgt_valid, zone, iterations=config.tear_refine_iterations,
                                  radius=config.tear_refine_window)
     # Skipped at run time for pairs without src defects (most pairs of a stack).
-    field = lax.cond(jnp.any(src_defects > 0), refine, lambda f: f, field)
+    field = lax.cond(has_src_defects, refine, lambda f: f, field)
   stats = stats[::-1]
   return field, PairStats(*(jnp.stack([getattr(s, n) for s in stats]) for n in FinetuneStats._fields))
 

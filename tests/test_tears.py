@@ -87,3 +87,15 @@ def test_spring_pairs_equals_pixel_mask_in_elastic_loss():
   mask = rng.random((12, 10)) > 0.3
   np.testing.assert_allclose(float(elastic_loss(f, None, tears.spring_pairs(mask))) * 120 / mask.sum(),
                              float(elastic_loss(f, mask)), rtol=1e-5)
+
+
+def test_coarse_level_cuts_even_when_its_own_mask_lost_the_crack():
+  # A 3 px crack is below half a pixel at level 3 (8 px per pixel): the level's own (thresholded)
+  # defect mask is empty, but the springs must still be cut from the full-resolution mask.
+  from jaxalign.finetuner import FinetuneConfig, _spring_weights
+  h = w = 64
+  gap = _band(h, w, 30, 3)
+  coarse_mask = jnp.zeros((h // 8, w // 8))
+  weights = _spring_weights(jnp.zeros((h // 8, w // 8, 2)), tears.nearest_tissue(gap), jnp.asarray(gap.any()),
+                            coarse_mask, 8, FinetuneConfig())
+  assert _cut_springs(weights), "the sub-pixel crack was bridged"
