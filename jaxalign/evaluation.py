@@ -36,7 +36,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.fields import downsample_image, warp
+from jaxalign.fields import FULL_SUPPORT, downsample_image, warp
 from jaxalign.groundtruth import DistortionConfig, distort_stack
 from jaxalign.metrics import LOW_CPC_THRESHOLD, cpc
 
@@ -51,7 +51,7 @@ STACK_RESOLUTION = {
   "damaged_pair_dolw7": (50.0, 50.0),
 }
 # A warped data mask counts as data where all bilinear taps had data.
-MASK_THRESHOLD = 0.999
+MASK_THRESHOLD = FULL_SUPPORT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,9 @@ GAUSSIAN_TRUNCATE = 3.0
 # Fixed-point iterations of `invert`; contraction rate is the field's gradient norm, so 30 steps
 # bring a smooth field (|grad| <~ 0.3) far below 1e-3 px.
 INVERT_ITERATIONS = 30
+# A bilinear sample of a {0, 1} data mask counts as "has data" only above this (all four taps valid);
+# float32 rounding of the bilinear weights keeps a fully valid sample a hair below 1.
+FULL_SUPPORT = 0.999
 
 
 def _flatten_leading(x: jax.Array, core_ndim: int):

@@ -14,7 +14,7 @@ import numpy as np
 
 # Offsets of the four spring directions; the other four are the same springs seen from the
 # other end, so each spring is counted once per endpoint with half its energy.
-_SPRING_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
+SPRING_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
 # Keeps the spring-length sqrt differentiable when two pixels land on the same point.
 _LENGTH_EPS = 1e-12
 
@@ -53,7 +53,7 @@ def elastic_energy(field: jax.Array, mask: jax.Array | None = None) -> jax.Array
   m = jnp.broadcast_to(m, field.shape[:-1])
   axis_y = field.ndim - 3
   energy = jnp.zeros(field.shape[:-1], jnp.float32)
-  for dy, dx in _SPRING_OFFSETS:
+  for dy, dx in SPRING_OFFSETS:
     rest = jnp.sqrt(jnp.float32(dy * dy + dx * dx))
     neighbour = _shift(field, dy, dx, axis_y)
     # Zero-padded mask also removes springs that leave the image.
@@ -79,9 +79,6 @@ def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1e-12)
 
 
-SPRING_OFFSETS = _SPRING_OFFSETS
-
-
 @jax.jit
 def elastic_loss(field: jax.Array, mask: jax.Array | None = None,
                  spring_weights: jax.Array | None = None) -> jax.Array:
@@ -101,9 +98,9 @@ def elastic_loss(field: jax.Array, mask: jax.Array | None = None,
   h, w = field.shape[-3:-1]
   m = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, jnp.float32), field.shape[:-1])
   sw = None if spring_weights is None else jnp.broadcast_to(
-      jnp.asarray(spring_weights, jnp.float32), field.shape[:-1] + (len(_SPRING_OFFSETS),))
+      jnp.asarray(spring_weights, jnp.float32), field.shape[:-1] + (len(SPRING_OFFSETS),))
   total = jnp.zeros(field.shape[:-3], jnp.float32)
-  for k, (dy, dx) in enumerate(_SPRING_OFFSETS):
+  for k, (dy, dx) in enumerate(SPRING_OFFSETS):
     rest = float(np.hypot(dy, dx))
     x0, x1 = max(0, -dx), w - max(0, dx)
     p = field[..., 0:h - dy, x0:x1, :]

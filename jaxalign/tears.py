@@ -154,7 +154,7 @@ def _box_mean(x: jax.Array, radius: int) -> jax.Array:
 
 def _patch_cost(field, src, tgt, src_valid, tgt_valid, radius):
   """`[H, W]`: window mean of squared difference (tissue) plus `GAP_COST` where the sample has no data."""
-  data = (_fields.warp(src_valid, field) > 0.999).astype(jnp.float32)
+  data = (_fields.warp(src_valid, field) > _fields.FULL_SUPPORT).astype(jnp.float32)
   diff = data * (_fields.warp(src, field) - tgt) ** 2 + GAP_COST * (1.0 - data)
   return _box_mean(diff * tgt_valid, radius)
 

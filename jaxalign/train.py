@@ -47,9 +47,8 @@ from tqdm.auto import tqdm
 from jaxalign import fields, losses, models, preprocess
 from jaxalign.errors import InputError
 
-# A bilinear sample "has data" only if all four neighbours do; float32 rounding keeps full support
-# a hair below 1.
-FULL_SUPPORT = 0.999
+# A bilinear sample "has data" only if all four neighbours do (`fields.FULL_SUPPORT`).
+FULL_SUPPORT = fields.FULL_SUPPORT
 # A best-sample chunk needs at least this fraction of valid pixels to take part.
 MIN_CHUNK_COVERAGE = 0.5
 DEFAULT_STACKS = (("isbi2012_train", 1), ("gerhard_vnc_stack1", 1), ("flyem_medulla_fibsem", 4))
