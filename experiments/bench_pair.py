@@ -27,7 +27,9 @@ from jaxalign.pair import PairConfig, align_pair
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "accuracy", ["accuracy", "speed", "fold", "all"], "what to run")
-flags.DEFINE_integer("num", 4, "sections per accuracy case (pairs = num - 1 undistorted anchor excluded)")
+flags.DEFINE_integer("num", 4, "sections per same-section accuracy case (pairs = num - 1, anchor excluded)")
+flags.DEFINE_integer("neighbour_num", 32, "FIB-SEM sections (every 4th slice) in the neighbour case: 32 = all "
+                     "31 neighbour pairs of the stack")
 flags.DEFINE_integer("repeats", 2, "timed calls per method after the first (compile) call")
 flags.DEFINE_bool("metroem", True, "also run the metroem finetuner peer (../shared/peers) in speed mode")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where markdown / PNG outputs go")
@@ -56,6 +58,14 @@ def finetuner_no_refine(src, tgt, *, init_field=None, src_defects=None, tgt_defe
                     config=_NO_REFINE)
 
 
+_NO_MEDIAN = PairConfig(median_sizes=(1,))
+
+
+def finetuner_no_median(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+  return align_pair(src, tgt, src_defects=src_defects, tgt_defects=tgt_defects, init_field=init_field,
+                    config=_NO_MEDIAN)
+
+
 _BM_INIT = PairConfig(init="blockmatch")
 
 
@@ -68,7 +78,8 @@ def blockmatch(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None)
   return block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)
 
 
-METHODS = (("finetuner", finetuner), ("finetuner, no tear refinement", finetuner_no_refine),
+METHODS = (("finetuner", finetuner), ("finetuner, no median filter", finetuner_no_median),
+           ("finetuner, no tear refinement", finetuner_no_refine),
            ("finetuner, elastic not masked", finetuner_unmasked),
            ("finetuner, init=blockmatch", finetuner_bm_init),
            ("block matching", blockmatch), ("identity", evaluation.identity_aligner))
@@ -79,7 +90,7 @@ def run_accuracy(out: pathlib.Path):
            evaluation.shared_case("same", "isbi2012_train", num=FLAGS.num, seed=10,
                                   config=dataclasses.replace(evaluation.DistortionConfig(), crack_probability=0.5,
                                                              fold_probability=0.5)),
-           evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=FLAGS.num)]
+           evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=FLAGS.neighbour_num)]
   rows = []
   for case in cases:
     for name, fn in METHODS:
@@ -87,7 +98,7 @@ def run_accuracy(out: pathlib.Path):
       rows.append(evaluation.evaluate(fn, case, name=name, progress=False))
       logging.info("%s", rows[-1])
   table = evaluation.format_table(rows)
-  cmd = f"python experiments/bench_pair.py --mode=accuracy --num={FLAGS.num}"
+  cmd = f"python experiments/bench_pair.py --mode=accuracy --num={FLAGS.num} --neighbour_num={FLAGS.neighbour_num}"
   (out / "pair_accuracy.md").write_text(f"Command: `{cmd}`\n\n{table}\n")
   print(table)
 

@@ -31,6 +31,7 @@ _EXPORTS = {
   "pyramid": "jaxalign.fields",
   "gaussian_blur": "jaxalign.fields",
   "blur_field": "jaxalign.fields",
+  "median_filter_field": "jaxalign.fields",
   "elastic_energy": "jaxalign.losses",
   "elastic_loss": "jaxalign.losses",
   "masked_mean": "jaxalign.losses",

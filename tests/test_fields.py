@@ -196,6 +196,40 @@ def test_gaussian_blur_vs_scipy():
   np.testing.assert_allclose(ja.blur_field(jnp.float32(f), 2.0), ref_f, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [3, 7, 31, 45])
+def test_median_filter_field_vs_scipy(size):
+  # Reference: SciPy's running median along x, then along y, edge-replicated ("nearest"), in float64.
+  rng = np.random.default_rng(size)
+  f = rng.normal(size=(2, 41, 57, 2))
+  out = np.asarray(ja.median_filter_field(jnp.float32(f), size))
+  ref = ndimage.median_filter(ndimage.median_filter(f, size=(1, 1, size, 1), mode="nearest"),
+                              size=(1, size, 1, 1), mode="nearest")
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  assert np.asarray(ja.median_filter_field(jnp.float32(f), 1)).tolist() == np.float32(f).tolist()
+
+
+def test_median_filter_keeps_trends_and_tears_drops_compact_excursions():
+  yy, xx = np.mgrid[0:96, 0:96].astype(np.float64)
+  affine = np.stack([0.05 * xx - 0.03 * yy + 2.0, 0.02 * yy + 1.0], -1)
+  tear = np.where((xx > 50)[..., None], 6.0, 0.0) * np.array([1.0, -0.5])
+  inner = (slice(15, -15), slice(15, -15))  # away from the edge-replicated border
+  out = np.asarray(ja.median_filter_field(jnp.float32(affine + tear), 31))
+  np.testing.assert_allclose(out[inner], (affine + tear)[inner], atol=1e-4)
+  # A 4 px excursion narrower than half the window (13 < 31 / 2 px) goes; what is left (<= 10 %) is the
+  # order statistic's shift along the ramp: slope 0.05 px/px times about half the excursion's width.
+  disc = (yy - 30) ** 2 + (xx - 25) ** 2 < 7 ** 2
+  bump = 4.0 * disc[..., None] * np.array([0.6, 0.8])
+  out = np.asarray(ja.median_filter_field(jnp.float32(affine + tear + bump), 31))
+  err = np.linalg.norm(out - affine - tear, axis=-1)[inner]
+  assert err.max() <= 0.4, err.max()
+  assert np.linalg.norm(bump, axis=-1).max() == pytest.approx(4.0)
+
+
+def test_median_filter_rejects_even_size():
+  with pytest.raises(ja.InputError, match="odd"):
+    ja.median_filter_field(jnp.zeros((8, 8, 2)), 4)
+
+
 def test_kernels_compile_once_per_shape():
   rng = np.random.default_rng(13)
   img = jnp.float32(rng.random((24, 24)))
@@ -205,6 +239,7 @@ def test_kernels_compile_once_per_shape():
     (ja.downsample_field, (f,)), (ja.elastic_loss, (f,)), (ja.elastic_energy, (f,)),
     (ja.vector_vote, (jnp.stack([f, f, f]),)), (ja.decay_field, (f, 3.0)),
     (ja.cpc, (img, img)), (ja.normalize, (img,)), (ja.gaussian_blur, (img, 1.5)),
+    (ja.median_filter_field, (f, 5)),
   ]
   for fn, args in calls:
     fn(*args)
