@@ -351,17 +351,8 @@ def blur_field(field: jax.Array, sigma: float) -> jax.Array:
 # --------------------------------------------------------------------------- median filter
 
 
-@functools.lru_cache(maxsize=None)
-def _median_network(size: int) -> tuple[tuple[tuple[int, int], ...], int, int, int]:
-  """Comparators of a selection network for the median of `size` values.
-
-  Batcher's odd-even merge sort on the next power of two `n` (padding wires: `low` of -inf first,
-  the rest +inf last), pruned to the comparators the median wire depends on. Returns
-  `(comparators, n, low, target_wire)`.
-  """
-  n = 1
-  while n < size:
-    n *= 2
+def _batcher_comparators(n: int) -> list[tuple[int, int]]:
+  """Batcher's odd-even merge sort network on `n` (a power of two) wires, as (low, high) wire pairs."""
   pairs = []
   p = 1
   while p < n:
@@ -373,35 +364,70 @@ def _median_network(size: int) -> tuple[tuple[tuple[int, int], ...], int, int, i
             pairs.append((i + j, i + j + k))
       k //= 2
     p *= 2
+  return pairs
+
+
+@functools.lru_cache(maxsize=None)
+def _median_program(size: int) -> tuple[tuple[tuple[int, int, bool, bool], ...], int]:
+  """A straight-line program for the median of `size` values: Batcher's network on the next power of
+  two, padded with -inf/+inf wires that are resolved here (a comparator against a constant is a
+  no-op or a swap), then pruned to what the median depends on.
+
+  Returns `(ops, out)`: values 0..size-1 are the inputs; op k reads values (x, y) and defines value
+  `size + 2k` = min (if its flag is set) and `size + 2k + 1` = max (if set); `out` is the median.
+  """
+  n = 1
+  while n < size:
+    n *= 2
   low = (n - size) // 2
-  target = low + (size - 1) // 2
-  needed, kept = {target}, []
-  for a, b in reversed(pairs):
-    if a in needed or b in needed:
-      kept.append((a, b))
-      needed |= {a, b}
-  return tuple(reversed(kept)), n, low, target
+  lo, hi = -1, -2  # the constant wires
+  wires = [lo] * low + list(range(size)) + [hi] * (n - size - low)
+  ops = []
+  for a, b in _batcher_comparators(n):
+    x, y = wires[a], wires[b]
+    if x == lo or y == hi:
+      continue  # already in order
+    if x == hi or y == lo:
+      wires[a], wires[b] = y, x
+      continue
+    v = size + 2 * len(ops)
+    ops.append((x, y))
+    wires[a], wires[b] = v, v + 1
+  out = wires[low + (size - 1) // 2]
+  needed, program = {out}, []
+  for k in range(len(ops) - 1, -1, -1):
+    v = size + 2 * k
+    want_min, want_max = v in needed, v + 1 in needed
+    if want_min or want_max:
+      program.append((k, ops[k][0], ops[k][1], want_min, want_max))
+      needed |= set(ops[k])
+  program.reverse()
+  return tuple(program), out
 
 
-def _median_along(x: jax.Array, size: int, axis: int) -> jax.Array:
-  """Running median of odd window `size` along `axis` (edge-replicated borders)."""
+def _median_along(x: jax.Array, size: int, stride: int, axis: int) -> jax.Array:
+  """Running median along `axis` of the taps `-r, -r + stride, ..., r` (r = size // 2; edge-replicated
+  borders)."""
   r = size // 2
   length = x.shape[axis]
   pad = [(0, 0)] * x.ndim
   pad[axis] = (r, r)
   xp = jnp.pad(x, pad, mode="edge")
-  taps = [jax.lax.slice_in_dim(xp, t, t + length, axis=axis) for t in range(size)]
-  comparators, n, low, target = _median_network(size)
-  inf = jnp.full_like(x, jnp.inf)
+  taps = range(0, size, stride)
+  values = {i: jax.lax.slice_in_dim(xp, t, t + length, axis=axis) for i, t in enumerate(taps)}
+  size = len(taps)
+  program, out = _median_program(size)
   # Elementwise min/max fuse into a few XLA loops: ~20x faster than jnp.median's sort on CPU.
-  wires = [-inf] * low + taps + [inf] * (n - size - low)
-  for a, b in comparators:
-    wires[a], wires[b] = jnp.minimum(wires[a], wires[b]), jnp.maximum(wires[a], wires[b])
-  return wires[target]
+  for k, i, j, want_min, want_max in program:
+    if want_min:
+      values[size + 2 * k] = jnp.minimum(values[i], values[j])
+    if want_max:
+      values[size + 2 * k + 1] = jnp.maximum(values[i], values[j])
+  return values[out]
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def median_filter_field(field: jax.Array, size: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("size", "stride"))
+def median_filter_field(field: jax.Array, size: int, stride: int = 1) -> jax.Array:
   """Separable median filter of each component of a field: a running median of `size` pixels along
   x, then along y (an approximation of the 2-D `size`² median), borders edge-replicated.
 
@@ -412,12 +438,25 @@ def median_filter_field(field: jax.Array, size: int) -> jax.Array:
   Args:
     field: `[..., H, W, 2]` float32, pixels, (dy, dx).
     size: odd window length in pixels (static: it fixes the shape of the network); 1 returns the input.
+    stride: use every `stride`-th pixel of the window (`(size - 1) / 2` must be a multiple of it):
+      a wide window at a fraction of the cost, for fields that are smooth at the scale of `stride`.
   Returns:
     `[..., H, W, 2]` float32.
   """
   if size < 1 or size % 2 == 0:
     raise InputError(f"median_filter_field: size must be odd and >= 1, got {size}")
+  if stride < 1 or (size // 2) % stride:
+    raise InputError(f"median_filter_field: stride {stride} must divide the window radius {size // 2}")
   if size == 1:
     return field
   field = jnp.asarray(field, jnp.float32)
-  return _median_along(_median_along(field, size, field.ndim - 2), size, field.ndim - 3)
+  components = jnp.moveaxis(field, -1, 0)  # [2, ..., H, W]
+  h_axis = components.ndim - 3  # within one component
+
+  def one(c):
+    return _median_along(_median_along(c, size, stride, h_axis + 1), size, stride, h_axis)
+
+  # One component at a time in a loop: a loop's output is materialised, so XLA cannot fuse the
+  # network into a consumer that reads each value several times (an upsampling recomputed it per
+  # read: align_pair ran 10x slower); it also halves the peak memory of the network.
+  return jnp.moveaxis(jax.lax.map(one, components), 0, -1)

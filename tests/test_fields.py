@@ -208,6 +208,19 @@ def test_median_filter_field_vs_scipy(size):
   assert np.asarray(ja.median_filter_field(jnp.float32(f), 1)).tolist() == np.float32(f).tolist()
 
 
+def test_strided_median_filter_vs_scipy_footprint():
+  # stride 2: the median of every other pixel of a 45-px window (23 taps), as a SciPy footprint.
+  rng = np.random.default_rng(3)
+  f = rng.normal(size=(50, 70, 2))
+  foot = (np.arange(45) % 2 == 0)
+  out = np.asarray(ja.median_filter_field(jnp.float32(f), 45, 2))
+  ref = ndimage.median_filter(f, footprint=foot[None, :, None], mode="nearest")
+  ref = ndimage.median_filter(ref, footprint=foot[:, None, None], mode="nearest")
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  with pytest.raises(ja.InputError, match="stride"):
+    ja.median_filter_field(jnp.float32(f), 31, 2)
+
+
 def test_median_filter_keeps_trends_and_tears_drops_compact_excursions():
   yy, xx = np.mgrid[0:96, 0:96].astype(np.float64)
   affine = np.stack([0.05 * xx - 0.03 * yy + 2.0, 0.02 * yy + 1.0], -1)

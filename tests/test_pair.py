@@ -173,6 +173,13 @@ def test_bad_input_raises(bad):
     align_pair(a, b, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(median_sizes=(4,)), dict(median_sizes=(31,), median_strides=(2,)),
+                                    dict(median_strides=(0,))])
+def test_bad_median_config_raises(kwargs):
+  with pytest.raises(InputError, match="median"):
+    PairConfig(**kwargs)
+
+
 def test_config_levels_adapt_to_size():
   cfg = PairConfig()
   assert cfg.levels_for((256, 256)) == 4   # coarsest 32 px
