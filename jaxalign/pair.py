@@ -2,7 +2,8 @@
 
 Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 step 2):
 
-1. Validate (`jaxalign.errors`), zero src/tgt defects, normalise over non-zero pixels.
+1. Validate (`jaxalign.errors`), zero src/tgt defects, remove periodic stripes (knife chatter), normalise
+   over non-zero pixels.
 2. Optional initial field: given by the caller, from block matching (`config.init="blockmatch"`), or
    from a pluggable aligner `model(src, tgt, *, init_field, src_defects, tgt_defects) -> field`.
 3. MIP pyramids (images by mean, tissue masks by min, defect masks by max). At the coarsest level the
@@ -94,6 +95,10 @@ class PairConfig:
       coarsest images and keep it if it is at least `MIN_GLOBAL_SHIFT` coarsest-level pixels and lowers
       their masked MSE. This extends the capture range from
       ~2 coarsest-level pixels (gradient descent) to about a quarter of the section.
+    destripe: remove periodic stripes (knife chatter) from both images first
+      (`preprocess.destripe`). Measured on FIB-SEM 192² crops with 6-px stripes of relative amplitude
+      1.0 / 0.3: median EPE 0.4-4.2 / 0.26-0.47 px without, 0.26-0.46 / 0.09-0.24 px with (0.07-0.16
+      on the clean images, which it leaves unchanged).
     init: "identity" or "blockmatch" (use `jaxalign.blockmatch.block_match` as the initial field when
       no `init_field` and no `model` is given).
     refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
@@ -114,6 +119,7 @@ class PairConfig:
   presmooth_sigma: float = 0.7
   presmooth_levels: int = 2
   global_translation: bool = True
+  destripe: bool = True
   init: str = "identity"
   refine_model: bool = False
 
@@ -328,14 +334,18 @@ def _block_match(src, tgt, *, init_field=None, src_defects=None, tgt_defects=Non
   return bm.block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)
 
 
-def _prepare_images(src, tgt, sd, td):
-  """Zeroes defects and normalises over the remaining non-zero pixels (host arrays in, jax out)."""
-  s = _preprocess.normalize(_preprocess.apply_mask(jnp.asarray(src), jnp.asarray(sd)))
-  t = _preprocess.normalize(_preprocess.apply_mask(jnp.asarray(tgt), jnp.asarray(td)))
-  return s, t
+@functools.partial(jax.jit, static_argnames=("destripe",))
+def _prepare_images(src, tgt, sd, td, *, destripe: bool):
+  """Zeroes defects, optionally removes stripes, and normalises over the remaining non-zero pixels."""
+  def one(image, defects):
+    image = _preprocess.apply_mask(jnp.asarray(image), jnp.asarray(defects))
+    return _preprocess.normalize(_preprocess.destripe(image) if destripe else image)
+  return one(src, sd), one(tgt, td)
 
 
-_prepare_batch = jax.jit(jax.vmap(lambda s, t, a, b: _prepare_images(s, t, a, b)))
+@functools.partial(jax.jit, static_argnames=("destripe",))
+def _prepare_batch(srcs, tgts, sd, td, *, destripe: bool):
+  return jax.vmap(functools.partial(_prepare_images, destripe=destripe))(srcs, tgts, sd, td)
 
 
 def _initial_field(s, t, sd, td, init_field, model, config):
@@ -375,7 +385,7 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
   """
   config = config or PairConfig()
   src, tgt, sd, td, init_field = _validate(src, tgt, src_defects, tgt_defects, init_field, batched=False)
-  s, t = _prepare_images(src, tgt, sd, td)
+  s, t = _prepare_images(src, tgt, sd, td, destripe=config.destripe)
   init = _initial_field(s, t, sd, td, init_field, model, config)
   if model is not None and not config.refine_model:
     out = jnp.asarray(init)
@@ -410,7 +420,8 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
   config = config or PairConfig()
   srcs, tgts, sd, td, init_fields = _validate(srcs, tgts, src_defects, tgt_defects, init_fields,
                                               batched=True)
-  s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td))
+  s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td),
+                        destripe=config.destripe)
   b, h, w = srcs.shape
   if model is not None or (init_fields is None and config.init == "blockmatch"):
     inits = [_initial_field(s[i], t[i], sd[i], td[i], None if init_fields is None else init_fields[i],

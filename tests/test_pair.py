@@ -215,3 +215,18 @@ def test_compact_local_motion_is_not_followed(section):
   assert med <= 0.2 and p95 <= 1.0, (med, p95)
   follows = align_pair(section, tgt, config=PairConfig(median_sizes=(1,)))
   assert err(follows) >= 2 * err(f) and err(follows) >= 1.2, (err(follows), err(f))
+
+
+def test_knife_chatter_stripes_do_not_derail_the_field(section):
+  # Multiplicative 6-px stripes of full modulation on src (as in a chattered section). The default
+  # destriping keeps the field on the truth; without it the finetuner is pulled off by pixels.
+  u = _cases()["smooth"]
+  tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(u)))
+  yy, xx = _grid()
+  stripes = 1.0 + np.sin(2 * np.pi * (0.8 * xx + 0.6 * yy) / 6.0)
+  src = np.clip(section * stripes, 1e-3, None).astype(np.float32)
+  valid = _truth_valid(src != 0, u)
+  med, p95 = _epe(align_pair(src, tgt), u, valid)
+  assert med <= 0.6, (med, p95)
+  med_off, _ = _epe(align_pair(src, tgt, config=PairConfig(destripe=False)), u, valid)
+  assert med_off >= 2 * med, (med_off, med)
