@@ -427,7 +427,7 @@ def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[fl
   Returns:
     `[H, W, 2]` float32 (None with a sink).
   """
-  from jaxalign.decay import MAX_DECAY_LEVELS, _num_levels, decay_field
+  from jaxalign.decay import MAX_DECAY_LEVELS, decay_field, num_levels
   fld = as_source(field)
   h, w = fld.shape
   if len(stitches) != len(distances):
@@ -445,7 +445,7 @@ def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[fl
     else:
       out[spec.core] = core
 
-  levels = _num_levels(h, w)
+  levels = num_levels(h, w)
   top = math.log2(1.0 + blur_rate * max([max(d, 0.0) for _, d in chain] + [0.0]))
   hi = min(levels, math.floor(top) + 1)
   a, mb = 2 ** hi, _decay_reach(hi)
@@ -537,7 +537,7 @@ def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[fl
 
 
 def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: ChunkConfig = ChunkConfig(),
-                         block_config=None, coarse_field: np.ndarray | None = None,
+                         block_config=None, refine: bool = True, coarse_field: np.ndarray | None = None,
                          sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                          progress: bool = False):
   """`jaxalign.stack.stitch_field` on overlapping, re-centred chunks (memory ~ O x chunk^2).
@@ -556,6 +556,7 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
       sections' fields in block N and in block N+1 (pixels, (dy, dx)).
     config: `ChunkConfig` (chunk, overlap, coarse_levels, mode).
     block_config: `BlockConfig` (pair aligner, voting), as `stitch_field`.
+    refine: align the overlap renderings (paper); False votes the algebraic estimates (as `stitch_field`).
     coarse_field: optional `[H/2^c, W/2^c, 2]` coarse stitch field (pixels of that level,
       c = `coarse_levels_for`).
     sink: optional `sink(core_slices, t_core [h, w, 2])`; forces "crop" reassembly.
@@ -576,7 +577,8 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
     coarse_field = stitch_field(np.stack([s.coarse(c) if hasattr(s, "coarse") else coarse_of(s, c, config.chunk)
                                           for s in secs]),
                                 np.stack([coarse_of(f, c, config.chunk) for f in prevs]),
-                                np.stack([coarse_of(f, c, config.chunk) for f in nxts]), config=block_config)
+                                np.stack([coarse_of(f, c, config.chunk) for f in nxts]), config=block_config,
+                                refine=refine)
   specs = chunking.split((h, w), config.chunk, config.overlap)
   offsets = coarse_offsets(np.asarray(coarse_field)[None], specs, c)[0]
   mode = "crop" if sink is not None else config.mode
@@ -594,7 +596,7 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
     inside = np.zeros((ch, cw), bool)  # where src = warp(S, next) exists: r + o inside the section
     inside[max(0, -y0 - o[0]):max(0, h - y0 - o[0]), max(0, -x0 - o[1]):max(0, w - x0 - o[1])] = True
     t = _stitch_chunk(np.stack(sec_w), np.stack(prev_w).astype(np.float32), np.stack(next_w).astype(np.float32),
-                      inside, block_config) + o.astype(np.float32)
+                      inside, block_config, refine) + o.astype(np.float32)
     if sink is not None:
       sink(spec.core, t[spec.crop])
     else:
@@ -603,7 +605,8 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
   return None if sink is not None else acc.result()
 
 
-def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np.ndarray, config) -> np.ndarray:
+def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np.ndarray, config,
+                  refine: bool) -> np.ndarray:
   """`jaxalign.stack.stitch_field` on one re-centred chunk, where the block N+1 rendering only
   exists at `inside`: beyond the section it is no data (zero, not a valid voter), as in the
   whole-section stitch, instead of a rendering through edge-extrapolated block fields.
@@ -613,28 +616,11 @@ def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np
     prev, nxt: `[O, h, w, 2]` their block N / block N+1 fields in the box's coordinates.
     inside: `[h, w]` bool.
     config: `BlockConfig` (None = defaults).
+    refine: as `stitch_field`.
   Returns:
     `[h, w, 2]` float32 stitch field of the chunk's shifted problem.
   """
-  from jaxalign.block import BlockConfig, _vote, default_aligner
-  from jaxalign.stack import _algebraic_stitch, _aligned_data_batch
-  config = config or BlockConfig()
-  o, h, w = sec.shape
-  data = sec != 0
-  keep = [i for i in range(o) if data[i].any()]
-  if not keep or not inside.any():
-    return np.zeros((h, w, 2), np.float32)
-  aligner = config.aligner or default_aligner(None, config.pair)
-  inits = np.asarray(_algebraic_stitch(jnp.asarray(nxt), jnp.asarray(prev)))
-  src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt))) * inside
-  tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
-  src_valid = (np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold) & inside
-  tgt_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
-  idx = np.array(keep + [keep[-1]] * (o - len(keep)))  # padded to O: one compile per overlap size
-  none = np.zeros((o, h, w), bool)
-  cands = np.asarray(aligner(src[idx], tgt[idx], src_defects=none, tgt_defects=none, init_fields=inits[idx]),
-                     np.float32)[:len(keep)]
-  if len(keep) == 1:
-    return cands[0]
-  return np.asarray(_vote(jnp.asarray(cands), temperature=config.temperature, blur_sigma=config.blur_sigma,
-                          valid=jnp.asarray(tgt_valid[keep] & src_valid[keep])))
+  from jaxalign.stack import stitch_field
+  if not (sec != 0).any() or not inside.any():
+    return np.zeros(sec.shape[1:] + (2,), np.float32)
+  return np.asarray(stitch_field(sec, prev, nxt, config=config, refine=refine, next_inside=inside), np.float32)

@@ -23,14 +23,15 @@ DEFAULT_BLUR_RATE = 0.2
 MAX_DECAY_LEVELS = 8
 
 
-def _num_levels(h: int, w: int) -> int:
+def num_levels(h: int, w: int) -> int:
+  """MIP levels of the decay blur hierarchy for an `h` x `w` section (at most `MAX_DECAY_LEVELS`)."""
   return max(0, min(MAX_DECAY_LEVELS, int(math.floor(math.log2(max(1, min(h, w)))))))
 
 
 def _hierarchy(field: jax.Array) -> jax.Array:
   """`[L+1, H, W, 2]`: the field low-passed at scales 1, 2, 4, ... 2^L px, all at level-0 size."""
   h, w = field.shape[-3:-1]
-  levels = _num_levels(h, w)
+  levels = num_levels(h, w)
   block = 2 ** levels
   ph, pw = (-h) % block, (-w) % block
   # Edge padding: the field beyond the section continues smoothly rather than dropping to zero.

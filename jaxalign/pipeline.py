@@ -204,13 +204,14 @@ def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeC
     stitch_field_chunked([VolumeSource(src, int(z), config.level) for z in ov],
                          [VolumeSource(prev_vol, int(z - prev_b.start)) for z in ov],
                          [VolumeSource(next_vol, int(z - b.start)) for z in ov], config=config.chunk,
-                         block_config=config.stack.block, sink=lambda core, t: stitches.write(t, k, 0, core))
+                         block_config=config.stack.block, refine=config.stack.stitch_refine,
+                         sink=lambda core, t: stitches.write(t, k, 0, core))
     return
   sections = src.read(slice(int(ov[0]), int(ov[-1]) + 1), config.level).astype(np.float32)
   prev = _open(_url(dst, WORK, f"block_{prev_b.index:05d}")).read(
     slice(int(ov[0] - prev_b.start), int(ov[-1] - prev_b.start) + 1))
   nxt = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(slice(int(ov[0] - b.start), int(ov[-1] - b.start) + 1))
-  t = stitch_field(sections, prev, nxt, config=config.stack.block)
+  t = stitch_field(sections, prev, nxt, config=config.stack.block, refine=config.stack.stitch_refine)
   _open(_url(dst, WORK, "stitches")).write(np.asarray(t, np.float32), k)
 
 

@@ -286,7 +286,7 @@ def align_block_task(block_sections, block: BlockPlan, *, voting_distance: int =
 
 
 def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=None, model=None,
-                 config: BlockConfig | None = None, refine: bool = True) -> jax.Array:
+                 config: BlockConfig | None = None, refine: bool = True, next_inside=None) -> jax.Array:
   """The stitch field mapping block N+1's frame into block N's, voted over the overlap.
 
   For each overlap section i, `next_fields[i]` puts it in block N+1's frame and `prev_fields[i]` in
@@ -302,6 +302,8 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     model, config: pair model and `BlockConfig` (aligner, voting temperature).
     refine: align the renderings (paper); False votes the algebraic estimates alone (no pair
       alignment, see `StackConfig.stitch_refine`).
+    next_inside: optional `[H, W]` bool: where the block N+1 renderings exist (a chunk of a larger
+      section, `jaxalign.chunked`); elsewhere they are no data and not valid voters.
   Returns:
     `[H, W, 2]` float32 t with `warp(warp(S, next_fields[i]), t) ≈ warp(S, prev_fields[i])`.
   """
@@ -318,11 +320,12 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     logging.warning("stitch_field: no overlap section has data; stitch field is the identity")
     return jnp.zeros((h, w, 2), jnp.float32)
   inits = _algebraic_stitch(jnp.asarray(nxt), jnp.asarray(prev))
-  src_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold
+  inside = np.ones((h, w), bool) if next_inside is None else np.asarray(next_inside, bool)
+  src_valid = (np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold) & inside
   tgt_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
   if refine:
     aligner = config.aligner or default_aligner(model, config.pair)
-    src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt)))
+    src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt))) * inside
     tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
     # All overlap pairs in one batch, padded to O so the aligner compiles once per overlap size.
     idx = np.array(keep + [keep[-1]] * (o - len(keep)))

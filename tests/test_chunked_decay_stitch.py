@@ -95,3 +95,27 @@ def test_coarse_levels_keep_enough_context():
   from jaxalign.chunked import coarse_levels_for
   cfg = ChunkConfig()  # up to 2^3 coarser, at least 128 px per side
   assert [coarse_levels_for(cfg, n, 2 * n) for n in (100, 256, 512, 1023, 8192)] == [0, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_volume_pipeline_honours_stitch_refine(tmp_path, chunked):
+  # StackConfig.stitch_refine=False must reach the stitch task (whole-section and chunked): the run
+  # makes fewer pair alignments (none for the stitch) and still gives the closed-form fields.
+  size = 192
+  shifts = np.array([[0, 0], [5, -4], [9, -7], [12, -3], [8, 2], [4, 6]])
+  sections = texture_stack(shifts, size=size)
+  src = str(tmp_path / "src")
+  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  calls = []
+  for refine in (True, False):
+    def counting(*args, **kwargs):
+      calls.append(refine)
+      return phase_aligner(*args, **kwargs)
+    config = pipeline.VolumeConfig(
+        block_size=4, overlap=2, starters=(0, 2), decay_distance=1e6, pyramid_levels=1,
+        chunk=ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None,
+        stack=StackConfig(block=BlockConfig(aligner=counting), stitch_refine=refine))
+    pipeline.align_volume(src, str(tmp_path / f"dst_{refine}"), config, progress=False)
+    fields = io.open_volume(str(tmp_path / f"dst_{refine}" / "fields")).read()
+    np.testing.assert_allclose(fields, expected_fields(shifts, size), atol=1e-3)
+  assert 0 < calls.count(False) < calls.count(True), (calls.count(False), calls.count(True))
