@@ -174,7 +174,7 @@ def test_bad_input_raises(bad):
 
 
 @pytest.mark.parametrize("kwargs", [dict(median_sizes=(4,)), dict(median_sizes=(31,), median_strides=(2,)),
-                                    dict(median_strides=(0,))])
+                                    dict(median_strides=(0,)), dict(median_keep=1.0, median_replace=0.5)])
 def test_bad_median_config_raises(kwargs):
   with pytest.raises(InputError, match="median"):
     PairConfig(**kwargs)
@@ -230,3 +230,16 @@ def test_knife_chatter_stripes_do_not_derail_the_field(section):
   assert med <= 0.6, (med, p95)
   med_off, _ = _epe(align_pair(src, tgt, config=PairConfig(destripe=False)), u, valid)
   assert med_off >= 2 * med, (med_off, med)
+
+
+def test_replace_excursions_vs_numpy():
+  # Reference: SciPy's separable running median and the blend rule written out in float64.
+  from scipy import ndimage as ndi
+  rng = np.random.default_rng(7)
+  f = rng.normal(scale=0.8, size=(40, 52, 2))
+  m = ndi.median_filter(ndi.median_filter(f, size=(1, 9, 1), mode="nearest"), size=(9, 1, 1), mode="nearest")
+  d = np.linalg.norm(f - m, axis=-1, keepdims=True)
+  ref = f + np.clip((d - 0.15) / (0.6 - 0.15), 0, 1) * (m - f)
+  out = np.asarray(pair._replace_excursions(jnp.float32(f), 9, 1, 0.15, 0.6))
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  assert np.any(d < 0.15) and np.any(d > 0.6)  # both regimes exercised
