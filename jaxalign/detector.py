@@ -35,6 +35,7 @@ from flax import nnx
 
 from jaxalign import chunking, fields, nnx_weights
 from jaxalign.errors import InputError, check_image
+from jaxalign.preprocess import dilate, erode
 
 CLASSES = ("crack", "fold", "tissue")
 DEFECT_CLASSES = ("crack", "fold")
@@ -404,28 +405,6 @@ def detect_volume(src, dst: str, *, model: UNet | None = None, mip: int | None =
 
 # ----------------------------------------------------------------------------------------------
 # Masks for alignment
-
-
-@functools.partial(jax.jit, static_argnames=("radius",))
-def dilate(mask: jax.Array, radius: int) -> jax.Array:
-  """Binary dilation of `[..., H, W]` bool by a `(2 radius + 1)^2` square; returns bool."""
-  if radius <= 0:
-    return mask.astype(bool)
-  x = mask.astype(jnp.float32)
-  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
-  out = jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, "SAME")
-  return out > 0.5
-
-
-@functools.partial(jax.jit, static_argnames=("radius",))
-def erode(mask: jax.Array, radius: int) -> jax.Array:
-  """Binary erosion of `[..., H, W]` bool by a `(2 radius + 1)^2` square; outside counts as True."""
-  if radius <= 0:
-    return mask.astype(bool)
-  x = mask.astype(jnp.float32)
-  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
-  out = jax.lax.reduce_window(x, 1.0, jax.lax.min, window, (1,) * x.ndim, "SAME")
-  return out > 0.5
 
 
 def resample_mask(mask, from_mip: int, to_mip: int, reduce: str) -> np.ndarray:

@@ -34,6 +34,7 @@ from jax import lax
 from jaxalign import fields as _fields
 from jaxalign.errors import InputError
 from jaxalign import losses as _losses
+from jaxalign import preprocess as _preprocess
 from jaxalign import tears as _tears
 
 
@@ -112,14 +113,6 @@ def _optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   return optax.sgd(sched, momentum=0.9)
 
 
-def _dilate(mask: jax.Array, radius: int) -> jax.Array:
-  """Binary dilation of `[H, W]` float {0, 1} by a (2r+1)² square (max filter)."""
-  if radius <= 0:
-    return mask
-  k = 2 * radius + 1
-  return lax.reduce_window(mask, -jnp.inf, lax.max, (k, k), (1, 1), "SAME")
-
-
 def _data_mask(x: jax.Array) -> jax.Array:
   """`[H, W]` float {0, 1}: 1 where an image `[H, W]` / encoding `[H, W, C]` is not all zero."""
   nz = x != 0
@@ -152,7 +145,7 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
   """
   if not config.mask_elastic_at_defects:
     return jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
-  tgt_ok = 1.0 - (_dilate(tgt_defects, config.defect_dilation) > 0).astype(jnp.float32)
+  tgt_ok = 1.0 - _preprocess.dilate(tgt_defects > 0, config.defect_dilation).astype(jnp.float32)
   # Without src defects every spring stays: skip the segment sampling (a cond, so batched runs
   # under vmap still compute it).
   springs = lax.cond(has_src_defects,

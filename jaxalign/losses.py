@@ -19,14 +19,14 @@ SPRING_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
 _LENGTH_EPS = 1e-12
 
 
-def _shift(x: jax.Array, dy: int, dx: int, axis_y: int) -> jax.Array:
-  """`out[..., i, j, ...] = x[..., i + dy, j + dx, ...]`, zero outside; `axis_y` is the H axis."""
+def shifted(x: jax.Array, dy: int, dx: int, axis_y: int, fill: float = 0.0) -> jax.Array:
+  """`out[..., i, j, ...] = x[..., i + dy, j + dx, ...]`, `fill` outside; `axis_y` is the H axis."""
   axis_x = axis_y + 1
   h, w = x.shape[axis_y], x.shape[axis_x]
   pad = [(0, 0)] * x.ndim
   pad[axis_y] = (max(-dy, 0), max(dy, 0))
   pad[axis_x] = (max(-dx, 0), max(dx, 0))
-  xp = jnp.pad(x, pad)
+  xp = jnp.pad(x, pad, constant_values=fill)
   start_y = max(dy, 0)
   start_x = max(dx, 0)
   xp = jax.lax.slice_in_dim(xp, start_y, start_y + h, axis=axis_y)
@@ -55,14 +55,14 @@ def elastic_energy(field: jax.Array, mask: jax.Array | None = None) -> jax.Array
   energy = jnp.zeros(field.shape[:-1], jnp.float32)
   for dy, dx in SPRING_OFFSETS:
     rest = jnp.sqrt(jnp.float32(dy * dy + dx * dx))
-    neighbour = _shift(field, dy, dx, axis_y)
+    neighbour = shifted(field, dy, dx, axis_y)
     # Zero-padded mask also removes springs that leave the image.
-    weight = m * _shift(m, dy, dx, axis_y)
+    weight = m * shifted(m, dy, dx, axis_y)
     vec = neighbour - field + jnp.array([dy, dx], jnp.float32)
     length = jnp.sqrt(jnp.sum(vec * vec, axis=-1) + _LENGTH_EPS)
     spring = weight * (length - rest) ** 2
     # Half to each endpoint: p gets it here, q = p + offset gets it via the reverse shift.
-    energy = energy + 0.5 * spring + 0.5 * _shift(spring, -dy, -dx, axis_y)
+    energy = energy + 0.5 * spring + 0.5 * shifted(spring, -dy, -dx, axis_y)
   return energy
 
 

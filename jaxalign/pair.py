@@ -38,7 +38,7 @@ from jaxalign import fields as _fields
 from jaxalign import losses as _losses
 from jaxalign import preprocess as _preprocess
 from jaxalign import tears as _tears
-from jaxalign.finetuner import FinetuneConfig, FinetuneStats, _dilate, _finetune_core
+from jaxalign.finetuner import FinetuneConfig, FinetuneStats, _finetune_core
 
 # Per-level defaults, level 0 (full resolution) first. Coarse levels are cheap, so they get many
 # steps and a strong elastic prior (paper: gamma 5-25, larger at coarser levels); full resolution gets
@@ -299,7 +299,7 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
   if config.mask_elastic_at_defects and config.tear_refine_iterations > 0:
     def refine(f):
-      near_defect = _dilate(src_defects, config.tear_refine_radius)
+      near_defect = _preprocess.dilate(src_defects > 0, config.tear_refine_radius).astype(jnp.float32)
       zone = (_fields.warp(near_defect, f) > 0) & (tgt_valid > 0)
       s = _preprocess.normalize(src * src_valid, src_valid > 0)
       t = _preprocess.normalize(tgt * tgt_valid, tgt_valid > 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -131,3 +133,25 @@ def destripe(image: jax.Array) -> jax.Array:
   # Keep tissue non-zero: 0 means "no data".
   out = jnp.where(out == 0, TISSUE_AT_MEAN, out)
   return jnp.where(valid, out, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def dilate(mask: jax.Array, radius: int) -> jax.Array:
+  """Binary dilation of `[..., H, W]` bool by a `(2 radius + 1)^2` square; returns bool."""
+  if radius <= 0:
+    return mask.astype(bool)
+  x = mask.astype(jnp.float32)
+  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
+  out = jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, "SAME")
+  return out > 0.5
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def erode(mask: jax.Array, radius: int) -> jax.Array:
+  """Binary erosion of `[..., H, W]` bool by a `(2 radius + 1)^2` square; outside counts as True."""
+  if radius <= 0:
+    return mask.astype(bool)
+  x = mask.astype(jnp.float32)
+  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
+  out = jax.lax.reduce_window(x, 1.0, jax.lax.min, window, (1,) * x.ndim, "SAME")
+  return out > 0.5

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import fields as _fields
-from jaxalign.losses import SPRING_OFFSETS
+from jaxalign.losses import SPRING_OFFSETS, shifted
 
 # A spring is cut when the nearest-tissue map jumps by this many full-resolution pixels more than the
 # spacing of the samples: cracks and folds narrower than ~2 px are bridged (sub-pixel effect on EPE).
@@ -36,15 +36,6 @@ TEAR_JUMP_PX = 2.0
 SAMPLES_PER_PX = 2
 # Stands in for "no tissue found yet" in jump flooding (farther than any image side).
 _FAR = 1e7
-
-
-def _shifted(x: jax.Array, dy: int, dx: int, fill: float) -> jax.Array:
-  """`out[i, j] = x[i + dy, j + dx]` for `x [H, W, C]`, `fill` outside."""
-  h, w = x.shape[:2]
-  pad = ((max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0)), (0, 0))
-  xp = jnp.pad(x, pad, constant_values=fill)
-  y0, x0 = max(dy, 0), max(dx, 0)
-  return xp[y0:y0 + h, x0:x0 + w]
 
 
 def identity_coordinates(shape) -> jax.Array:
@@ -79,7 +70,7 @@ def nearest_tissue(defects: jax.Array) -> jax.Array:
       for dx in (-step, 0, step):
         if dy == dx == 0:
           continue
-        cand = _shifted(best, dy, dx, _FAR)
+        cand = shifted(best, dy, dx, 0, _FAR)
         cd = d2(cand)
         better = cd < best_d
         best = jnp.where(better[..., None], cand, best)
@@ -90,7 +81,7 @@ def nearest_tissue(defects: jax.Array) -> jax.Array:
 def spring_pairs(mask: jax.Array) -> jax.Array:
   """`[H, W, 4]` per-spring weights `m(p) * m(p + o_k)` of a per-pixel mask `[H, W]` (0 outside)."""
   m = jnp.asarray(mask, jnp.float32)[..., None]
-  return jnp.concatenate([m * _shifted(m, dy, dx, 0.0) for dy, dx in SPRING_OFFSETS], -1)
+  return jnp.concatenate([m * shifted(m, dy, dx, 0, 0.0) for dy, dx in SPRING_OFFSETS], -1)
 
 
 def _gather(nearest: jax.Array, points: jax.Array) -> jax.Array:
@@ -123,7 +114,7 @@ def tear_springs(field: jax.Array, nearest: jax.Array, *, scale: int = 1,
   t = jnp.linspace(0.0, 1.0, samples, dtype=jnp.float32)[:, None]
   weights = []
   for dy, dx in SPRING_OFFSETS:
-    q = _shifted(pts, dy, dx, 0.0)  # outside the image: irrelevant, those springs do not exist
+    q = shifted(pts, dy, dx, 0, 0.0)  # outside the image: irrelevant, those springs do not exist
     seg = pts[..., None, :] * (1.0 - t) + q[..., None, :] * t  # [H, W, S, 2]
     near = _gather(nearest, seg)
     jump = jnp.linalg.norm(near[..., 1:, :] - near[..., :-1, :], axis=-1)
@@ -183,9 +174,9 @@ def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: ja
     best_f = f
     best_c = _patch_cost(f, src, tgt, src_valid, tgt_valid, radius)
     for dy, dx in _PROPAGATION:
-      cand = _shifted(f, dy, dx, 0.0)
+      cand = shifted(f, dy, dx, 0, 0.0)
       # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
-      inside = _shifted(jnp.ones(f.shape[:-1] + (1,), jnp.float32), dy, dx, 0.0)[..., 0] > 0
+      inside = shifted(jnp.ones(f.shape[:-1] + (1,), jnp.float32), dy, dx, 0, 0.0)[..., 0] > 0
       c = _patch_cost(cand, src, tgt, src_valid, tgt_valid, radius)
       take = zone & inside & (c < best_c)
       best_f = jnp.where(take[..., None], cand, best_f)
