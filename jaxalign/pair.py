@@ -59,6 +59,12 @@ DEFAULT_MEDIAN_SIZES = (45, 31, 15, 7, 1)
 # Taps every 2 px at full resolution: the same accuracy (to 0.01 px on the pair benchmark) at a third
 # of the cost of all 45 taps.
 DEFAULT_MEDIAN_STRIDES = (2, 1)
+# The median stage targets neurites that shift by several pixels from one section to the next, which
+# needs sections at least this many pixels thick (FIB-SEM every 4th slice: 4; ssTEM at 4-5 nm/px and
+# 50 nm: 10-12). With thinner sections (e.g. 50 nm sections at 50 nm/px, as the DOLW7 pair) a 45-px
+# window spans microns, where raw sections deform for real: there it cost the DOLW7 fold pair its
+# alignment (median CPC 0.51 -> 0.18), so it is off.
+MEDIAN_MIN_THICKNESS_PX = 2.0
 # Coarsest-level pixels: a global phase-correlation translation is only applied from this size on.
 MIN_GLOBAL_SHIFT = 2.0
 
@@ -77,6 +83,9 @@ class PairConfig:
     median_sizes, median_strides: per level (same layout): odd window (pixels of that level) of the
       separable running median (`fields.median_filter_field`) the field is compared with after the
       level's finetuner (1 = off; see `DEFAULT_MEDIAN_SIZES` for why), and its tap spacing.
+    resolution_nm: (z, y, x) nm per pixel of the images as given (z = section thickness), or None
+      (unknown: treated as thick sections). The median stage runs only when z is at least
+      `MEDIAN_MIN_THICKNESS_PX` pixels (`median_active`); the volume pipeline fills it in.
     median_keep, median_replace: full-resolution px (scaled to each level): where the field departs
       from that median by more than `median_replace` it takes the median's value, below
       `median_keep` it is left alone, linear in between. 0.15 / 0.6 px, measured against a plain
@@ -117,6 +126,7 @@ class PairConfig:
   gammas: tuple[float, ...] = DEFAULT_GAMMAS
   median_sizes: tuple[int, ...] = DEFAULT_MEDIAN_SIZES
   median_strides: tuple[int, ...] = DEFAULT_MEDIAN_STRIDES
+  resolution_nm: tuple[float, float, float] | None = None
   median_keep: float = 0.15
   median_replace: float = 0.6
   finetune: FinetuneConfig = FinetuneConfig()
@@ -139,6 +149,13 @@ class PairConfig:
     for name in ("iterations", "learning_rates", "gammas", "median_sizes", "median_strides"):
       if len(getattr(self, name)) < 1:
         raise errors.InputError(f"PairConfig.{name} must have at least one entry")
+    if self.resolution_nm is not None:
+      # A tuple of floats whatever was passed: the config is a static (hashed) jit argument.
+      object.__setattr__(self, "resolution_nm", tuple(float(r) for r in self.resolution_nm))
+    if self.resolution_nm is not None and (len(self.resolution_nm) != 3 or
+                                           not all(r > 0 for r in self.resolution_nm)):
+      raise errors.InputError(f"PairConfig.resolution_nm must be 3 positive nm values (z, y, x), got "
+                              f"{self.resolution_nm}")
     if not 0 <= self.median_keep < self.median_replace:
       raise errors.InputError(f"PairConfig: need 0 <= median_keep < median_replace, got {self.median_keep}, "
                               f"{self.median_replace}")
@@ -164,7 +181,18 @@ class PairConfig:
     """(window, tap stride) in pixels of MIP `level` of the median filter after that level's finetuner."""
     def pick(seq):
       return seq[min(level, len(seq) - 1)]
+    if not self.median_active:
+      return 1, 1
     return pick(self.median_sizes), pick(self.median_strides)
+
+  @property
+  def median_active(self) -> bool:
+    """Whether the median stage runs: sections at least `MEDIAN_MIN_THICKNESS_PX` pixels thick, or
+    `resolution_nm` unknown (see `DEFAULT_MEDIAN_SIZES`)."""
+    if self.resolution_nm is None:
+      return True
+    z, y, x = self.resolution_nm
+    return z >= MEDIAN_MIN_THICKNESS_PX * 0.5 * (y + x)
 
   def levels_for(self, shape: Sequence[int]) -> int:
     """Levels actually used for an image of spatial `shape` (H, W)."""

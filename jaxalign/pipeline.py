@@ -172,6 +172,19 @@ def quality_task(src_url: str, z: int, level: int, config_tile: int | None = Non
   return count / float(h * w), 0.0
 
 
+def _block_config(config: VolumeConfig, src: io.Volume):
+  """`config.stack.block` with the default pair aligner told the volume's resolution at the aligned
+  level (its median stage depends on the section thickness in pixels) unless set explicitly."""
+  from jaxalign.pair import PairConfig  # deferred: pair pulls in the finetuner and optax
+  block = config.stack.block
+  if block.aligner is not None:
+    return block
+  pair = block.pair or PairConfig()
+  if pair.resolution_nm is None:
+    pair = dataclasses.replace(pair, resolution_nm=tuple(src.resolution_at(config.level)))
+  return dataclasses.replace(block, pair=pair)
+
+
 def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -> dict:
   """Aligns one block and writes its fields `[stop - start, H, W, 2]` to DST/work/block_<k>.
   Returns {"sections": n, "seconds": wall time of the task} (kept in its completion record)."""
@@ -182,11 +195,11 @@ def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -
   kw = dict(voting_distance=config.voting_distance)
   if _chunked(config, h, w):
     sources = [VolumeSource(src, z, config.level) for z in range(block.start, block.stop)]
-    align_block_chunked(sources, block, config=config.chunk, block_config=config.stack.block,
+    align_block_chunked(sources, block, config=config.chunk, block_config=_block_config(config, src),
                         sink=lambda i, core, f: out.write(f, i, 0, core), **kw)
   else:
     sections = src.read(slice(block.start, block.stop), config.level).astype(np.float32)
-    fields = np.asarray(align_block_task(sections, block, config=config.stack.block, **kw))
+    fields = np.asarray(align_block_task(sections, block, config=_block_config(config, src), **kw))
     out.write(fields, slice(0, block.stop - block.start))
   return {"sections": block.stop - block.start, "seconds": time.perf_counter() - t0}
 
@@ -204,14 +217,14 @@ def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeC
     stitch_field_chunked([VolumeSource(src, int(z), config.level) for z in ov],
                          [VolumeSource(prev_vol, int(z - prev_b.start)) for z in ov],
                          [VolumeSource(next_vol, int(z - b.start)) for z in ov], config=config.chunk,
-                         block_config=config.stack.block, refine=config.stack.stitch_refine,
+                         block_config=_block_config(config, src), refine=config.stack.stitch_refine,
                          sink=lambda core, t: stitches.write(t, k, 0, core))
     return
   sections = src.read(slice(int(ov[0]), int(ov[-1]) + 1), config.level).astype(np.float32)
   prev = _open(_url(dst, WORK, f"block_{prev_b.index:05d}")).read(
     slice(int(ov[0] - prev_b.start), int(ov[-1] - prev_b.start) + 1))
   nxt = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(slice(int(ov[0] - b.start), int(ov[-1] - b.start) + 1))
-  t = stitch_field(sections, prev, nxt, config=config.stack.block, refine=config.stack.stitch_refine)
+  t = stitch_field(sections, prev, nxt, config=_block_config(config, src), refine=config.stack.stitch_refine)
   _open(_url(dst, WORK, "stitches")).write(np.asarray(t, np.float32), k)
 
 

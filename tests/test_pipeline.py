@@ -174,3 +174,21 @@ def test_align_block_chunked_recovers_shifts_larger_than_the_overlap():
   fields = align_block_chunked(sections, voting_distance=2, block_config=config,
                                config=ChunkConfig(chunk=64, overlap=12, coarse_levels=2, min_coarse_size=32))
   np.testing.assert_allclose(fields, expected_fields(shifts, 128), atol=1e-4)
+
+
+def test_pair_aligner_gets_the_volume_resolution(tmp_path):
+  # The median stage of the pair aligner depends on the section thickness in pixels: the pipeline
+  # passes the volume's resolution at the aligned level unless the config sets one.
+  from jaxalign.block import BlockConfig
+  from jaxalign.pair import PairConfig
+  from jaxalign.stack import StackConfig
+  url = str(tmp_path / "v")
+  io.create_volume(url, (3, 64, 64), "float32", (50, 25, 25), levels=2)
+  src = io.open_volume(url)
+  pair_cfg = pipeline._block_config(pipeline.VolumeConfig(level=1), src).pair
+  assert pair_cfg.resolution_nm == (50.0, 50.0, 50.0) and not pair_cfg.median_active
+  assert pipeline._block_config(pipeline.VolumeConfig(), src).pair.median_active  # 2 px thick at level 0
+  given = pipeline.VolumeConfig(stack=StackConfig(block=BlockConfig(pair=PairConfig(resolution_nm=(9, 1, 1)))))
+  assert pipeline._block_config(given, src).pair.resolution_nm == (9.0, 1.0, 1.0)
+  custom = pipeline.VolumeConfig(stack=StackConfig(block=BlockConfig(aligner=lambda *a, **k: None)))
+  assert pipeline._block_config(custom, src).pair is None
