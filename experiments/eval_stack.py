@@ -39,6 +39,7 @@ Commands of docs/benchmarks/stack.md (run under ``nice -n 5``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -95,11 +96,16 @@ LOW_CPC = 0.25
 
 
 def _pair_config():
+  """`PairConfig()` told the stack's resolution (the median stage depends on the section thickness
+  in pixels), with the elastic prior scaled by --gamma_scale."""
+  from jaxalign.evaluation import STACK_RESOLUTION
   from jaxalign.pair import PairConfig
-  base = PairConfig()
+  xy, z = STACK_RESOLUTION.get(FLAGS.stack, (None, None))
+  step = FLAGS.step or (4 if FLAGS.stack == "flyem_medulla_fibsem" else 1)
+  base = PairConfig(resolution_nm=None if xy is None else (z * step, xy, xy))
   if FLAGS.gamma_scale == 1.0:
     return base
-  return PairConfig(gammas=tuple(g * FLAGS.gamma_scale for g in base.gammas))
+  return dataclasses.replace(base, gammas=tuple(g * FLAGS.gamma_scale for g in base.gammas))
 
 
 def _suffix() -> str:
@@ -110,8 +116,8 @@ def _suffix() -> str:
 
 def _block_config() -> BlockConfig:
   if FLAGS.aligner == "pairs":
-    # Default aligner: jaxalign.pair.align_pairs; PairConfig() unless --gamma_scale.
-    return BlockConfig() if FLAGS.gamma_scale == 1.0 else BlockConfig(pair=_pair_config())
+    # Default aligner: jaxalign.pair.align_pairs with the stack's resolution (and --gamma_scale).
+    return BlockConfig(pair=_pair_config())
   from jaxalign.blockmatch import BlockMatchConfig, block_match
   cfg = BlockMatchConfig(levels=(2, 1, 0), patch=64, stride=32, smooth=1.0)
 
@@ -360,16 +366,18 @@ def run_motion(out_dir: pathlib.Path) -> dict:
                      for _ in range(num)]).astype(np.float32)
   frames = load_stack(FLAGS.stack, num=num, step=4).astype(np.float64)
   pc = [_phase_shift(frames[z - 1], frames[z]) for z in range(1, num)]
-  base = PairConfig()
+  xy = 10.0  # FIB-SEM: 10 nm voxels; the 10-nm run has 1-px sections, so its median stage is off
+  thick, thin = PairConfig(resolution_nm=(40.0, xy, xy)), PairConfig(resolution_nm=(10.0, xy, xy))
   runs = {}
-  cases = [("40 nm (every 4th slice)", step4, 1.0, 1), ("10 nm (every slice), same depth", step1, 1.0, 4),
-           ("one section repeated + noise", repeat, 1.0, 1)]
-  cases += [("40 nm (every 4th slice)", step4, float(g), 1) for g in FLAGS.motion_gamma_scales if float(g) != 1.0]
-  for label, st, g, every in cases:
-    pc_cfg = base if g == 1.0 else PairConfig(gammas=tuple(x * g for x in base.gammas))
+  cases = [("40 nm (every 4th slice)", step4, thick, 1),
+           ("40 nm, median stage off", step4, dataclasses.replace(thick, median_sizes=(1,)), 1),
+           ("10 nm (every slice), same depth", step1, thin, 4),
+           ("one section repeated + noise", repeat, thick, 1)]
+  cases += [(f"40 nm, gamma x{float(g):g}", step4, dataclasses.replace(thick, gammas=tuple(x * float(g) for x in thick.gammas)), 1)
+            for g in FLAGS.motion_gamma_scales if float(g) != 1.0]
+  for key, st, pc_cfg, every in cases:
     t0 = time.time()
     f = np.asarray(align_block(st, voting_distance=1, config=BlockConfig(pair=pc_cfg), progress=False))[::every]
-    key = f"{label}, gamma x{g:g}"
     runs[key] = dict(median_abs=[float(np.median(np.linalg.norm(x, axis=-1))) for x in f],
                      mean_dy=f[..., 0].mean(axis=(1, 2)).tolist(), mean_dx=f[..., 1].mean(axis=(1, 2)).tolist(),
                      seconds=time.time() - t0)
