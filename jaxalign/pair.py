@@ -10,6 +10,9 @@ Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 s
    Online Field Finetuner (`jaxalign.finetuner`) refines the (downsampled) initial field; the result is
    upsampled (`upsample_field`) and refined again at each finer level. Large displacements are caught
    at the coarse levels, where they are a few pixels.
+4. After each level, where the field departs from its running median by more than a fraction of a
+   pixel it takes the median (neurites crossing thick sections obliquely drag the field; see
+   `DEFAULT_MEDIAN_SIZES`); after the finest level, the tear line next to src defects is refined.
 
 Since the finetuner optimises the whole field (not a residual network output), "upsample the coarse
 residual and compose" reduces to: init_k = init_field_k + upsample(f_{k+1} - init_field_{k+1}), which
@@ -53,7 +56,7 @@ DEFAULT_GAMMAS = (1.0, 2.0, 4.0, 8.0, 10.0, 10.0)
 # over 30-80 px patches; the finetuner follows them, but they are tissue, not distortion. Where the
 # field departs from its running median by more than PairConfig.median_replace it takes the median
 # (which keeps affine trends and tears but not such compact excursions; cf. Sun, Roth & Black,
-# "Secrets of optical flow estimation", CVPR 2010, and PIV's normalised median test). Measured on
+# "Secrets of optical flow estimation", CVPR 2010, and the median test of PIV). Measured on
 # 30 FIB-SEM 40-nm neighbour pairs: median EPE 1.71 -> 1.44 px, p95 4.45 -> 3.61 px (BENCHMARKS.md).
 DEFAULT_MEDIAN_SIZES = (45, 31, 15, 7, 1)
 # Taps every 2 px at full resolution: the same accuracy (to 0.01 px on the pair benchmark) at a third
@@ -88,8 +91,8 @@ class PairConfig:
       `MEDIAN_MIN_THICKNESS_PX` pixels (`median_active`); the volume pipeline fills it in.
     median_keep, median_replace: full-resolution px (scaled to each level): where the field departs
       from that median by more than `median_replace` it takes the median's value, below
-      `median_keep` it is left alone, linear in between. 0.15 / 0.6 px, measured against a plain
-      median (0 / 0): neighbour median EPE 1.43 -> 1.44 px, same-section p95 0.39 -> 0.31 px,
+      `median_keep` it is left alone, linear in between. 0.15 / 0.6 px, measured against taking the
+      median everywhere: neighbour median EPE 1.43 -> 1.44 px, same-section p95 0.39 -> 0.31 px,
       clean curved pair p95 0.41 -> 0.29 px.
     finetune: template for everything else of the per-level `FinetuneConfig` (schedule, optimiser,
       plateau early stop, defect dilation).
@@ -160,7 +163,7 @@ class PairConfig:
       raise errors.InputError(f"PairConfig: need 0 <= median_keep < median_replace, got {self.median_keep}, "
                               f"{self.median_replace}")
     for level in range(max(len(self.median_sizes), len(self.median_strides))):
-      size, stride = self.median_window(level)
+      size, stride = self._median_setting(level)
       if int(size) != size or size < 1 or size % 2 == 0 or int(stride) != stride or stride < 1 or \
           (size // 2) % stride:
         raise errors.InputError(f"PairConfig: level {level} median window {size} with stride {stride}: the "
@@ -177,13 +180,15 @@ class PairConfig:
                                gamma=float(pick(self.gammas)),
                                mask_elastic_at_defects=self.mask_elastic_at_defects)
 
-  def median_window(self, level: int) -> tuple[int, int]:
-    """(window, tap stride) in pixels of MIP `level` of the median filter after that level's finetuner."""
+  def _median_setting(self, level: int) -> tuple[int, int]:
     def pick(seq):
       return seq[min(level, len(seq) - 1)]
-    if not self.median_active:
-      return 1, 1
     return pick(self.median_sizes), pick(self.median_strides)
+
+  def median_window(self, level: int) -> tuple[int, int]:
+    """(window, tap stride) in pixels of MIP `level` of the median stage after that level's
+    finetuner; (1, 1) (off) when the sections are too thin for it (`median_active`)."""
+    return self._median_setting(level) if self.median_active else (1, 1)
 
   @property
   def median_active(self) -> bool:
@@ -263,7 +268,7 @@ def _smoothed(image, valid, sigma: float):
 def _replace_excursions(field, size: int, stride: int, keep: float, replace: float):
   """Replaces where `field [h, w, 2]` departs from its running median (`fields.median_filter_field`)
   by more than `replace` px with that median, keeps departures below `keep` px, and blends linearly
-  in between (the normalised-median outlier test of PIV, softened so no new edge appears).
+  in between (the median test for outlier vectors of PIV, softened so that no new edge appears).
 
   A neurite that drags the field 2-5 px off its neighbourhood is replaced; the median's own small
   errors on a smooth but curved field (it flattens extrema: up to ~1 px at a 15-px, 160-px-wavelength
