@@ -81,7 +81,7 @@ flags.DEFINE_integer("voting_distance", 3, "abcd: voting distance")
 flags.DEFINE_enum("aligner", "pairs", ["pairs", "blockmatch"], "pair aligner (pairs = library default)")
 flags.DEFINE_float("gamma_scale", 1.0, "pairs: multiply PairConfig().gammas (elastic prior) by this; 1 = defaults")
 flags.DEFINE_enum("content", "sequence", ["sequence", "repeat"],
-                  "abcd: real section sequence, or section 0 repeated (no content change between sections: "
+                  "abcd, defects: real section sequence, or section 0 repeated (no content change between sections: "
                   "isolates the alignment machinery from the tissue's own section-to-section change)")
 flags.DEFINE_bool("stitch_refine", True, "abcd: align overlap renderings for the stitch fields (paper); "
                   "False = vote the algebraic estimates only")
@@ -110,7 +110,7 @@ def _pair_config():
 
 def _suffix() -> str:
   out = "" if FLAGS.gamma_scale == 1.0 else f"_gamma{FLAGS.gamma_scale:g}"
-  out += "_repeat" if FLAGS.experiment == "abcd" and FLAGS.content == "repeat" else ""
+  out += "_repeat" if FLAGS.experiment in ("abcd", "defects") and FLAGS.content == "repeat" else ""
   return out + ("_algebraic" if FLAGS.experiment == "abcd" and not FLAGS.stitch_refine else "")
 
 
@@ -277,7 +277,7 @@ def _add_pair_defect(images: np.ndarray) -> list[int]:
 
 
 def run_defects(out_dir: pathlib.Path) -> dict:
-  original = _load(FLAGS.num)
+  original = _load(FLAGS.num) if FLAGS.content == "sequence" else np.repeat(_load(1), FLAGS.num, axis=0)
   d = distort_stack(original, _distortion(), progress=False)
   z_count = d.images.shape[0]
   blank_only = d.images.copy()
@@ -330,7 +330,8 @@ def run_defects(out_dir: pathlib.Path) -> dict:
   what = {"stripes": f"stripes {bad[0]}-{bad[-1]}",
           "tile": f"tile shifted {FLAGS.tile_shift:g} px in {bad[0]}",
           "mirror": f"mirrored {FLAGS.tile_fraction:g}-side square in {bad[0]}"}[FLAGS.pair_defect]
-  title = f"{FLAGS.stack} {FLAGS.crop}px, {FLAGS.aligner} gamma x{FLAGS.gamma_scale:g}: blank {FLAGS.blank}, {what}"
+  title = (f"{FLAGS.stack}{' (section 0 repeated)' if FLAGS.content == 'repeat' else ''} {FLAGS.crop}px, "
+           f"{FLAGS.aligner} gamma x{FLAGS.gamma_scale:g}: blank {FLAGS.blank}, {what}")
   _plot(out_dir / f"{name}.png",
         {**{f"n={n}, blank + {FLAGS.pair_defect}": res["defects", n]["epe"] for n in (3, 1)},
          **{f"_n={n}, blank only": res["blank", n]["epe"] for n in (3, 1)}}, title, marks)
