@@ -255,3 +255,25 @@ def test_replace_excursions_vs_numpy():
   out = np.asarray(pair._replace_excursions(jnp.float32(f), 9, 1, 0.15, 0.6))
   np.testing.assert_allclose(out, ref, atol=1e-5)
   assert np.any(d < 0.15) and np.any(d > 0.6)  # both regimes exercised
+
+
+def test_global_translation_ignores_unrelated_images():
+  # Unrelated images: phase correlation peaks anywhere and the MSE is ~2 whatever the shift, so a
+  # translation that lowers it by chance must not be taken (it once moved a section by 33 px).
+  rng = np.random.default_rng(0)
+  shape = (40, 40)
+  valid = jnp.ones(shape, jnp.float32)
+  taken = 0
+  for _ in range(20):
+    a, b = (jnp.asarray(ndimage.gaussian_filter(rng.standard_normal(shape), 1.5), jnp.float32) for _ in range(2))
+    a, b = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+    out = pair._with_global_translation(jnp.zeros(shape + (2,), jnp.float32), a, b, valid, valid)
+    taken += int(np.abs(np.asarray(out)).max() > 0)
+  assert taken == 0
+  # A real shift of the same texture is taken, exactly: b(r) = a(r + (6, -5)).
+  a = ndimage.gaussian_filter(rng.standard_normal((48, 48)), 1.5)
+  a = jnp.asarray((a - a.mean()) / a.std(), jnp.float32)
+  b = jnp.roll(a, (-6, 5), axis=(0, 1))[4:44, 4:44]
+  out = np.asarray(pair._with_global_translation(jnp.zeros(shape + (2,), jnp.float32), a[4:44, 4:44], b,
+                                                 valid, valid))
+  np.testing.assert_allclose(out, np.broadcast_to([6.0, -5.0], shape + (2,)))
