@@ -277,3 +277,35 @@ def test_global_translation_ignores_unrelated_images():
   out = np.asarray(pair._with_global_translation(jnp.zeros(shape + (2,), jnp.float32), a[4:44, 4:44], b,
                                                  valid, valid))
   np.testing.assert_allclose(out, np.broadcast_to([6.0, -5.0], shape + (2,)))
+
+
+@pytest.mark.slow
+def test_fibsem_neighbour_accuracy_targets():
+  # Issue 4's neighbour target on all 30 scorable FIB-SEM 40-nm neighbour pairs (distorted z vs
+  # original z-1, ground truth from jaxalign.groundtruth): median EPE <= 1.5 px, p95 <= 4 px.
+  from jaxalign import evaluation
+  from tests.conftest import em_stack_path
+  em_stack_path("flyem_medulla_fibsem")
+  case = evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=32)
+  row = evaluation.evaluate(lambda s, t, **kw: align_pair(s, t, src_defects=kw.get("src_defects")), case,
+                            progress=False)
+  assert row["pairs"] >= 30
+  assert row["epe_median"] <= 1.5 and row["epe_p95"] <= 4.0, row
+
+
+@pytest.mark.slow
+def test_real_fold_pair_cpc():
+  # damaged_pair_dolw7 (50 nm sections at ~50 nm/px, fold mask given): no 50-px chunk below CPC 0.25.
+  from PIL import Image
+  from jaxalign import metrics
+  from tests.conftest import em_stack_path
+  d = em_stack_path("damaged_pair_dolw7")
+  tgt = np.asarray(Image.open(d / "000.png"), np.float32) / 255.0
+  src = np.asarray(Image.open(d / "001.png"), np.float32) / 255.0
+  fold = np.asarray(Image.open(d / "mask_001.png")) > 127
+  f = align_pair(src, tgt, src_defects=fold, config=PairConfig(resolution_nm=(50.0, 50.0, 50.0)))
+  warped = fields.warp(jnp.asarray(np.where(fold, 0, src)), f)
+  c = np.asarray(metrics.cpc(warped, jnp.asarray(tgt), chunk=50))
+  identity = np.asarray(metrics.cpc(jnp.asarray(np.where(fold, 0, src)), jnp.asarray(tgt), chunk=50))
+  assert metrics.low_cpc_fraction(identity) > 0.9  # the pair is far from aligned to begin with
+  assert metrics.low_cpc_fraction(c) == 0.0 and np.nanmedian(c) >= 0.45
