@@ -3,6 +3,7 @@
   python experiments/bench_pair.py --mode=accuracy --num=4      # EPE tables (jaxalign.evaluation cases)
   python experiments/bench_pair.py --mode=speed                  # 512² / 1024² timings (+ metroem peer)
   python experiments/bench_pair.py --mode=fold                   # damaged_pair_dolw7 before/after + CPC
+  python experiments/bench_pair.py --mode=heldout                # neighbour target on distortion seeds 3, 7
 
 Writes markdown fragments to --out_dir (default docs/benchmarks/pair_*.md) and PNGs for the fold.
 Machine for the committed figures: 2-core CPU VM shared with other jobs, no GPU.
@@ -26,7 +27,9 @@ from jaxalign.blockmatch import block_match
 from jaxalign.pair import PairConfig, align_pair
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "accuracy", ["accuracy", "speed", "fold", "all"], "what to run")
+flags.DEFINE_enum("mode", "accuracy", ["accuracy", "speed", "fold", "heldout", "all"], "what to run")
+flags.DEFINE_list("heldout_seeds", ["3", "7"], "distortion seeds of the held-out neighbour cases (the pair "
+                  "aligner's defaults were chosen on seed 0)")
 flags.DEFINE_integer("num", 4, "sections per same-section accuracy case (pairs = num - 1, anchor excluded)")
 flags.DEFINE_integer("neighbour_num", 32, "FIB-SEM sections (every 4th slice) in the neighbour case: 32 = all "
                      "31 neighbour pairs of the stack")
@@ -100,6 +103,22 @@ def run_accuracy(out: pathlib.Path):
   table = evaluation.format_table(rows)
   cmd = f"python experiments/bench_pair.py --mode=accuracy --num={FLAGS.num} --neighbour_num={FLAGS.neighbour_num}"
   (out / "pair_accuracy.md").write_text(f"Command: `{cmd}`\n\n{table}\n")
+  print(table)
+
+
+def run_heldout(out: pathlib.Path):
+  """The neighbour case on distortion seeds the defaults were not chosen on (first 17 FIB-SEM sections)."""
+  methods = (("finetuner", finetuner), ("finetuner, no median filter", finetuner_no_median),
+             ("block matching", blockmatch), ("identity", evaluation.identity_aligner))
+  rows = []
+  for seed in FLAGS.heldout_seeds:
+    case = evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=17, seed=int(seed))
+    for name, fn in methods:
+      logging.info("held-out: %s, seed %s", name, seed)
+      rows.append(evaluation.evaluate(fn, case, name=f"{name} (seed {seed})", progress=False))
+  table = evaluation.format_table(rows)
+  cmd = f"python experiments/bench_pair.py --mode=heldout --heldout_seeds={','.join(FLAGS.heldout_seeds)}"
+  (out / "pair_heldout.md").write_text(f"Command: `{cmd}`\n\n{table}\n")
   print(table)
 
 
@@ -208,6 +227,8 @@ def main(argv):
     run_speed(out)
   if FLAGS.mode in ("accuracy", "all"):
     run_accuracy(out)
+  if FLAGS.mode in ("heldout", "all"):
+    run_heldout(out)
 
 
 if __name__ == "__main__":
