@@ -10,9 +10,10 @@ Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 s
    Online Field Finetuner (`jaxalign.finetuner`) refines the (downsampled) initial field; the result is
    upsampled (`upsample_field`) and refined again at each finer level. Large displacements are caught
    at the coarse levels, where they are a few pixels.
-4. After each level, where the field departs from its running median by more than a fraction of a
-   pixel it takes the median (neurites crossing thick sections obliquely drag the field; see
-   `DEFAULT_MEDIAN_SIZES`); after the finest level, the tear line next to src defects is refined.
+4. After each level, where the field's change from the initial field departs from its running median
+   by more than a fraction of a pixel it takes the median (neurites crossing thick sections obliquely
+   drag the field; see `DEFAULT_MEDIAN_SIZES`); after the finest level, the tear line next to src
+   defects is refined.
 
 Since the finetuner optimises the whole field (not a residual network output), "upsample the coarse
 residual and compose" reduces to: init_k = init_field_k + upsample(f_{k+1} - init_field_{k+1}), which
@@ -91,8 +92,9 @@ class PairConfig:
     iterations, learning_rates, gammas: per level, level 0 first (the last entry repeats for deeper
       levels). Learning rate is in pixels of that level per Adam step.
     median_sizes, median_strides: per level (same layout): odd window (pixels of that level) of the
-      separable running median (`fields.median_filter_field`) the field is compared with after the
-      level's finetuner (1 = off; see `DEFAULT_MEDIAN_SIZES` for why), and its tap spacing.
+      separable running median (`fields.median_filter_field`) the field's change from the initial
+      field is compared with after the level's finetuner (1 = off; see `DEFAULT_MEDIAN_SIZES` for
+      why), and its tap spacing. The initial field (in a stack: the target's own field) is kept whole.
     resolution_nm: (z, y, x) nm per pixel of the images as given (z = section thickness), or None
       (unknown: treated as thick sections). The median stage runs only when z is at least
       `MEDIAN_MIN_THICKNESS_PX` pixels (`median_active`); the volume pipeline fills it in.
@@ -334,8 +336,10 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
                                td_p[k].astype(jnp.float32), config.level_config(k),
                                src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k)
-    field = _replace_excursions(field, *config.median_window(k), config.median_keep / 2 ** k,
-                                config.median_replace / 2 ** k)
+    # On the motion this pair adds to the initial field, not on the total: in a stack the initial
+    # field is the target's own field, whose compact features the source must follow to match it.
+    field = init_p[k] + _replace_excursions(field - init_p[k], *config.median_window(k),
+                                            config.median_keep / 2 ** k, config.median_replace / 2 ** k)
     stats.append(st)
   for k in range(config.finest_level - 1, -1, -1):
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
