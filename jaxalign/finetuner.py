@@ -121,14 +121,13 @@ def _data_mask(x: jax.Array) -> jax.Array:
   return nz.astype(jnp.float32)
 
 
-def _loss_terms(field, src, tgt, src_valid, tgt_valid, springs, config: FinetuneConfig, elastic_reference=0.0):
-  """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field.
-  The elastic term acts on `field - elastic_reference`."""
+def _loss_terms(field, src, tgt, src_valid, tgt_valid, springs, config: FinetuneConfig):
+  """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field."""
   fixed = lax.stop_gradient(field)
   warped_valid = _fields.warp(src_valid, fixed)
   mse_mask = (warped_valid > _fields.FULL_SUPPORT).astype(jnp.float32) * tgt_valid
   mse = _losses.masked_mse(_fields.warp(src, field), tgt, mse_mask)
-  elastic = _losses.elastic_loss(field - elastic_reference, None, springs)
+  elastic = _losses.elastic_loss(field, None, springs)
   total = mse + config.gamma * elastic
   return total, (mse, elastic)
 
@@ -157,18 +156,15 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
 
 
 def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
-                   config: FinetuneConfig, *, src_nearest=None, has_src_defects=None, scale: int = 1,
-                   elastic_reference=None):
+                   config: FinetuneConfig, *, src_nearest=None, has_src_defects=None, scale: int = 1):
   """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats).
 
   `src_nearest` (`[H * scale, W * scale, 2]`, `tears.nearest_tissue` of the full-resolution src defect
   mask) lets a coarse level cut springs at defects thinner than its pixels; by default it is computed
   from `src_defects` at this level (`scale` 1). With it, pass `has_src_defects` (scalar bool: the
   full-resolution mask has any defect), since a coarse level's own mask may have lost thin ones.
-  `elastic_reference` (`[H, W, 2]`, default 0): the elastic term acts on `field - elastic_reference`.
   """
   init_field = init_field.astype(jnp.float32)
-  reference = 0.0 if elastic_reference is None else lax.stop_gradient(elastic_reference)
   src_valid = src_valid * (1.0 - src_defects)
   tgt_valid = tgt_valid * (1.0 - tgt_defects)
   if src_nearest is None:
@@ -178,7 +174,7 @@ def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_
   grad_fn = jax.value_and_grad(_loss_terms, has_aux=True)
 
   def loss_and_grad(f):
-    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, springs, config, reference)
+    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, springs, config)
     return loss, g
 
   inf = jnp.asarray(jnp.inf, jnp.float32)

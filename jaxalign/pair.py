@@ -150,7 +150,6 @@ class PairConfig:
   presmooth_levels: int = 2
   global_translation: bool = True
   destripe: bool = True
-  elastic_on_change: bool = False
   init: str = "identity"
   refine_model: bool = False
 
@@ -336,8 +335,7 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
       field = _with_global_translation(field, s, t, sv_p[k], tv_p[k])
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
                                td_p[k].astype(jnp.float32), config.level_config(k),
-                               src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k,
-                               elastic_reference=init_p[k] if config.elastic_on_change else None)
+                               src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k)
     # On the motion this pair adds to the initial field, not on the total: in a stack the initial
     # field is the target's own field, whose compact features the source must follow to match it.
     field = init_p[k] + _replace_excursions(field - init_p[k], *config.median_window(k),
