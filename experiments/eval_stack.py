@@ -27,14 +27,21 @@ Three experiments:
   reslices of the rendered stacks) and the low-CPC fraction. ``--content=repeat`` uses one section
   repeated (no tissue change: the aligner is well-posed, a check of the block machinery).
 
-Commands of docs/benchmarks/stack.md (run under ``nice -n 5``):
+Commands of docs/benchmarks/stack.md:
 
   python experiments/eval_stack.py --experiment=motion --crop=160 --num=13
   python experiments/eval_stack.py --experiment=defects --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --pair_defect=stripes --crop=192 --num=24
-  python experiments/eval_stack.py --experiment=abcd --crop=160 --num=100 --block_size=20 --decays=25,100,1e6
+  python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=mirror --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=stripes --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=abcd --crop=320 --num=100 --block_size=20 --decays=25,100,1e6
   python experiments/eval_stack.py --experiment=abcd --content=repeat --crop=128 --num=100 \
       --block_size=20 --decays=25,1e6 [--stitch_refine=false]
+  python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --pair_defect=stripes --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --pair_defect=mirror --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=defects --stack=gerhard_vnc_stack1 --pair_defect=mirror --crop=192 --num=20
+  python experiments/eval_stack.py --experiment=abcd --stack=isbi2012_train --crop=160 --num=100 --block_size=20 \
+      --decays=25,1e6
 """
 
 from __future__ import annotations
