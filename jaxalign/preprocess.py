@@ -135,15 +135,19 @@ def destripe(image: jax.Array) -> jax.Array:
   return jnp.where(valid, out, 0.0)
 
 
+def _square_filter(mask: jax.Array, radius: int, init: float, reducer) -> jax.Array:
+  """`reducer` (lax.max / lax.min) of `[..., H, W]` over a `(2 radius + 1)^2` square; `init` outside."""
+  x = mask.astype(jnp.float32)
+  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
+  return jax.lax.reduce_window(x, init, reducer, window, (1,) * x.ndim, "SAME") > 0.5
+
+
 @functools.partial(jax.jit, static_argnames=("radius",))
 def dilate(mask: jax.Array, radius: int) -> jax.Array:
   """Binary dilation of `[..., H, W]` bool by a `(2 radius + 1)^2` square; returns bool."""
   if radius <= 0:
     return mask.astype(bool)
-  x = mask.astype(jnp.float32)
-  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
-  out = jax.lax.reduce_window(x, 0.0, jax.lax.max, window, (1,) * x.ndim, "SAME")
-  return out > 0.5
+  return _square_filter(mask, radius, 0.0, jax.lax.max)
 
 
 @functools.partial(jax.jit, static_argnames=("radius",))
@@ -151,7 +155,4 @@ def erode(mask: jax.Array, radius: int) -> jax.Array:
   """Binary erosion of `[..., H, W]` bool by a `(2 radius + 1)^2` square; outside counts as True."""
   if radius <= 0:
     return mask.astype(bool)
-  x = mask.astype(jnp.float32)
-  window = (1,) * (x.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
-  out = jax.lax.reduce_window(x, 1.0, jax.lax.min, window, (1,) * x.ndim, "SAME")
-  return out > 0.5
+  return _square_filter(mask, radius, 1.0, jax.lax.min)

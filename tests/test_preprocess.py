@@ -84,3 +84,15 @@ def test_destripe_keeps_no_data_and_blank_sections():
   out = np.asarray(preprocess.destripe(striped))
   assert np.all(out[:, :30] == 0) and np.all(out[:, 30:] != 0)
   assert np.all(np.asarray(preprocess.destripe(np.zeros((64, 64), np.float32))) == 0)
+
+
+def test_dilate_erode_match_scipy():
+  from scipy import ndimage as ndi
+  rng = np.random.default_rng(3)
+  mask = rng.random((2, 23, 31)) > 0.85
+  square = np.zeros((1, 5, 5), bool)
+  square[0] = True
+  np.testing.assert_array_equal(np.asarray(preprocess.dilate(mask, 2)), ndi.binary_dilation(mask, square))
+  np.testing.assert_array_equal(np.asarray(preprocess.erode(~mask, 2)),
+                                ndi.binary_erosion(~mask, square, border_value=1))
+  np.testing.assert_array_equal(np.asarray(preprocess.dilate(mask, 0)), mask)
