@@ -10,7 +10,7 @@ Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 s
    Online Field Finetuner (`jaxalign.finetuner`) refines the (downsampled) initial field; the result is
    upsampled (`upsample_field`) and refined again at each finer level. Large displacements are caught
    at the coarse levels, where they are a few pixels.
-4. After each level, where the field's change from the initial field departs from its running median
+4. After each level, where the field's change from the caller's initial field departs from its running median
    by more than a fraction of a pixel it takes the median (neurites crossing thick sections obliquely
    drag the field; see `DEFAULT_MEDIAN_SIZES`); after the finest level, the tear line next to src
    defects is refined.
@@ -94,7 +94,8 @@ class PairConfig:
     median_sizes, median_strides: per level (same layout): odd window (pixels of that level) of the
       separable running median (`fields.median_filter_field`) the field's change from the initial
       field is compared with after the level's finetuner (1 = off; see `DEFAULT_MEDIAN_SIZES` for
-      why), and its tap spacing. The initial field (in a stack: the target's own field) is kept whole.
+      why), and its tap spacing. The caller's `init_field` (in a stack: the target's own field) is
+      kept whole; an initial estimate made here (`init="blockmatch"`, a model) is filtered.
     resolution_nm: (z, y, x) nm per pixel of the images as given (z = section thickness), or None
       (unknown: treated as thick sections). The median stage runs only when z is at least
       `MEDIAN_MIN_THICKNESS_PX` pixels (`median_active`); the volume pipeline fills it in.
@@ -293,7 +294,7 @@ def _replace_excursions(field, size: int, stride: int, keep: float, replace: flo
   return field + weight * (median - field)
 
 
-def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field, *,
+def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field, median_reference, *,
                     config: PairConfig, levels: int):
   """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1).
 
@@ -302,6 +303,8 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     src_valid, tgt_valid: `[H, W]` float32 {0,1} tissue masks (data present, not a defect).
     src_defects, tgt_defects: `[H, W]` float32 {0,1}.
     init_field: `[H, W, 2]` float32 pixels (dy, dx).
+    median_reference: `[H, W, 2]` float32 pixels: the median stage filters the field's change from
+      it (the caller's initial field, or zeros; not an estimate such as block matching's).
   Returns:
     (`[H, W, 2]` field, PairStats).
   """
@@ -318,9 +321,10 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
                          lambda d: _tears.identity_coordinates(d.shape), src_defects)
   sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
   td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
-  init_p = [init_field]
+  init_p, ref_p = [init_field], [median_reference]
   for _ in range(levels - 1):
     init_p.append(_fields.downsample_field(init_p[-1]))
+    ref_p.append(_fields.downsample_field(ref_p[-1]))
 
   field = init_p[-1]
   stats = []
@@ -336,10 +340,11 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
                                td_p[k].astype(jnp.float32), config.level_config(k),
                                src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k)
-    # On the motion this pair adds to the initial field, not on the total: in a stack the initial
-    # field is the target's own field, whose compact features the source must follow to match it.
-    field = init_p[k] + _replace_excursions(field - init_p[k], *config.median_window(k),
-                                            config.median_keep / 2 ** k, config.median_replace / 2 ** k)
+    # On the motion this pair adds to the caller's initial field, not on the total: in a stack that
+    # is the target's own field, whose compact features the source must follow to match it. An
+    # initial estimate made here (block matching, a model) is filtered with the rest.
+    field = ref_p[k] + _replace_excursions(field - ref_p[k], *config.median_window(k),
+                                           config.median_keep / 2 ** k, config.median_replace / 2 ** k)
     stats.append(st)
   for k in range(config.finest_level - 1, -1, -1):
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
@@ -468,11 +473,13 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
   h, w = src.shape
   levels = config.levels_for((h, w))
   mult = 2 ** (levels - 1)
-  init = np.zeros((h, w, 2), np.float32) if init is None else np.asarray(init, np.float32)
+  zeros = np.zeros((h, w, 2), np.float32)
+  reference = zeros if init_field is None else init_field
+  init = zeros if init is None else np.asarray(init, np.float32)
   sv = (np.asarray(s) != 0).astype(np.float32)
   tv = (np.asarray(t) != 0).astype(np.float32)
   args = [_pad_to(np.asarray(a, np.float32), mult, (0, 1))
-          for a in (s, t, sv, tv, sd, td, init)]
+          for a in (s, t, sv, tv, sd, td, init, reference)]
   logging.log_first_n(logging.INFO, "align_pair: %dx%d, %d levels", 4, h, w, levels)
   field, stats = _align_jit(*args, config=config, levels=levels)
   field = field[:h, :w]
@@ -498,6 +505,7 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
   s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td),
                         destripe=config.destripe)
   b, h, w = srcs.shape
+  references = np.zeros((b, h, w, 2), np.float32) if init_fields is None else init_fields
   if model is not None or (init_fields is None and config.init == "blockmatch"):
     inits = [_initial_field(s[i], t[i], sd[i], td[i], None if init_fields is None else init_fields[i],
                             model, config) for i in range(b)]
@@ -512,7 +520,7 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
   sv = (np.asarray(s) != 0).astype(np.float32)
   tv = (np.asarray(t) != 0).astype(np.float32)
   args = [_pad_to(np.asarray(a, np.float32), mult, (1, 2))
-          for a in (s, t, sv, tv, sd, td, init_fields)]
+          for a in (s, t, sv, tv, sd, td, init_fields, references)]
   field, stats = _align_batch_jit(*args, config=config, levels=levels)
   field = field[:, :h, :w]
   return (field, stats) if return_stats else field

@@ -247,6 +247,20 @@ def test_initial_field_is_kept_whole(section):
   assert med <= 0.2 and p95 <= 1.0, (med, p95)
 
 
+def test_an_estimated_initial_field_is_filtered(section):
+  # The same excursion as above, but proposed by a model (an estimate, not the caller's frame): the
+  # median stage treats it like motion the finetuner found and keeps the field on the affine part.
+  yy, xx = _grid()
+  u = _cases()["affine"].astype(np.float64)
+  disc = ndimage.gaussian_filter(((yy - 110) ** 2 + (xx - 150) ** 2 < 8 ** 2).astype(np.float64), 1.5)
+  big_f = (u + 3.0 * disc[..., None] * np.array([0.8, -0.6])).astype(np.float32)
+  tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(big_f)))
+  core = ((yy - 110) ** 2 + (xx - 150) ** 2 < 6 ** 2) & _truth_valid(section != 0, u)
+  model = lambda s, t, **kw: jnp.asarray(big_f)
+  f = np.asarray(align_pair(section, tgt, model=model, config=PairConfig(refine_model=True)), np.float64)
+  assert np.median(np.linalg.norm(f - u, axis=-1)[core]) <= 0.65
+
+
 def test_knife_chatter_stripes_do_not_derail_the_field(section):
   # Multiplicative 6-px stripes of full modulation on src (as in a chattered section). The default
   # destriping keeps the field on the truth; without it the finetuner is pulled off by pixels.
