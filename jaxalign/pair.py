@@ -10,10 +10,10 @@ Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 s
    Online Field Finetuner (`jaxalign.finetuner`) refines the (downsampled) initial field; the result is
    upsampled (`upsample_field`) and refined again at each finer level. Large displacements are caught
    at the coarse levels, where they are a few pixels.
-4. After each level, where the field's change from the caller's initial field departs from its running median
-   by more than a fraction of a pixel it takes the median (neurites crossing thick sections obliquely
-   drag the field; see `DEFAULT_MEDIAN_SIZES`); after the finest level, the tear line next to src
-   defects is refined.
+4. After each level, where the field's change from the caller's initial field departs from its
+   running median by more than a fraction of a pixel it takes the median (neurites crossing thick
+   sections obliquely drag the field; see `DEFAULT_MEDIAN_SIZES`); after the finest level, the tear
+   line next to src defects is refined.
 
 Since the finetuner optimises the whole field (not a residual network output), "upsample the coarse
 residual and compose" reduces to: init_k = init_field_k + upsample(f_{k+1} - init_field_{k+1}), which
@@ -294,8 +294,8 @@ def _replace_excursions(field, size: int, stride: int, keep: float, replace: flo
   return field + weight * (median - field)
 
 
-def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field, median_reference, *,
-                    config: PairConfig, levels: int):
+def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field,
+                    median_reference, *, config: PairConfig, levels: int):
   """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1).
 
   Args:
