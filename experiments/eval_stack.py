@@ -57,7 +57,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxalign.block import BlockConfig, align_block
-from jaxalign.evaluation import em_data_dir, load_stack
+from jaxalign.evaluation import STACK_RESOLUTION, em_data_dir, load_stack
 from jaxalign.fields import compose
 from jaxalign.groundtruth import DistortionConfig, distort_stack
 from jaxalign.metrics import cpc
@@ -105,11 +105,9 @@ LOW_CPC = 0.25
 def _pair_config():
   """`PairConfig()` told the stack's resolution (the median stage depends on the section thickness
   in pixels), with the elastic prior scaled by --gamma_scale."""
-  from jaxalign.evaluation import STACK_RESOLUTION
   from jaxalign.pair import PairConfig
   xy, z = STACK_RESOLUTION.get(FLAGS.stack, (None, None))
-  step = FLAGS.step or (4 if FLAGS.stack == "flyem_medulla_fibsem" else 1)
-  base = PairConfig(resolution_nm=None if xy is None else (z * step, xy, xy))
+  base = PairConfig(resolution_nm=None if xy is None else (z * _step(), xy, xy))
   if FLAGS.gamma_scale == 1.0:
     return base
   return dataclasses.replace(base, gammas=tuple(g * FLAGS.gamma_scale for g in base.gammas))
@@ -153,10 +151,15 @@ def _provenance() -> dict:
               default_pair_config=repr(PairConfig()))
 
 
+def _step() -> int:
+  """Slice step: --step, or every 4th slice (40-nm sections) of the FIB-SEM stack."""
+  return FLAGS.step or (4 if FLAGS.stack == "flyem_medulla_fibsem" else 1)
+
+
 def _load(num: int, crop: int | None = -1) -> np.ndarray:
   """`[num, H, W]` sections (crop -1 = `--crop`, None = full frames)."""
   crop = FLAGS.crop if crop == -1 else crop
-  step = FLAGS.step or (4 if FLAGS.stack == "flyem_medulla_fibsem" else 1)
+  step = _step()
   available = len(list((em_data_dir() / FLAGS.stack).glob("[0-9]*.png")))
   unique = min(num, (available - 1) // step + 1)
   base = load_stack(FLAGS.stack, num=unique, step=step, crop=crop)
@@ -374,8 +377,9 @@ def run_motion(out_dir: pathlib.Path) -> dict:
                      for _ in range(num)]).astype(np.float32)
   frames = load_stack(FLAGS.stack, num=num, step=4).astype(np.float64)
   pc = [_phase_shift(frames[z - 1], frames[z]) for z in range(1, num)]
-  xy = 10.0  # FIB-SEM: 10 nm voxels; the 10-nm run has 1-px sections, so its median stage is off
-  thick, thin = PairConfig(resolution_nm=(40.0, xy, xy)), PairConfig(resolution_nm=(10.0, xy, xy))
+  # Every 4th slice vs every slice: the latter has 1-px sections, so its median stage is off.
+  xy, z = STACK_RESOLUTION[FLAGS.stack]
+  thick, thin = PairConfig(resolution_nm=(4 * z, xy, xy)), PairConfig(resolution_nm=(z, xy, xy))
   runs = {}
   cases = [("40 nm (every 4th slice)", step4, thick, 1),
            ("40 nm, median stage off", step4, dataclasses.replace(thick, median_sizes=(1,)), 1),

@@ -80,6 +80,11 @@ MIN_GLOBAL_SHIFT = 2.0
 MIN_GLOBAL_SHIFT_GAIN = 0.5
 
 
+def _at_level(per_level: Sequence, level: int):
+  """The entry of a per-level setting (level 0 first) for MIP `level`; the last entry repeats."""
+  return per_level[min(level, len(per_level) - 1)]
+
+
 @dataclasses.dataclass(frozen=True)
 class PairConfig:
   """Coarse-to-fine pair alignment settings (hashable; a static jit argument).
@@ -183,17 +188,13 @@ class PairConfig:
 
   def level_config(self, level: int) -> FinetuneConfig:
     """The finetuner settings of MIP `level` (0 = full resolution)."""
-    def pick(seq):
-      return seq[min(level, len(seq) - 1)]
-    return dataclasses.replace(self.finetune, iterations=int(pick(self.iterations)),
-                               learning_rate=float(pick(self.learning_rates)),
-                               gamma=float(pick(self.gammas)),
+    return dataclasses.replace(self.finetune, iterations=int(_at_level(self.iterations, level)),
+                               learning_rate=float(_at_level(self.learning_rates, level)),
+                               gamma=float(_at_level(self.gammas, level)),
                                mask_elastic_at_defects=self.mask_elastic_at_defects)
 
   def _median_setting(self, level: int) -> tuple[int, int]:
-    def pick(seq):
-      return seq[min(level, len(seq) - 1)]
-    return pick(self.median_sizes), pick(self.median_strides)
+    return _at_level(self.median_sizes, level), _at_level(self.median_strides, level)
 
   def median_window(self, level: int) -> tuple[int, int]:
     """(window, tap stride) in pixels of MIP `level` of the median stage after that level's

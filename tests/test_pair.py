@@ -208,18 +208,25 @@ def test_no_drift_between_noisy_copies(section):
   assert mean.max() <= 0.05, mean
 
 
-def test_compact_local_motion_is_not_followed(section):
-  # Between neighbouring sections a neurite that runs obliquely through the cut moves locally as a
-  # whole (a few px): tissue, not distortion. tgt carries an affine distortion u plus such an
-  # excursion b (a disc of radius 8 px moved by 3 px, soft edge); the per-level median keeps the field
-  # on u there. With sections as thin as a pixel (resolution 10 x 10 x 10 nm) the median stage is off
-  # and the finetuner follows b.
+def _affine_with_excursion():
+  """The affine case u and a compact excursion b on top of it: a disc of radius 8 px at (110, 150)
+  moved by 3 px (soft edge), as a neurite crossing the cut obliquely; and the disc's core (radius 6)."""
   yy, xx = _grid()
   u = _cases()["affine"].astype(np.float64)
   disc = ndimage.gaussian_filter(((yy - 110) ** 2 + (xx - 150) ** 2 < 8 ** 2).astype(np.float64), 1.5)
   b = 3.0 * disc[..., None] * np.array([0.8, -0.6])
+  return u, b, (yy - 110) ** 2 + (xx - 150) ** 2 < 6 ** 2
+
+
+def test_compact_local_motion_is_not_followed(section):
+  # Between neighbouring sections a neurite that runs obliquely through the cut moves locally as a
+  # whole (a few px): tissue, not distortion. tgt carries an affine distortion u plus such an
+  # excursion b (`_affine_with_excursion`); the per-level median keeps the field
+  # on u there. With sections as thin as a pixel (resolution 10 x 10 x 10 nm) the median stage is off
+  # and the finetuner follows b.
+  u, b, disc_core = _affine_with_excursion()
   tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(u + b, jnp.float32)))
-  core = ((yy - 110) ** 2 + (xx - 150) ** 2 < 6 ** 2) & _truth_valid(section != 0, u)
+  core = disc_core & _truth_valid(section != 0, u)
   err = lambda f: np.median(np.linalg.norm(np.asarray(f, np.float64) - u, axis=-1)[core])
   f = align_pair(section, tgt)
   assert err(f) <= 0.65, err(f)  # the excursion is ~2.9 px in the core
@@ -234,12 +241,10 @@ def test_initial_field_is_kept_whole(section):
   # content motion earlier sections followed), and the pair starts from F (init_from_target). The
   # answer is F itself (src = the same section); the median stage must act on the pair's own motion
   # only, or it strips F's excursion and the section no longer matches its aligned neighbour.
-  yy, xx = _grid()
-  u = _cases()["affine"].astype(np.float64)
-  disc = ndimage.gaussian_filter(((yy - 110) ** 2 + (xx - 150) ** 2 < 8 ** 2).astype(np.float64), 1.5)
-  big_f = (u + 3.0 * disc[..., None] * np.array([0.8, -0.6])).astype(np.float32)
+  u, b, disc_core = _affine_with_excursion()
+  big_f = (u + b).astype(np.float32)
   tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(big_f)))
-  core = ((yy - 110) ** 2 + (xx - 150) ** 2 < 6 ** 2) & _truth_valid(section != 0, big_f)
+  core = disc_core & _truth_valid(section != 0, big_f)
   f = np.asarray(align_pair(section, tgt, init_field=big_f), np.float64)
   err = np.linalg.norm(f - big_f, axis=-1)
   assert np.median(err[core]) <= 0.3, np.median(err[core])  # the excursion is ~2.9 px in the core
@@ -250,12 +255,10 @@ def test_initial_field_is_kept_whole(section):
 def test_an_estimated_initial_field_is_filtered(section):
   # The same excursion as above, but proposed by a model (an estimate, not the caller's frame): the
   # median stage treats it like motion the finetuner found and keeps the field on the affine part.
-  yy, xx = _grid()
-  u = _cases()["affine"].astype(np.float64)
-  disc = ndimage.gaussian_filter(((yy - 110) ** 2 + (xx - 150) ** 2 < 8 ** 2).astype(np.float64), 1.5)
-  big_f = (u + 3.0 * disc[..., None] * np.array([0.8, -0.6])).astype(np.float32)
+  u, b, disc_core = _affine_with_excursion()
+  big_f = (u + b).astype(np.float32)
   tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(big_f)))
-  core = ((yy - 110) ** 2 + (xx - 150) ** 2 < 6 ** 2) & _truth_valid(section != 0, u)
+  core = disc_core & _truth_valid(section != 0, u)
   model = lambda s, t, **kw: jnp.asarray(big_f)
   f = np.asarray(align_pair(section, tgt, model=model, config=PairConfig(refine_model=True)), np.float64)
   assert np.median(np.linalg.norm(f - u, axis=-1)[core]) <= 0.65
