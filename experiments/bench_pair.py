@@ -35,6 +35,10 @@ flags.DEFINE_integer("neighbour_num", 32, "FIB-SEM sections (every 4th slice) in
                      "31 neighbour pairs of the stack")
 flags.DEFINE_integer("repeats", 2, "timed calls per method after the first (compile) call")
 flags.DEFINE_bool("metroem", True, "also run the metroem finetuner peer (../shared/peers) in speed mode")
+flags.DEFINE_enum("speed_data", "shared", ["shared", "synthetic"],
+                  "speed: ISBI 512² and Gerhard 1024² from ../shared/data (shared) or synthetic EM "
+                  "(jaxalign.synthetic; for machines without the data, e.g. experiments/device_check.sh)")
+flags.DEFINE_list("speed_sizes", ["512", "1024", "2048"], "speed: section sizes with --speed_data=synthetic")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where markdown / PNG outputs go")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -136,11 +140,19 @@ def _timed(fn, *args, repeats, **kw):
 
 def run_speed(out: pathlib.Path):
   lines = ["| size | method | first call (s, incl. compile) | per pair (s) | EPE median | EPE p95 |", "|---|---|---|---|---|---|"]
-  for stack, size in (("isbi2012_train", 512), ("gerhard_vnc_stack1", 1024)):
-    case = evaluation.shared_case("same", stack, num=2,
-                                  config=dataclasses.replace(evaluation.DistortionConfig(),
-                                                             crack_probability=0.0, fold_probability=0.0,
-                                                             blob_probability=0.0))
+  no_discontinuities = dataclasses.replace(evaluation.DistortionConfig(), crack_probability=0.0,
+                                           fold_probability=0.0, blob_probability=0.0)
+  if FLAGS.speed_data == "shared":
+    sources = [(size, lambda stack=stack: evaluation.shared_case("same", stack, num=2, config=no_discontinuities))
+               for stack, size in (("isbi2012_train", 512), ("gerhard_vnc_stack1", 1024))]
+  else:
+    from jaxalign.synthetic import SyntheticConfig, make_stack  # noqa: PLC0415
+    sources = [(size, lambda size=size: evaluation.make_case(
+        "same", make_stack(SyntheticConfig(sections=2, size=size), progress=False).images,
+        config=no_discontinuities, meta=dict(stack=f"synthetic {size}")))
+               for size in (int(s) for s in FLAGS.speed_sizes)]
+  for size, make in sources:
+    case = make()
     src, tgt, gt, valid = case.src[0], case.tgt[0], case.gt[0], case.valid[0]
 
     def epe(f):
@@ -160,7 +172,11 @@ def run_speed(out: pathlib.Path):
       lines.append(f"| {size}² | metroem finetuner (100 it, peer) | | {float(res['elapsed_s']):.2f} | {m:.3f} | {p:.3f} |")
       logging.info(lines[-1])
   cmd = f"python experiments/bench_pair.py --mode=speed --repeats={FLAGS.repeats}"
-  (out / "pair_speed.md").write_text(f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+  if FLAGS.speed_data == "synthetic":
+    cmd += f" --speed_data=synthetic --speed_sizes={','.join(FLAGS.speed_sizes)}"
+  device = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
+  (out / f"pair_speed{'' if FLAGS.speed_data == 'shared' else '_synthetic'}.md").write_text(
+      f"Command: `{cmd}`\n\nDevice: {device}\n\n" + "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

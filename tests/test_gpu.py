@@ -1,0 +1,93 @@
+"""GPU-only checks (`python -m pytest -q -m gpu`): the kernels, the pair aligner and a training step
+on the accelerator, against float64 SciPy references, known distortions and the CPU backend.
+
+Skipped (with the reason) where JAX has no GPU backend. They use synthetic EM
+(`jaxalign.synthetic`) rather than ../shared/data, so they also run on a machine that holds only
+the repository (`experiments/device_check.sh`).
+"""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxalign as ja
+from jaxalign import fields, models, train
+from jaxalign.synthetic import SyntheticConfig, make_stack
+from tests.test_train import TINY_AUG, tiny_level_cfg, tiny_train_cfg
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a JAX GPU backend")]
+
+N = 256
+
+
+def _cpu():
+  return jax.devices("cpu")[0]
+
+
+def _smooth_field(shape, amplitude, seed=0):
+  """`[H, W, 2]` float64, px (dy, dx): a band-limited random field with max |u| = amplitude."""
+  rng = np.random.default_rng(seed)
+  u = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 24.0, mode="wrap") for _ in range(2)], -1)
+  return amplitude * u / np.abs(u).max()
+
+
+def _scipy_warp(img, u):
+  """float64 pull warp, bilinear, outside = 0 (the convention of DESIGN.md)."""
+  h, w = img.shape
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+  return ndimage.map_coordinates(img.astype(np.float64), [yy + u[..., 0], xx + u[..., 1]], order=1,
+                                 mode="grid-constant", cval=0.0)
+
+
+@pytest.fixture(scope="module")
+def sections():
+  """`[2, N, N]` float32 synthetic EM sections (neighbours, 40-nm-like)."""
+  return make_stack(SyntheticConfig(sections=2, size=N, seed=3), progress=False).images
+
+
+def test_warp_and_compose_on_gpu_match_float64_references(sections):
+  u = _smooth_field((N, N), 8.0, seed=1)
+  v = _smooth_field((N, N), 5.0, seed=2)
+  got = ja.warp(jnp.asarray(sections[0]), jnp.asarray(u, jnp.float32))
+  assert got.devices() == {jax.devices()[0]}  # computed on the default (GPU) device
+  np.testing.assert_allclose(np.asarray(got), _scipy_warp(sections[0], u), atol=2e-4)
+  # compose(a, b) applies a then b: c(r) = b(r) + a(r + b(r)) (sample points clamped to the section).
+  c = np.asarray(ja.compose(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32)))
+  yy, xx = np.mgrid[0:N, 0:N].astype(np.float64)
+  coords = [np.clip(yy + v[..., 0], 0, N - 1), np.clip(xx + v[..., 1], 0, N - 1)]
+  c_ref = v + np.stack([ndimage.map_coordinates(u[..., k], coords, order=1) for k in range(2)], -1)
+  np.testing.assert_allclose(c, c_ref, atol=2e-4)
+
+
+def test_align_pair_on_gpu_recovers_a_known_field_and_agrees_with_cpu(sections):
+  u = _smooth_field((N, N), 6.0, seed=4).astype(np.float32)
+  tgt = np.asarray(fields.warp(jnp.asarray(sections[0]), jnp.asarray(u)))
+  f_gpu = np.asarray(ja.align_pair(sections[0], tgt))
+  with jax.default_device(_cpu()):
+    f_cpu = np.asarray(ja.align_pair(sections[0], tgt))
+  inner = (slice(32, -32), slice(32, -32))
+  epe_gpu = np.linalg.norm(f_gpu - u, axis=-1)[inner]
+  assert np.median(epe_gpu) < 0.3 and np.percentile(epe_gpu, 95) < 1.0, np.median(epe_gpu)
+  # Same algorithm, float32 on both: the backends differ by rounding only.
+  assert np.median(np.linalg.norm(f_gpu - f_cpu, axis=-1)[inner]) < 0.05
+
+
+def test_training_step_on_gpu_lowers_the_loss(sections):
+  cfg = tiny_train_cfg()
+  crops = np.asarray(sections)[:, :64, :64]
+  pairs = train.make_pairs(np.concatenate([crops, crops[::-1]]), jax.random.PRNGKey(0), TINY_AUG, multiple=2,
+                           name="gpu")
+  level = models.Level(tiny_level_cfg(), rngs=nnx.Rngs(0))
+  step = train.TrainStep(level, train.make_optimizer(level, cfg, 100), cfg, 0, stage=1)
+  batch = train.sample_batch(np.random.default_rng(0), [train.level_data(pairs, 0, None)], cfg.batch_size,
+                             cfg.crop)
+  key = jax.random.PRNGKey(0)
+  first = float(step(batch, key)["loss"])
+  for _ in range(12):
+    step(batch, key)
+  assert float(step(batch, key)["loss"]) < 0.95 * first
