@@ -488,10 +488,12 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
   per["phasecorr_cumulative_dy"] = pc[:, 0].tolist()
   per["phasecorr_cumulative_dx"] = pc[:, 1].tolist()
   full = np.ones_like(valid)
+  own_error = {}  # per run: field - compose(GT, U) of the same configuration (the aligner's own error)
   for k in keys:
     fk = runs["distorted", k]
     uk = runs["undistorted", k]
     ref = _fair_reference(d.fields, uk)
+    own_error[k] = fk - ref
     a = _median_epe(fk, d.fields, valid)
     r = _median_epe(fk, ref, valid)
     mot = _median_epe(uk, np.zeros_like(uk), full)  # how far the undistorted run moved each section
@@ -513,15 +515,14 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
   # Block 0 *is* the single block; "later" leaves it out of the comparison.
   later = far & (np.arange(z_count) >= (interfaces[0] if interfaces else z_count))
   single = runs["distorted", "single"]
-  single_error = single - _fair_reference(d.fields, runs["undistorted", "single"])
   for k in decays:
     fk = runs["distorted", k]
     diff = _median_epe(fk, single, valid)
     # The same comparison with each run's own content motion taken out (its error vs
     # compose(GT, U) of the same configuration): what the block machinery changes in the recovery
     # of the distortion, apart from where decay deliberately leaves the tissue's motion behind.
-    err = fk - _fair_reference(d.fields, runs["undistorted", k])
-    diff_rel = _median_epe(err, single_error, valid)
+    err = own_error[k]
+    diff_rel = _median_epe(err, own_error["single"], valid)
     jump = np.array([np.nan] + [float(np.median(np.linalg.norm(err[z] - err[z - 1], axis=-1)[valid[z] & valid[z - 1]]))
                                 for z in range(1, z_count)])
     per[f"diff_single_{k}"], per[f"jump_{k}"] = diff.tolist(), jump.tolist()

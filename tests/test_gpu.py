@@ -17,6 +17,7 @@ from flax import nnx
 import jaxalign as ja
 from jaxalign import fields, models, train
 from jaxalign.synthetic import SyntheticConfig, make_stack
+from tests.test_fields import reference_warp, smooth_field
 from tests.test_train import TINY_AUG, tiny_level_cfg, tiny_train_cfg
 
 pytestmark = [pytest.mark.gpu,
@@ -29,21 +30,6 @@ def _cpu():
   return jax.devices("cpu")[0]
 
 
-def _smooth_field(shape, amplitude, seed=0):
-  """`[H, W, 2]` float64, px (dy, dx): a band-limited random field with max |u| = amplitude."""
-  rng = np.random.default_rng(seed)
-  u = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 24.0, mode="wrap") for _ in range(2)], -1)
-  return amplitude * u / np.abs(u).max()
-
-
-def _scipy_warp(img, u):
-  """float64 pull warp, bilinear, outside = 0 (the convention of DESIGN.md)."""
-  h, w = img.shape
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-  return ndimage.map_coordinates(img.astype(np.float64), [yy + u[..., 0], xx + u[..., 1]], order=1,
-                                 mode="grid-constant", cval=0.0)
-
-
 @pytest.fixture(scope="module")
 def sections():
   """`[2, N, N]` float32 synthetic EM sections (neighbours, 40-nm-like)."""
@@ -51,11 +37,11 @@ def sections():
 
 
 def test_warp_and_compose_on_gpu_match_float64_references(sections):
-  u = _smooth_field((N, N), 8.0, seed=1)
-  v = _smooth_field((N, N), 5.0, seed=2)
+  u = smooth_field(np.random.default_rng(1), (N, N), 8.0, 24.0)
+  v = smooth_field(np.random.default_rng(2), (N, N), 5.0, 24.0)
   got = ja.warp(jnp.asarray(sections[0]), jnp.asarray(u, jnp.float32))
   assert got.devices() == {jax.devices()[0]}  # computed on the default (GPU) device
-  np.testing.assert_allclose(np.asarray(got), _scipy_warp(sections[0], u), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(got), reference_warp(sections[0], u), atol=2e-4)
   # compose(a, b) applies a then b: c(r) = b(r) + a(r + b(r)) (sample points clamped to the section).
   c = np.asarray(ja.compose(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32)))
   yy, xx = np.mgrid[0:N, 0:N].astype(np.float64)
@@ -65,7 +51,7 @@ def test_warp_and_compose_on_gpu_match_float64_references(sections):
 
 
 def test_align_pair_on_gpu_recovers_a_known_field_and_agrees_with_cpu(sections):
-  u = _smooth_field((N, N), 6.0, seed=4).astype(np.float32)
+  u = smooth_field(np.random.default_rng(4), (N, N), 6.0, 24.0).astype(np.float32)
   tgt = np.asarray(fields.warp(jnp.asarray(sections[0]), jnp.asarray(u)))
   f_gpu = np.asarray(ja.align_pair(sections[0], tgt))
   with jax.default_device(_cpu()):
