@@ -65,6 +65,7 @@ from jaxalign.fields import compose
 from jaxalign.groundtruth import DistortionConfig, distort_stack
 from jaxalign.metrics import cpc
 from jaxalign.render import render
+from jaxalign.drift import DriftConfig, remove_drift
 from jaxalign.stack import StackConfig, align_stack, choose_starters, plan_blocks
 
 FLAGS = flags.FLAGS
@@ -97,6 +98,9 @@ flags.DEFINE_bool("stitch_refine", True, "abcd: align overlap renderings for the
                   "False = vote the algebraic estimates only")
 flags.DEFINE_list("motion_gamma_scales", ["4", "16"], "motion: gamma scales to compare")
 flags.DEFINE_integer("cpc_chunk", 32, "CPC chunk (px)")
+flags.DEFINE_list("drift_sigmas", [], "abcd: also report every run with its drift removed "
+                  "(jaxalign.drift, StackConfig.drift) at these sigmas (sections); one JSON each")
+flags.DEFINE_integer("drift_degree", 1, "abcd: degree of the drift fit (jaxalign.drift.DriftConfig)")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where PNG/JSON results go")
 
 # Sections within this distance of a block interface count as "near" it.
@@ -451,7 +455,6 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
   cfg = _block_config()
   n = FLAGS.voting_distance
   decays = [float(x) for x in FLAGS.decays]
-  valid = d.valid
   runs, seconds = {}, {}
 
   def timed(key, fn):
@@ -468,12 +471,30 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
                                              voting_distance=n, decay_distance=dd, starters=starters,
                                              defects=dfx, config=StackConfig(block=cfg, stitch_refine=FLAGS.stitch_refine),
                                              progress=False))
+  results = [_abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces, decays, None)]
+  for sigma in FLAGS.drift_sigmas:
+    # The same runs with the drift taken out (StackConfig.drift does this inside align_stack; the
+    # single block is align_stack with one block, i.e. align_block + remove_drift).
+    drift = DriftConfig(sigma=float(sigma), degree=FLAGS.drift_degree)
+    t0 = time.time()
+    moved = {key: np.asarray(remove_drift(f, config=drift)) for key, f in runs.items()}
+    logging.info("drift removal (sigma %s) of %d runs: %.1f s", sigma, len(runs), time.time() - t0)
+    results.append(_abcd_report(out_dir, original, d, moved, seconds, plan, starters, interfaces, decays, drift))
+  return results
+
+
+def _abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces, decays, drift) -> dict:
+  """Metrics, plots and the result dict of one set of abcd runs (raw, or with `drift` removed)."""
+  z_count = original.shape[0]
+  n = FLAGS.voting_distance
+  valid = d.valid
   keys = ["single"] + decays
   label_of = {k: ("single block" if k == "single" else
                   ("blocks, plain composition" if k >= 1e5 else f"blocks, decay {k:g}")) for k in keys}
   per = {}
   summary = dict(blocks=len(plan.blocks), starters=starters, interfaces=interfaces, seconds=
-                 {f"{a}_{b}": s for (a, b), s in seconds.items()})
+                 {f"{a}_{b}": s for (a, b), s in seconds.items()},
+                 drift=None if drift is None else dataclasses.asdict(drift))
   zs = np.arange(1, z_count)
   q = max(5, z_count // 4)
   # Content motion of the data itself: the undistorted run's rigid part (mean field) and its
@@ -549,9 +570,11 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
               for k in keys})
   summary["low_cpc"] = low
   summary["cpc_chunks"] = _low_cpc(original)[1]
-  name = f"stack_abcd_{FLAGS.stack}{_suffix()}"
+  drift_suffix = "" if drift is None else f"_drift{drift.sigma:g}d{drift.degree}"
+  name = f"stack_abcd_{FLAGS.stack}{_suffix()}{drift_suffix}"
   title = (f"{FLAGS.stack}{' (section 0 repeated)' if FLAGS.content == 'repeat' else ''} {FLAGS.crop}px, "
-           f"{z_count} sections, n={n}, blocks of {FLAGS.block_size}, gamma x{FLAGS.gamma_scale:g}")
+           f"{z_count} sections, n={n}, blocks of {FLAGS.block_size}, gamma x{FLAGS.gamma_scale:g}"
+           f"{'' if drift is None else f', drift removed (sigma {drift.sigma:g}, degree {drift.degree})'}")
   marks = {"block interface": interfaces}
   _plot(out_dir / f"{name}_abs.png", {label_of[k]: per[f"abs_{k}"] for k in keys},
         title + ": EPE vs ground truth", marks)
@@ -581,18 +604,19 @@ def main(argv):
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   provenance = _provenance()  # before the run: the pair aligner's files may change while it runs
-  result = {"defects": run_defects, "abcd": run_abcd, "motion": run_motion}[FLAGS.experiment](out_dir)
-  result["provenance"] = provenance
-  result["seconds_total"] = time.time() - t0
-  result["loadavg"] = list(__import__("os").getloadavg())
-  result["flags"] = {k: FLAGS[k].value for k in ("aligner", "stack", "step", "seed", "elastic", "translation", "crop",
-                                                  "num", "discontinuities", "blank", "pair_defect", "stripes",
-                                                  "stripe_amplitude", "stripe_period", "tile_shift", "tile_fraction",
-                                                  "block_size", "overlap", "decays", "voting_distance", "gamma_scale", "content", "stitch_refine",
-                                                  "cpc_chunk")}
-  path = out_dir / f"{result['name']}.json"
-  path.write_text(json.dumps(result, indent=1, default=float))
-  print(json.dumps(result["summary"], indent=1, default=float))
+  results = {"defects": run_defects, "abcd": run_abcd, "motion": run_motion}[FLAGS.experiment](out_dir)
+  for result in results if isinstance(results, list) else [results]:
+    result["provenance"] = provenance
+    result["seconds_total"] = time.time() - t0
+    result["loadavg"] = list(__import__("os").getloadavg())
+    result["flags"] = {k: FLAGS[k].value for k in (
+        "aligner", "stack", "step", "seed", "elastic", "translation", "crop", "num", "discontinuities", "blank",
+        "pair_defect", "stripes", "stripe_amplitude", "stripe_period", "tile_shift", "tile_fraction", "block_size",
+        "overlap", "decays", "voting_distance", "gamma_scale", "content", "stitch_refine", "cpc_chunk",
+        "drift_sigmas", "drift_degree")}
+    path = out_dir / f"{result['name']}.json"
+    path.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps(result["summary"], indent=1, default=float))
 
 
 if __name__ == "__main__":

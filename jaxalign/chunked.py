@@ -624,3 +624,58 @@ def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np
   if not (sec != 0).any() or not inside.any():
     return np.zeros(sec.shape[1:] + (2,), np.float32)
   return np.asarray(stitch_field(sec, prev, nxt, config=config, refine=refine, next_inside=inside), np.float32)
+
+
+# --------------------------------------------------------------------------- drift removal
+
+
+def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: ChunkConfig = ChunkConfig(),
+                         sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
+                         progress: bool = False):
+  """`jaxalign.drift` for one section, chunk by chunk: `compose(field, invert(sum_k w_k F_k))`.
+
+  Each chunk reads its core grown by a margin covering the drift there (the inverse samples the
+  drift, and the composition the field, at most |drift| + 1 px away), with edge replication (the
+  clamped sampling of `compose` and `invert`), so cores equal the whole-section result to float
+  rounding. The margin starts at `config.render_margin` and doubles until it covers the drift in
+  the chunk's window.
+
+  Args:
+    field: the section's field `[H, W, 2]` (array or `Source`).
+    window_fields: the K fields `F_k` of the drift estimate (arrays or `Source`s).
+    weights: `[K]` float weights (`jaxalign.drift.drift_weights` row).
+    config: `ChunkConfig` (chunk size, base margin).
+    sink: optional `sink(core_slices, field [h, w, 2])` instead of assembling the section.
+    progress: tqdm bar over chunks.
+  Returns:
+    `[H, W, 2]` float32 (None with a sink).
+  """
+  from jaxalign.drift import _remove_one
+  fld = as_source(field)
+  sources = [as_source(f) for f in window_fields]
+  weights = np.asarray(weights, np.float32)
+  if len(sources) != len(weights):
+    raise InputError(f"{len(sources)} window fields but {len(weights)} weights")
+  if any(s.shape != fld.shape for s in sources):
+    raise InputError("drift window fields must all have the section's shape")
+  h, w = fld.shape
+  specs = chunking.split((h, w), config.chunk, 0)
+  out = None if sink is not None else np.zeros((h, w, 2), np.float32)
+  for spec in tqdm(specs, desc="drift chunks", unit="chunk", disable=not progress, leave=False):
+    (y0, x0), (ch, cw) = spec.origin, spec.size
+    m = config.render_margin
+    while True:
+      box = (y0 - m, y0 + ch + m, x0 - m, x0 + cw + m)
+      stack = np.stack([edge_window(s, *box) for s in sources])
+      drift = np.tensordot(weights, stack, axes=1)
+      need = _margin_for(float(np.linalg.norm(drift, axis=-1).max(initial=0.0)), config.render_margin)
+      if need <= m:
+        break
+      m = need
+    res = np.asarray(_remove_one(jnp.asarray(edge_window(fld, *box)), jnp.asarray(stack), jnp.asarray(weights)))
+    core = res[m:m + ch, m:m + cw][spec.crop]
+    if sink is not None:
+      sink(spec.core, core)
+    else:
+      out[spec.core] = core
+  return out

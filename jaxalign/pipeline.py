@@ -9,6 +9,10 @@ volume (with its MIP pyramid), resumable per section, on any executor (DESIGN.md
 3. `stitch/<k>`   per interface: `stitch_field` on the overlap -> `DST/work/stitches[k]`.
 4. `section/<z>`  per section: `compose_with_decay` of its block field and the stitch fields within
    `decay_distance` -> `DST/fields[z]`; render -> `DST/aligned[z]` and its pyramid levels.
+5. `drift/<z>`    only with `StackConfig.drift`: step 4 writes `DST/work/composed[z]` instead, and this
+   stage takes the drift out (`jaxalign.drift`, from the composed fields of the sections around z)
+   -> `DST/fields[z]`, then renders. Quality (step 1) then always runs: blank sections are left out
+   of the drift estimates.
 
 Layout of DST (all volumes zarr v3 unless `format` says otherwise; one section per chunk in z, so
 every task's writes are chunk-aligned and no two tasks write the same chunk)::
@@ -47,7 +51,8 @@ from absl import logging
 from jaxalign import distributed as jd
 from jaxalign import io
 from jaxalign.chunked import (ChunkConfig, VolumeSource, align_block_chunked, compose_with_decay_chunked,
-                              render_chunked, stitch_field_chunked)
+                              remove_drift_chunked, render_chunked, stitch_field_chunked)
+from jaxalign.drift import _remove_one, drift_weights, window_indices
 from jaxalign.errors import InputError
 from jaxalign.stack import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan,
                             align_block_task, choose_starters, compose_with_decay, plan_blocks,
@@ -240,14 +245,18 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   b = plan.owner(z)
   ks, ds = stitch_chain(plan, z, config.decay_distance)
   h, w = src.shape(config.level)[1:3]
+  drift = config.stack.drift is not None
+  # With drift removal the composed field is an intermediate: the drift stage writes DST/fields.
+  target = _url(dst, WORK, "composed") if drift else _url(dst, FIELDS)
   if _chunked(config, h, w):
-    fields = _open(_url(dst, FIELDS))
+    fields = _open(target)
     stitches = _open(_url(dst, WORK, "stitches"))
     compose_with_decay_chunked(VolumeSource(_open(_url(dst, WORK, f"block_{b.index:05d}")), z - b.start),
                                [VolumeSource(stitches, k) for k in ks], ds,
                                decay_distance=float(config.decay_distance), blur_rate=float(config.stack.blur_rate),
                                config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
-    _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
+    if not drift:
+      _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
   field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
   k_max = _max_chain(plan, config.decay_distance)
@@ -261,8 +270,31 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
     field = np.asarray(compose_with_decay(jnp.asarray(field), jnp.asarray(st), jnp.asarray(dist),
                                           decay_distance=float(config.decay_distance),
                                           blur_rate=float(config.stack.blur_rate)))
-  _open(_url(dst, FIELDS)).write(field, z)
-  _render_section(src, _open(_url(dst, FIELDS)), _open(_url(dst, ALIGNED)), z, config, field)
+  _open(target).write(field, z)
+  if not drift:
+    _render_section(src, _open(_url(dst, FIELDS)), _open(_url(dst, ALIGNED)), z, config, field)
+  return {"seconds": time.perf_counter() - t0}
+
+
+def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights: Sequence[float],
+               config: VolumeConfig) -> dict:
+  """Final field of section z with the drift taken out (`jaxalign.drift`): `weights` over the
+  composed fields of `sections`; written with its rendering and pyramid. Returns {"seconds"}."""
+  t0 = time.perf_counter()
+  src = _open(src_url)
+  composed = _open(_url(dst, WORK, "composed"))
+  fields = _open(_url(dst, FIELDS))
+  h, w = src.shape(config.level)[1:3]
+  if _chunked(config, h, w):
+    remove_drift_chunked(VolumeSource(composed, z), [VolumeSource(composed, k) for k in sections], weights,
+                         config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
+    _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
+    return {"seconds": time.perf_counter() - t0}
+  window = np.stack([composed.read(k) for k in sections])
+  field = np.asarray(_remove_one(jnp.asarray(composed.read(z)), jnp.asarray(window),
+                                 jnp.asarray(np.asarray(weights, np.float32))))
+  fields.write(field, z)
+  _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config, field)
   return {"seconds": time.perf_counter() - t0}
 
 
@@ -349,11 +381,14 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
   """The alignment job (see the module docstring); returns the `StackPlan`."""
   src = _open(src_url)
   z_count, h, w = src.shape(config.level)
-  if config.starters is None:
+  drift = config.stack.drift
+  tissue = None
+  if config.starters is None or drift is not None:
     tile = config.chunk.chunk if config.chunk is not None else None
     q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task, (src_url, z, config.level, tile))
                         for z in range(z_count)], "quality")
     tissue, defect = np.array([a for a, _ in q]), np.array([b for _, b in q])
+  if config.starters is None:
     choices = choose_starters(tissue, defect, block_size=config.block_size, overlap=config.overlap,
                               config=config.stack)
     plan = plan_blocks(z_count, [c.index for c in choices], overlap=config.overlap, choices=choices)
@@ -365,6 +400,8 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
     io.create_volume(_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
                      kind="field")
   io.create_volume(_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
+  if drift is not None:
+    io.create_volume(_url(dst, WORK, "composed"), (z_count, h, w, 2), "float32", res, kind="field")
   yield jd.Batch([jd.Task(f"block/{b.index:05d}", block_task, (src_url, dst, b, config)) for b in plan.blocks],
                  "blocks")
   if len(plan.blocks) > 1:
@@ -372,6 +409,12 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
                     for k in range(1, len(plan.blocks))], "stitch")
   yield jd.Batch([jd.Task(f"section/{z:06d}", section_task, (src_url, dst, plan, z, config))
                   for z in range(z_count)], "sections")
+  if drift is not None:
+    # Blank sections (no tissue) carry a neighbour's field: left out of every drift estimate.
+    weights = drift_weights(z_count, drift, (tissue > 0).astype(np.float64))
+    yield jd.Batch([jd.Task(f"drift/{z:06d}", drift_task,
+                            (src_url, dst, z, window_indices(z, z_count, drift.radius).tolist(),
+                             weights[z].tolist(), config)) for z in range(z_count)], "drift")
   return plan
 
 

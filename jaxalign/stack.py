@@ -40,6 +40,7 @@ from jaxalign import errors
 from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, _aligned_data, _vote,
                             align_block, check_stack, default_aligner)
 from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
+from jaxalign.drift import DriftConfig, remove_drift
 from jaxalign.fields import compose, invert, warp
 
 # Paper (FAFB): 25-section blocks overlapping by 3 sections.
@@ -63,6 +64,10 @@ class StackConfig:
       (paper). False votes the algebraic estimates `compose(invert(F^{N+1}_i), F^N_i)` alone: both
       blocks already aligned each overlap section, so no extra pair alignment (and none of its
       bias, which otherwise adds once per interface under plain composition) is needed.
+    drift: optional `jaxalign.drift.DriftConfig`: after composition, take the part of the fields
+      that varies slowly along z out of every section (`jaxalign.drift.remove_drift`; the drift of
+      content-following chains, which blocks restart and a single block accumulates). None = off
+      (the paper's ABCD).
   """
   blur_rate: float = DEFAULT_BLUR_RATE
   starter_search: int = 3
@@ -70,6 +75,7 @@ class StackConfig:
   starter_max_defect: float = 0.01
   block: BlockConfig = BlockConfig()
   stitch_refine: bool = True
+  drift: DriftConfig | None = None
 
   def __post_init__(self):
     if self.starter_search < 0:
@@ -473,5 +479,11 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     res = _compose_with_decay_batch(jnp.asarray(bf[rows]), st, jnp.asarray(dist[rows]),
                                     float(decay_distance), float(config.blur_rate))
     out[own] = np.asarray(res)[: len(own)]
+  if config.drift is not None:
+    # Blank sections carry a copy of a neighbour's field: keep them out of the drift estimates.
+    tissue = (sec != 0) & ~dfx
+    out = np.asarray(remove_drift(out, config=config.drift,
+                                  section_weights=tissue.reshape(z_count, -1).any(axis=1).astype(np.float64),
+                                  progress=progress))
   fields = jnp.asarray(out)
   return (fields, plan) if return_plan else fields
