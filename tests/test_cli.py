@@ -75,6 +75,7 @@ CASES = {
   "align_wrong_dtype_field_as_image": ("align", ["{fld}", "{out}"], ["field"]),
   "align_empty_volume": ("align", ["{zeros}", "{out}"], ["no data"]),
   "align_nan_in_image": ("align", ["{img_nan}", "{out}"], ["nan"]),
+  "align_bad_drift_sigma": ("align", ["{img}", "{out}", "--drift_sigma=0"], ["sigma"]),
   # render SRC FIELDS DST
   "render_missing_path": ("render", ["{img}", "{tmp}/nonexistent", "{out}"], ["missing", "nonexistent"]),
   "render_mismatched_shapes": ("render", ["{img}", "{fld_small}", "{out}"], ["(3, 32, 64)", "match"]),

@@ -153,7 +153,7 @@ def test_align_stack_drift_removal_makes_blocks_match_a_single_block():
          and all(i + decay <= z - r or i + decay >= z + r for i in interfaces)]
   assert len(far) >= 5, far
   gap = np.abs(np.asarray(blocks)[far, 0, 0] - np.asarray(single)[far, 0, 0]).max()
-  assert gap > 2.0
+  assert gap > 2.0, gap
 
   single_d, _ = run(z_count, drift_cfg)
   blocks_d, _ = run(block_size, drift_cfg, decay=decay)

@@ -27,6 +27,9 @@ flags.DEFINE_integer("pyramid_levels", None, "MIP levels of DST/aligned (default
 flags.DEFINE_integer("chunk", None, "process sections larger than this many px in overlapping chunks")
 flags.DEFINE_integer("chunk_overlap", 64, "chunk context margin, px")
 flags.DEFINE_enum("pair_init", "identity", ["identity", "blockmatch"], "initial field of each pair alignment")
+flags.DEFINE_float("drift_sigma", None, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
+                   "sections (default: off, the paper's ABCD)")
+flags.DEFINE_integer("drift_degree", 1, "degree of the local fit along z for --drift_sigma (0, 1 or 2)")
 flags.DEFINE_boolean("restart", False, "discard DST's completion records and recompute everything")
 
 
@@ -44,7 +47,9 @@ def main(argv):
   except ValueError:
     raise InputError(f"--starters must be integers, got {FLAGS.starters}") from None
   chunk = None if FLAGS.chunk is None else ChunkConfig(chunk=FLAGS.chunk, overlap=FLAGS.chunk_overlap)
-  stack = StackConfig(block=BlockConfig(pair=PairConfig(init=FLAGS.pair_init)))
+  from jaxalign.drift import DriftConfig
+  drift = None if FLAGS.drift_sigma is None else DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree)
+  stack = StackConfig(block=BlockConfig(pair=PairConfig(init=FLAGS.pair_init)), drift=drift)
   config = pipeline.VolumeConfig(block_size=FLAGS.block_size, overlap=FLAGS.overlap,
                                  voting_distance=FLAGS.voting_distance, decay_distance=FLAGS.decay_distance,
                                  starters=starters, level=FLAGS.level, pyramid_levels=FLAGS.pyramid_levels,
