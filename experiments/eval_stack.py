@@ -27,6 +27,8 @@ Three experiments:
   run's error against its own compose(GT, U)), seams (field jumps and x-z
   reslices of the rendered stacks) and the low-CPC fraction. ``--content=repeat`` uses one section
   repeated (no tissue change: the aligner is well-posed, a check of the block machinery).
+  ``--drift_sigmas`` adds one report per sigma of the same runs with their drift removed
+  (`jaxalign.drift`, as `StackConfig.drift` does inside `align_stack`).
 
 Commands of docs/benchmarks/stack.md:
 
@@ -35,14 +37,15 @@ Commands of docs/benchmarks/stack.md:
   python experiments/eval_stack.py --experiment=defects --pair_defect=stripes --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=stripes --crop=192 --num=24
-  python experiments/eval_stack.py --experiment=abcd --crop=320 --num=100 --block_size=20 --decays=25,100,1e6
+  python experiments/eval_stack.py --experiment=abcd --crop=320 --num=100 --block_size=20 --decays=25,100,1e6 \
+      [--drift_sigmas=2,3,4]
   python experiments/eval_stack.py --experiment=abcd --content=repeat --crop=128 --num=100 \
       --block_size=20 --decays=25,1e6 [--stitch_refine=false]
   python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --pair_defect=stripes --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --stack=gerhard_vnc_stack1 --pair_defect=mirror --crop=192 --num=20
   python experiments/eval_stack.py --experiment=abcd --stack=isbi2012_train --crop=160 --num=100 --block_size=20 \
-      --decays=25,1e6
+      --decays=25,1e6 [--drift_sigmas=2,3]
   for g in 1 4 8 16; do python experiments/eval_stack.py --experiment=abcd --crop=320 --num=40 --block_size=10 \
       --decays=25,1e6 --gamma_scale=$g --out_dir=docs/benchmarks/stack_gamma; done
 """
