@@ -180,20 +180,24 @@ def test_chunked_removal_matches_the_whole_section():
     np.testing.assert_allclose(out, whole[z], atol=1e-3)
 
 
-def test_volume_pipeline_removes_drift_and_renders(tmp_path):
-  """align_volume with StackConfig.drift: fields are the closed form truth - lowpass(truth) (exact
-  translation aligner), the aligned volume is SRC warped by them (float64 SciPy), and a re-run
-  skips everything."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
+  """align_volume with StackConfig.drift (whole sections, and every stage chunk by chunk): fields
+  are the closed form truth - lowpass(truth) (exact translation aligner), the aligned volume is SRC
+  warped by them (float64 SciPy), and a re-run skips everything."""
   from jaxalign import distributed as jd
   from jaxalign import io, pipeline
+  from jaxalign.chunked import ChunkConfig
   from tests.test_fields import reference_warp
-  z_count, size = 10, 64
+  z_count, size = 10, (192 if chunked else 64)
   shifts = random_shifts(z_count, seed=6, limit=8)
   sections = texture_stack(shifts, size=size)
   src = str(tmp_path / "src")
   io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   drift_cfg = DriftConfig(sigma=1.5, degree=1)
+  chunk = ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None
   config = pipeline.VolumeConfig(block_size=5, overlap=2, decay_distance=1e6, pyramid_levels=1, starters=(0, 3, 6),
+                                 chunk=chunk,
                                  stack=StackConfig(block=BlockConfig(aligner=phase_aligner), drift=drift_cfg))
   dst = str(tmp_path / "dst")
   stats = jd.RunStats()
