@@ -21,6 +21,10 @@ Cost. The local fit also contains the average of the neighbours' own distortions
 loses: about `|distortion| * sqrt(sum_k W[z, k]**2)`, i.e. less for larger `sigma`; a smaller `sigma`
 removes faster-varying drift. Measured trade-offs are in docs/benchmarks/stack.md.
 
+Limits. The fit is not robust: a section whose alignment failed leaks its error into its neighbours'
+drift estimates with their weights (sigma 2: 18 % into each adjacent section). Blank sections are
+left out through `section_weights`. Section 0 is no longer the identity.
+
 This is the "path smoothing" of video stabilisation turned around (there the smooth path is kept and
 the jitter removed), and a variant of the drift regularisation used in serial-section alignment.
 """
