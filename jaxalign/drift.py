@@ -45,7 +45,7 @@ from jaxalign.fields import compose, invert
 # Weights beyond this many sigmas are dropped (exp(-4.5) ~ 1 % of the peak).
 WINDOW_SIGMAS = 3.0
 # Sections. Measured on 100 FIB-SEM 40-nm sections at 320² (docs/benchmarks/stack.md §5): sigma 2
-# puts blocks within 0.5 px of a single block in 91-93 % of sections (3: 72-84 %, 4: 35-68 %), and a
+# puts blocks within 0.5 px of a single block in 91-93 % of sections (3: 72-84 %, 4: 35-58 %), and a
 # larger sigma buys back only part of the low-CPC cost (9.2-9.6 % at 2, 8.8-9.0 % at 4).
 DEFAULT_DRIFT_SIGMA = 2.0
 
