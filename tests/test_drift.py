@@ -115,6 +115,14 @@ def test_bad_input_is_named():
     remove_drift(np.zeros((3, 8, 8, 2), np.float32), section_weights=[1, -1, 1])
 
 
+def _translation_reference(truth, config):
+  """float64 `[Z, 2]`: constant fields `truth` with their drift (weighted polyfit) taken out; for
+  translations `compose(F, invert(L))` is exactly `F - L`."""
+  ones = np.ones(len(truth))
+  return np.array([[truth[z, c] - _polyfit_drift(truth[:, c], z, config, ones) for c in range(2)]
+                   for z in range(len(truth))])
+
+
 def _biased(bias):
   """The exact translation aligner plus a constant `bias` per pair alignment: a stand-in for an
   aligner that follows the tissue a little at every step, so a chain drifts linearly."""
@@ -157,9 +165,7 @@ def test_align_stack_drift_removal_makes_blocks_match_a_single_block():
 
   single_d, _ = run(z_count, drift_cfg)
   blocks_d, _ = run(block_size, drift_cfg, decay=decay)
-  weights = drift_weights(z_count, drift_cfg)
-  ref = np.stack([truth[z] - weights[z] @ truth[window_indices(z, z_count, drift_cfg.radius)]
-                  for z in range(z_count)])
+  ref = _translation_reference(truth, drift_cfg)
   np.testing.assert_allclose(np.asarray(single_d)[:, 0, 0], ref, atol=1e-3)
   np.testing.assert_allclose(np.asarray(blocks_d)[far, 0, 0], ref[far], atol=1e-3)
 
@@ -205,9 +211,7 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   # quality (always, for the drift weights), 3 blocks, 2 stitches, sections, drift.
   assert (stats.executed, stats.batches) == (z_count + 3 + 2 + z_count + z_count, 5)
   truth = expected_fields(shifts, size)[:, 0, 0]
-  weights = drift_weights(z_count, drift_cfg)
-  ref = np.stack([truth[z] - weights[z] @ truth[window_indices(z, z_count, drift_cfg.radius)]
-                  for z in range(z_count)])
+  ref = _translation_reference(truth, drift_cfg)
   fields = io.open_volume(dst + "/fields").read()
   np.testing.assert_allclose(fields, np.broadcast_to(ref[:, None, None], fields.shape), atol=1e-3)
   aligned = io.open_volume(dst + "/aligned").read()
