@@ -35,6 +35,7 @@ Commands of docs/benchmarks/stack.md:
   python experiments/eval_stack.py --experiment=motion --crop=160 --num=13
   python experiments/eval_stack.py --experiment=defects --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --pair_defect=stripes --crop=192 --num=24
+  python experiments/eval_stack.py --experiment=defects --pair_defect={mirror,stripes} --crop=192 --num=24 --drift_sigmas=2
   python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=stripes --crop=192 --num=24
   python experiments/eval_stack.py --experiment=abcd --crop=320 --num=100 --block_size=20 --decays=25,100,1e6 \
@@ -101,7 +102,7 @@ flags.DEFINE_bool("stitch_refine", True, "abcd: align overlap renderings for the
                   "False = vote the algebraic estimates only")
 flags.DEFINE_list("motion_gamma_scales", ["4", "16"], "motion: gamma scales to compare")
 flags.DEFINE_integer("cpc_chunk", 32, "CPC chunk (px)")
-flags.DEFINE_list("drift_sigmas", [], "abcd: also report every run with its drift removed "
+flags.DEFINE_list("drift_sigmas", [], "abcd, defects: also report every run with its drift removed "
                   "(jaxalign.drift, StackConfig.drift) at these sigmas (sections); one JSON each")
 flags.DEFINE_integer("drift_degree", 1, "abcd: degree of the drift fit (jaxalign.drift.DriftConfig)")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where PNG/JSON results go")
@@ -318,6 +319,27 @@ def run_defects(out_dir: pathlib.Path) -> dict:
         epe[FLAGS.blank] = np.nan
       res[label, n] = dict(epe=epe, seconds=time.time() - t0, fields=np.asarray(fields))
       logging.info("%s n=%d: %.1f s, per-section EPE %s", label, n, time.time() - t0, np.round(epe, 2))
+  results = [_defects_report(out_dir, d, res, bad, None)]
+  for sigma in FLAGS.drift_sigmas:
+    drift = DriftConfig(sigma=float(sigma), degree=FLAGS.drift_degree)
+    moved = {}
+    for (label, n), r in res.items():
+      # As align_stack does: a blank section's field is a copy of a neighbour's, so it is left out.
+      weights = np.ones(z_count)
+      if label != "clean":
+        weights[FLAGS.blank] = 0.0
+      fields = np.asarray(remove_drift(r["fields"], config=drift, section_weights=weights))
+      epe = _median_epe(fields, d.fields, d.valid)
+      if label != "clean":
+        epe[FLAGS.blank] = np.nan
+      moved[label, n] = dict(epe=epe, seconds=r["seconds"], fields=fields)
+    results.append(_defects_report(out_dir, d, moved, bad, drift))
+  return results
+
+
+def _defects_report(out_dir, d, res, bad, drift) -> dict:
+  """Metrics, plots and the result dict of the defects runs `res` (raw, or with `drift` removed)."""
+  z_count = d.images.shape[0]
   before = slice(1, FLAGS.blank)
   after = slice(max(bad) + 1, z_count)
   summary = {}
@@ -345,13 +367,15 @@ def run_defects(out_dir: pathlib.Path) -> dict:
                       blank_excess_after_median=float(np.nanmedian(blank_excess[FLAGS.blank + 1:])),
                       blank_excess_after_max=float(np.nanmax(blank_excess[FLAGS.blank + 1:])),
                       seconds=res["defects", n]["seconds"])
-  name = f"stack_defects_{FLAGS.pair_defect}_{FLAGS.stack}{_suffix()}"
+  drift_suffix = "" if drift is None else f"_drift{drift.sigma:g}d{drift.degree}"
+  name = f"stack_defects_{FLAGS.pair_defect}_{FLAGS.stack}{_suffix()}{drift_suffix}"
   marks = {"blank": [FLAGS.blank], FLAGS.pair_defect: bad}
   what = {"stripes": f"stripes {bad[0]}-{bad[-1]}",
           "tile": f"tile shifted {FLAGS.tile_shift:g} px in {bad[0]}",
           "mirror": f"mirrored {FLAGS.tile_fraction:g}-side square in {bad[0]}"}[FLAGS.pair_defect]
   title = (f"{FLAGS.stack}{' (section 0 repeated)' if FLAGS.content == 'repeat' else ''} {FLAGS.crop}px, "
-           f"{FLAGS.aligner} gamma x{FLAGS.gamma_scale:g}: blank {FLAGS.blank}, {what}")
+           f"{FLAGS.aligner} gamma x{FLAGS.gamma_scale:g}: blank {FLAGS.blank}, {what}"
+           f"{'' if drift is None else f', drift removed (sigma {drift.sigma:g})'}")
   _plot(out_dir / f"{name}.png",
         {**{f"n={n}, blank + {FLAGS.pair_defect}": res["defects", n]["epe"] for n in (3, 1)},
          **{f"_n={n}, blank only": res["blank", n]["epe"] for n in (3, 1)}}, title, marks)
@@ -363,6 +387,7 @@ def run_defects(out_dir: pathlib.Path) -> dict:
   _plot(out_dir / f"{name}_divergence.png",
         {f"voting distance {n}": divergence[n] for n in (3, 1)},
         title + ": median |F(blank + defect) - F(blank only)|", marks, ylabel="px")
+  summary["drift"] = None if drift is None else dataclasses.asdict(drift)
   return dict(experiment="defects", name=name, stack=FLAGS.stack, crop=FLAGS.crop, num=z_count,
               defect_sections=bad, summary=summary,
               per_section={**{f"{k[0]}_n{k[1]}": v["epe"].tolist() for k, v in res.items()},
