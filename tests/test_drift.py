@@ -7,7 +7,6 @@ cases of a drift linear in z (removed exactly) and of translation stacks (closed
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from jaxalign.block import BlockConfig
 from jaxalign.drift import DriftConfig, drift_weights, remove_drift, window_indices
@@ -15,6 +14,7 @@ from jaxalign.errors import InputError
 from jaxalign.stack import StackConfig, align_stack
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 from tests.test_fields import smooth_field
+from tests.test_stack import _compose_ref
 
 SIZE = 48
 
@@ -49,15 +49,6 @@ def test_drift_weights_match_weighted_polyfit(degree):
   np.testing.assert_allclose(est, poly, rtol=1e-9)
 
 
-def _reference_compose(a, b):
-  """float64 SciPy: c with warp(warp(M, a), b) == warp(M, c), i.e. c(r) = b(r) + a(r + b(r))."""
-  h, w = a.shape[:2]
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-  coords = [yy + b[..., 0], xx + b[..., 1]]
-  sampled = np.stack([ndimage.map_coordinates(a[..., c], coords, order=1, mode="nearest") for c in range(2)], -1)
-  return b + sampled
-
-
 def test_linear_nonrigid_drift_is_removed_and_the_rest_kept():
   """fields[z] = compose(G_z, (z / Z) * S): independent per-section distortions G_z and a smooth
   non-rigid drift S growing linearly with z. Removing the drift leaves fields whose composition
@@ -76,12 +67,12 @@ def test_linear_nonrigid_drift_is_removed_and_the_rest_kept():
 
   # With per-section distortions: compose(out_z, L_z) == fields_z, L from float64 weights.
   distortions = np.stack([smooth_field(rng, (SIZE, SIZE), 2.0, 6.0) for _ in range(z_count)])
-  fields = np.stack([_reference_compose(distortions[z], drift[z]) for z in range(z_count)])
+  fields = np.stack([_compose_ref(distortions[z], drift[z]) for z in range(z_count)])
   out = np.asarray(remove_drift(fields.astype(np.float32), config=config))
   weights = drift_weights(z_count, config)
   for z in range(z_count):
     est = np.tensordot(weights[z], fields[window_indices(z, z_count, config.radius)], axes=1)
-    back = _reference_compose(out[z].astype(np.float64), est)
+    back = _compose_ref(out[z].astype(np.float64), est)
     np.testing.assert_allclose(back[10:-10, 10:-10], fields[z][10:-10, 10:-10], atol=0.05)
     # What is left is the distortion minus the neighbours' average distortion, not the drift.
     left = out[z] - (distortions[z] - np.tensordot(weights[z], distortions[window_indices(z, z_count, config.radius)], axes=1))
