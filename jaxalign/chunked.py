@@ -40,6 +40,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxalign import chunking
+from jaxalign.drift import _remove_one
 from jaxalign.errors import InputError
 from jaxalign.fields import compose, downsample_image, upsample_field, warp
 
@@ -650,7 +651,6 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: Chu
   Returns:
     `[H, W, 2]` float32 (None with a sink).
   """
-  from jaxalign.drift import _remove_one
   fld = as_source(field)
   sources = [as_source(f) for f in window_fields]
   weights = np.asarray(weights, np.float32)
@@ -666,7 +666,9 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: Chu
     m = config.render_margin
     while True:
       box = (y0 - m, y0 + ch + m, x0 - m, x0 + cw + m)
-      stack = np.stack([edge_window(s, *box) for s in sources])
+      # Sources without weight (clipped repeats at the stack's ends, blank sections) are not read.
+      zero = np.zeros((box[1] - box[0], box[3] - box[2], 2), np.float32)
+      stack = np.stack([edge_window(s, *box) if wt != 0 else zero for s, wt in zip(sources, weights)])
       drift = np.tensordot(weights, stack, axes=1)
       need = _margin_for(float(np.linalg.norm(drift, axis=-1).max(initial=0.0)), config.render_margin)
       if need <= m:

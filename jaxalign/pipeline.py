@@ -290,8 +290,12 @@ def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights:
                          config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
     _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
-  window = np.stack([composed.read(k) for k in sections])
-  field = np.asarray(_remove_one(jnp.asarray(composed.read(z)), jnp.asarray(window),
+  # Each section once, and none that carries no weight (clipped repeats at the stack's ends, blanks);
+  # the window keeps its K slots so the removal compiles once.
+  read = {k: composed.read(k) for k in {z} | {k for k, wt in zip(sections, weights) if wt != 0}}
+  zero = np.zeros_like(read[z])
+  window = np.stack([read[k] if wt != 0 else zero for k, wt in zip(sections, weights)])
+  field = np.asarray(_remove_one(jnp.asarray(read[z]), jnp.asarray(window),
                                  jnp.asarray(np.asarray(weights, np.float32))))
   fields.write(field, z)
   _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config, field)

@@ -432,8 +432,9 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
   if decay_distance <= 0:
     raise errors.InputError(f"decay_distance must be > 0, got {decay_distance}")
   _check_sizes(z_count, block_size, overlap)
-  if starters is None:
+  if starters is None or config.drift is not None:
     tissue, defect = section_quality(sec, dfx)
+  if starters is None:
     choices = choose_starters(tissue, defect, block_size=block_size, overlap=overlap, config=config)
     plan = plan_blocks(z_count, [c.index for c in choices], overlap=overlap, choices=choices)
   else:
@@ -480,10 +481,8 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
                                     float(decay_distance), float(config.blur_rate))
     out[own] = np.asarray(res)[: len(own)]
   if config.drift is not None:
-    # Blank sections carry a copy of a neighbour's field: keep them out of the drift estimates.
-    tissue = (sec != 0) & ~dfx
-    out = np.asarray(remove_drift(out, config=config.drift,
-                                  section_weights=tissue.reshape(z_count, -1).any(axis=1).astype(np.float64),
+    # Blank sections (no tissue) carry a copy of a neighbour's field: left out of every drift estimate.
+    out = np.asarray(remove_drift(out, config=config.drift, section_weights=(tissue > 0).astype(np.float64),
                                   progress=progress))
   fields = jnp.asarray(out)
   return (fields, plan) if return_plan else fields
