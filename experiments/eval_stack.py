@@ -28,25 +28,29 @@ Three experiments:
   reslices of the rendered stacks) and the low-CPC fraction. ``--content=repeat`` uses one section
   repeated (no tissue change: the aligner is well-posed, a check of the block machinery).
   ``--drift_sigmas`` adds one report per sigma of the same runs with their drift removed
-  (`jaxalign.drift`, as `StackConfig.drift` does inside `align_stack`).
+  (`jaxalign.drift`, as `StackConfig.drift` does inside `align_stack`), and ``--neighbour_refine=N``
+  one more per sigma with N sweeps of neighbour refinement after it (`jaxalign.refine`, as
+  `StackConfig.neighbour_refine`). ``--runs_cache=F.npz`` keeps the raw abcd runs, so later reports of
+  them (other sigmas, refinement) skip the alignments.
 
 Commands of docs/benchmarks/stack.md:
 
   python experiments/eval_stack.py --experiment=motion --crop=160 --num=13
   python experiments/eval_stack.py --experiment=defects --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --pair_defect=stripes --crop=192 --num=24
-  python experiments/eval_stack.py --experiment=defects --pair_defect={mirror,stripes} --crop=192 --num=24 --drift_sigmas=2
+  python experiments/eval_stack.py --experiment=defects --pair_defect={mirror,stripes} --crop=192 --num=24 --drift_sigmas=2 \
+      [--neighbour_refine=1]
   python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --content=repeat --pair_defect=stripes --crop=192 --num=24
   python experiments/eval_stack.py --experiment=abcd --crop=320 --num=100 --block_size=20 --decays=25,100,1e6 \
-      [--drift_sigmas=2,3,4]
+      [--drift_sigmas=2,3,4] [--neighbour_refine=1] [--runs_cache=/tmp/abcd_fibsem.npz]
   python experiments/eval_stack.py --experiment=abcd --content=repeat --crop=128 --num=100 \
       --block_size=20 --decays=25,1e6 [--stitch_refine=false]
   python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --pair_defect=stripes --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --stack=isbi2012_train --pair_defect=mirror --crop=192 --num=24
   python experiments/eval_stack.py --experiment=defects --stack=gerhard_vnc_stack1 --pair_defect=mirror --crop=192 --num=20
   python experiments/eval_stack.py --experiment=abcd --stack=isbi2012_train --crop=160 --num=100 --block_size=20 \
-      --decays=25,1e6 [--drift_sigmas=2,3]
+      --decays=25,1e6 [--drift_sigmas=2,3] [--neighbour_refine=1]
   for g in 1 4 8 16; do python experiments/eval_stack.py --experiment=abcd --crop=320 --num=40 --block_size=10 \
       --decays=25,1e6 --gamma_scale=$g --out_dir=docs/benchmarks/stack_gamma; done
 """
@@ -70,6 +74,7 @@ from jaxalign.groundtruth import DistortionConfig, distort_stack
 from jaxalign.metrics import cpc
 from jaxalign.render import render
 from jaxalign.drift import DriftConfig, remove_drift
+from jaxalign.refine import DEFAULT_REFINE_STIFFNESS, RefineConfig, refine_to_neighbours
 from jaxalign.stack import StackConfig, align_stack, choose_starters, plan_blocks
 
 FLAGS = flags.FLAGS
@@ -105,7 +110,13 @@ flags.DEFINE_integer("cpc_chunk", 32, "CPC chunk (px)")
 flags.DEFINE_list("drift_sigmas", [], "abcd, defects: also report every run with its drift removed "
                   "(jaxalign.drift, StackConfig.drift) at these sigmas (sections); one JSON each")
 flags.DEFINE_integer("drift_degree", 1, "abcd: degree of the drift fit (jaxalign.drift.DriftConfig)")
+flags.DEFINE_integer("neighbour_refine", 0, "abcd, defects: after each drift removal, also report the runs "
+                     "refined to their neighbours (jaxalign.refine, StackConfig.neighbour_refine) with this "
+                     "many sweeps; 0 = off")
+flags.DEFINE_float("refine_stiffness", DEFAULT_REFINE_STIFFNESS, "RefineConfig.stiffness for --neighbour_refine")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where PNG/JSON results go")
+flags.DEFINE_string("runs_cache", None, "abcd: .npz of the raw runs' fields; loaded when it exists (same flags), "
+                    "else written after the runs (re-report drift removal / refinement without re-aligning)")
 
 # Sections within this distance of a block interface count as "near" it.
 INTERFACE_MARGIN = 3
@@ -334,10 +345,39 @@ def run_defects(out_dir: pathlib.Path) -> dict:
         epe[FLAGS.blank] = np.nan
       moved[label, n] = dict(epe=epe, seconds=r["seconds"], fields=fields)
     results.append(_defects_report(out_dir, d, moved, bad, drift))
+    if FLAGS.neighbour_refine:
+      stacks = {"clean": d.images, "blank": blank_only, "defects": images}
+      refine = _refine_config()
+      refined = {}
+      for (label, n), r in moved.items():
+        weights = np.ones(z_count)
+        if label != "clean":
+          weights[FLAGS.blank] = 0.0
+        fields = _refine(stacks[label], r["fields"], d.defects, weights, refine)
+        epe = _median_epe(fields, d.fields, d.valid)
+        if label != "clean":
+          epe[FLAGS.blank] = np.nan
+        refined[label, n] = dict(epe=epe, seconds=r["seconds"], fields=fields)
+      results.append(_defects_report(out_dir, d, refined, bad, drift, refine))
   return results
 
 
-def _defects_report(out_dir, d, res, bad, drift) -> dict:
+def _refine_config() -> RefineConfig:
+  return RefineConfig(iterations=FLAGS.neighbour_refine, stiffness=FLAGS.refine_stiffness)
+
+
+def _refine(images, fields, defects, weights, refine: RefineConfig) -> np.ndarray:
+  """`refine_to_neighbours` with the experiment's pair aligner (as `align_stack` calls it)."""
+  cfg = _block_config()
+  t0 = time.time()
+  out = np.asarray(refine_to_neighbours(images, fields, config=refine, defects=defects, section_weights=weights,
+                                        aligner=cfg.aligner, pair_config=cfg.pair))
+  logging.info("neighbour refinement (%d sweeps) of %d sections: %.1f s", refine.iterations, len(fields),
+               time.time() - t0)
+  return out
+
+
+def _defects_report(out_dir, d, res, bad, drift, refine=None) -> dict:
   """Metrics, plots and the result dict of the defects runs `res` (raw, or with `drift` removed)."""
   z_count = d.images.shape[0]
   before = slice(1, FLAGS.blank)
@@ -367,7 +407,7 @@ def _defects_report(out_dir, d, res, bad, drift) -> dict:
                       blank_excess_after_median=float(np.nanmedian(blank_excess[FLAGS.blank + 1:])),
                       blank_excess_after_max=float(np.nanmax(blank_excess[FLAGS.blank + 1:])),
                       seconds=res["defects", n]["seconds"])
-  drift_suffix = "" if drift is None else f"_drift{drift.sigma:g}d{drift.degree}"
+  drift_suffix = _drift_suffix(drift, refine)
   name = f"stack_defects_{FLAGS.pair_defect}_{FLAGS.stack}{_suffix()}{drift_suffix}"
   marks = {"blank": [FLAGS.blank], FLAGS.pair_defect: bad}
   what = {"stripes": f"stripes {bad[0]}-{bad[-1]}",
@@ -375,7 +415,8 @@ def _defects_report(out_dir, d, res, bad, drift) -> dict:
           "mirror": f"mirrored {FLAGS.tile_fraction:g}-side square in {bad[0]}"}[FLAGS.pair_defect]
   title = (f"{FLAGS.stack}{' (section 0 repeated)' if FLAGS.content == 'repeat' else ''} {FLAGS.crop}px, "
            f"{FLAGS.aligner} gamma x{FLAGS.gamma_scale:g}: blank {FLAGS.blank}, {what}"
-           f"{'' if drift is None else f', drift removed (sigma {drift.sigma:g})'}")
+           f"{'' if drift is None else f', drift removed (sigma {drift.sigma:g})'}"
+           f"{'' if refine is None else f', neighbour-refined x{refine.iterations}'}")
   _plot(out_dir / f"{name}.png",
         {**{f"n={n}, blank + {FLAGS.pair_defect}": res["defects", n]["epe"] for n in (3, 1)},
          **{f"_n={n}, blank only": res["blank", n]["epe"] for n in (3, 1)}}, title, marks)
@@ -388,6 +429,7 @@ def _defects_report(out_dir, d, res, bad, drift) -> dict:
         {f"voting distance {n}": divergence[n] for n in (3, 1)},
         title + ": median |F(blank + defect) - F(blank only)|", marks, ylabel="px")
   summary["drift"] = None if drift is None else dataclasses.asdict(drift)
+  summary["neighbour_refine"] = None if refine is None else dataclasses.asdict(refine)
   return dict(experiment="defects", name=name, stack=FLAGS.stack, crop=FLAGS.crop, num=z_count,
               defect_sections=bad, summary=summary,
               per_section={**{f"{k[0]}_n{k[1]}": v["epe"].tolist() for k, v in res.items()},
@@ -491,14 +533,20 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
     seconds[key] = time.time() - t0
     logging.info("%s: %.1f s", key, seconds[key])
 
-  for label, imgs, dfx in (("undistorted", original, None), ("distorted", d.images, d.defects)):
-    timed((label, "single"), lambda: align_block(imgs, voting_distance=n, defects=dfx, config=cfg,
-                                                 progress=False))
-    for dd in decays:
-      timed((label, dd), lambda: align_stack(imgs, block_size=FLAGS.block_size, overlap=FLAGS.overlap,
-                                             voting_distance=n, decay_distance=dd, starters=starters,
-                                             defects=dfx, config=StackConfig(block=cfg, stitch_refine=FLAGS.stitch_refine),
-                                             progress=False))
+  cache = pathlib.Path(FLAGS.runs_cache) if FLAGS.runs_cache else None
+  if cache is not None and cache.exists():
+    runs, seconds = _load_runs(cache)
+  else:
+    for label, imgs, dfx in (("undistorted", original, None), ("distorted", d.images, d.defects)):
+      timed((label, "single"), lambda: align_block(imgs, voting_distance=n, defects=dfx, config=cfg,
+                                                   progress=False))
+      for dd in decays:
+        timed((label, dd), lambda: align_stack(imgs, block_size=FLAGS.block_size, overlap=FLAGS.overlap,
+                                               voting_distance=n, decay_distance=dd, starters=starters,
+                                               defects=dfx, config=StackConfig(block=cfg, stitch_refine=FLAGS.stitch_refine),
+                                               progress=False))
+    if cache is not None:
+      _save_runs(cache, runs, seconds)
   results = [_abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces, decays, None)]
   for sigma in FLAGS.drift_sigmas:
     # The same runs with the drift taken out (StackConfig.drift does this inside align_stack; the
@@ -508,10 +556,47 @@ def run_abcd(out_dir: pathlib.Path) -> dict:
     moved = {key: np.asarray(remove_drift(f, config=drift)) for key, f in runs.items()}
     logging.info("drift removal (sigma %s) of %d runs: %.1f s", sigma, len(runs), time.time() - t0)
     results.append(_abcd_report(out_dir, original, d, moved, seconds, plan, starters, interfaces, decays, drift))
+    if FLAGS.neighbour_refine:
+      refine = _refine_config()
+      refined = {key: _refine(original if key[0] == "undistorted" else d.images, f,
+                              None if key[0] == "undistorted" else d.defects, None, refine)
+                 for key, f in moved.items()}
+      results.append(_abcd_report(out_dir, original, d, refined, seconds, plan, starters, interfaces, decays,
+                                  drift, refine))
   return results
 
 
-def _abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces, decays, drift) -> dict:
+def _drift_suffix(drift, refine) -> str:
+  return (("" if drift is None else f"_drift{drift.sigma:g}d{drift.degree}")
+          + ("" if refine is None else f"_nr{refine.iterations}"
+             + ("" if refine.stiffness == DEFAULT_REFINE_STIFFNESS else f"s{refine.stiffness:g}")))
+
+
+def _cache_key() -> str:
+  """The flags that determine the raw abcd runs (a cache written under others is refused)."""
+  return json.dumps({k: FLAGS[k].value for k in (
+      "aligner", "stack", "step", "seed", "elastic", "translation", "crop", "num", "discontinuities", "block_size",
+      "overlap", "decays", "voting_distance", "gamma_scale", "content", "stitch_refine")}, sort_keys=True)
+
+
+def _save_runs(path: pathlib.Path, runs: dict, seconds: dict) -> None:
+  keys = list(runs)
+  np.savez(path, key=_cache_key(), names=json.dumps([[a, b] for a, b in keys]),
+           seconds=json.dumps([seconds[k] for k in keys]), **{f"run{i}": runs[k] for i, k in enumerate(keys)})
+
+
+def _load_runs(path: pathlib.Path) -> tuple[dict, dict]:
+  with np.load(path) as z:
+    if str(z["key"]) != _cache_key():
+      raise app.UsageError(f"--runs_cache {path} was written with other flags: {z['key']}")
+    names = [tuple(k) for k in json.loads(str(z["names"]))]
+    secs = json.loads(str(z["seconds"]))
+    runs = {k: z[f"run{i}"] for i, k in enumerate(names)}
+  logging.info("loaded %d runs from %s", len(runs), path)
+  return runs, dict(zip(names, secs))
+
+
+def _abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces, decays, drift, refine=None) -> dict:
   """Metrics, plots and the result dict of one set of abcd runs (raw, or with `drift` removed)."""
   z_count = original.shape[0]
   n = FLAGS.voting_distance
@@ -522,7 +607,8 @@ def _abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces
   per = {}
   summary = dict(blocks=len(plan.blocks), starters=starters, interfaces=interfaces, seconds=
                  {f"{a}_{b}": s for (a, b), s in seconds.items()},
-                 drift=None if drift is None else dataclasses.asdict(drift))
+                 drift=None if drift is None else dataclasses.asdict(drift),
+                 neighbour_refine=None if refine is None else dataclasses.asdict(refine))
   zs = np.arange(1, z_count)
   q = max(5, z_count // 4)
   # Content motion of the data itself: the undistorted run's rigid part (mean field) and its
@@ -598,11 +684,12 @@ def _abcd_report(out_dir, original, d, runs, seconds, plan, starters, interfaces
               for k in keys})
   summary["low_cpc"] = low
   summary["cpc_chunks"] = _low_cpc(original)[1]
-  drift_suffix = "" if drift is None else f"_drift{drift.sigma:g}d{drift.degree}"
+  drift_suffix = _drift_suffix(drift, refine)
   name = f"stack_abcd_{FLAGS.stack}{_suffix()}{drift_suffix}"
   title = (f"{FLAGS.stack}{' (section 0 repeated)' if FLAGS.content == 'repeat' else ''} {FLAGS.crop}px, "
            f"{z_count} sections, n={n}, blocks of {FLAGS.block_size}, gamma x{FLAGS.gamma_scale:g}"
-           f"{'' if drift is None else f', drift removed (sigma {drift.sigma:g}, degree {drift.degree})'}")
+           f"{'' if drift is None else f', drift removed (sigma {drift.sigma:g}, degree {drift.degree})'}"
+           f"{'' if refine is None else f', neighbour-refined x{refine.iterations}'}")
   marks = {"block interface": interfaces}
   _plot(out_dir / f"{name}_abs.png", {label_of[k]: per[f"abs_{k}"] for k in keys},
         title + ": EPE vs ground truth", marks)
@@ -641,7 +728,7 @@ def main(argv):
         "aligner", "stack", "step", "seed", "elastic", "translation", "crop", "num", "discontinuities", "blank",
         "pair_defect", "stripes", "stripe_amplitude", "stripe_period", "tile_shift", "tile_fraction", "block_size",
         "overlap", "decays", "voting_distance", "gamma_scale", "content", "stitch_refine", "cpc_chunk",
-        "drift_sigmas", "drift_degree")}
+        "drift_sigmas", "drift_degree", "neighbour_refine", "refine_stiffness")}
     path = out_dir / f"{result['name']}.json"
     path.write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps(result["summary"], indent=1, default=float))

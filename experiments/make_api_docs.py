@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", str(REPO / "docs" / "api.md"), "markdown file to write")
 flags.DEFINE_list("modules", [
-    "jaxalign.fields", "jaxalign.losses", "jaxalign.voting", "jaxalign.decay", "jaxalign.drift", "jaxalign.metrics",
+    "jaxalign.fields", "jaxalign.losses", "jaxalign.voting", "jaxalign.decay", "jaxalign.drift", "jaxalign.refine",
+    "jaxalign.metrics",
     "jaxalign.preprocess", "jaxalign.errors", "jaxalign.io", "jaxalign.chunking", "jaxalign.pair",
     "jaxalign.finetuner", "jaxalign.tears", "jaxalign.blockmatch", "jaxalign.block", "jaxalign.stack", "jaxalign.render",
     "jaxalign.pipeline", "jaxalign.distributed", "jaxalign.models", "jaxalign.train",

@@ -4,7 +4,8 @@ Public surface (see ../shared/DESIGN.md §2)::
 
   import jaxalign as ja
   ja.warp, ja.compose, ja.invert, ja.identity, ja.from_affine, ja.downsample_field, ja.upsample_field,
-  ja.pyramid, ja.elastic_energy, ja.elastic_loss, ja.vector_vote, ja.decay_field, ja.remove_drift, ja.cpc,
+  ja.pyramid, ja.elastic_energy, ja.elastic_loss, ja.vector_vote, ja.decay_field, ja.remove_drift,
+  ja.refine_to_neighbours, ja.cpc,
   ja.align_pair, ja.align_block, ja.align_stack, ja.render
 
 Names are resolved lazily so `import jaxalign` stays fast and a command only pays for what it uses.
@@ -41,6 +42,8 @@ _EXPORTS = {
   "decay_field": "jaxalign.decay",
   "remove_drift": "jaxalign.drift",
   "DriftConfig": "jaxalign.drift",
+  "refine_to_neighbours": "jaxalign.refine",
+  "RefineConfig": "jaxalign.refine",
   "cpc": "jaxalign.metrics",
   "low_cpc_fraction": "jaxalign.metrics",
   "normalize": "jaxalign.preprocess",

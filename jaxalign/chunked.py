@@ -681,3 +681,83 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: Chu
     else:
       out[spec.core] = core
   return out
+
+
+# --------------------------------------------------------------------------- neighbour refinement
+
+
+@jax.jit
+def _render_with_data(box: jax.Array, resid: jax.Array, valid_threshold: float) -> jax.Array:
+  """`_render_one` of a source box, 0 where its rendered data mask is at most `valid_threshold`
+  (as `jaxalign.refine.render_window` on the whole section)."""
+  data = _render_one((box != 0).astype(jnp.float32), resid)
+  return jnp.where(data > valid_threshold, _render_one(box, resid), 0.0)
+
+
+def _rendered_window(image: Source, field: Source, y0: int, y1: int, x0: int, x1: int, base_margin: int,
+                     valid_threshold: float) -> np.ndarray:
+  """`[y1-y0, x1-x0]` float32: the section rendered with its field over one window (re-centred by
+  the window's rounded mean displacement, as `render_chunked`)."""
+  f = field.window(y0, y1, x0, x1)
+  o = np.rint(f.reshape(-1, 2).mean(axis=0)).astype(int)
+  resid = (f - o).astype(np.float32)
+  m = _margin_for(float(np.abs(resid).max(initial=0.0)), base_margin)
+  box = image.window(y0 + o[0] - m, y1 + o[0] + m, x0 + o[1] - m, x1 + o[1] + m)
+  return np.asarray(_render_with_data(jnp.asarray(box), jnp.asarray(resid), valid_threshold))
+
+
+def refine_section_chunked(sections: Sequence, fields: Sequence, weights, center: int, *, aligner: Callable,
+                           valid_threshold: float = 0.5, config: ChunkConfig = ChunkConfig(),
+                           sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
+                           progress: bool = False):
+  """`jaxalign.refine` for one section, chunk by chunk.
+
+  Every chunk window (with `config.overlap` px of context) renders the window's sections with their
+  fields (re-centred as `render_chunked`), builds the template (`neighbour_template`), aligns the
+  centre section's rendering to it and composes the residual after the section's field, read with a
+  margin covering the residual (edge-replicated, the clamped sampling of `compose`). Chunk cores are
+  kept. Renderings and templates equal the whole-section ones; the residual equals it where the
+  aligner's answer does not depend on context beyond the overlap.
+
+  Args:
+    sections: the K window sections (arrays `[H, W]` or `Source`s), 0 = no data.
+    fields: their K fields `[H, W, 2]` (arrays or `Source`s).
+    weights: `[K]` template weights (`jaxalign.refine.neighbour_weights` row, 0 at `center`).
+    center: the section being refined.
+    aligner: batched pair aligner (`jaxalign.block` protocol).
+    valid_threshold: see `jaxalign.refine.RefineConfig`.
+    config: `ChunkConfig` (chunk, overlap, render margin).
+    sink: optional `sink(core_slices, field [h, w, 2])` instead of assembling the section.
+    progress: tqdm bar over chunks.
+  Returns:
+    `[H, W, 2]` float32 (None with a sink).
+  """
+  from jaxalign.refine import neighbour_template, residual  # deferred: refine imports block lazily
+  imgs = [as_source(s) for s in sections]
+  flds = [as_source(f) for f in fields]
+  weights = np.asarray(weights, np.float32)
+  if not (len(imgs) == len(flds) == len(weights)) or not 0 <= center < len(imgs):
+    raise InputError(f"{len(imgs)} sections, {len(flds)} fields, {len(weights)} weights, centre {center}")
+  h, w = imgs[center].shape
+  if any(s.shape != (h, w) for s in imgs + flds):
+    raise InputError("refinement window sections and fields must all have the section's shape")
+  specs = chunking.split((h, w), config.chunk, config.overlap)
+  out = None if sink is not None else np.zeros((h, w, 2), np.float32)
+  for spec in tqdm(specs, desc="refine chunks", unit="chunk", disable=not progress, leave=False):
+    (y0, x0), (ch, cw) = spec.origin, spec.size
+    win = (y0, y0 + ch, x0, x0 + cw)
+    zero = np.zeros((ch, cw), np.float32)
+    # Sections without weight (clipped repeats at the stack's ends, blank sections) are not read.
+    rendered = np.stack([_rendered_window(imgs[k], flds[k], *win, config.render_margin, valid_threshold)
+                         if (weights[k] != 0 or k == center) else zero for k in range(len(imgs))])
+    template = np.asarray(neighbour_template(jnp.asarray(rendered), jnp.asarray(weights)))
+    resid = residual(aligner, rendered[center][None], template[None])[0]
+    m = _margin_for(float(np.abs(resid).max(initial=0.0)), config.render_margin)
+    field = edge_window(flds[center], y0 - m, y0 + ch + m, x0 - m, x0 + cw + m)
+    padded = np.pad(resid, ((m, m), (m, m), (0, 0)))
+    core = np.asarray(compose(jnp.asarray(field), jnp.asarray(padded)))[m:m + ch, m:m + cw][spec.crop]
+    if sink is not None:
+      sink(spec.core, core)
+    else:
+      out[spec.core] = core
+  return out

@@ -19,7 +19,9 @@ it is off by about `grad(F) * L`, 0.5-1 px for a 15-px drift).
 
 Cost. The local fit also contains the average of the neighbours' own distortions, which the output
 loses: about `|distortion| * sqrt(sum_k W[z, k]**2)`, i.e. less for larger `sigma`; a smaller `sigma`
-removes faster-varying drift. Measured trade-offs are in docs/benchmarks/stack.md.
+removes faster-varying drift. Measured trade-offs are in docs/benchmarks/stack.md. Neighbour refinement
+(`jaxalign.refine`, `StackConfig.neighbour_refine`) afterwards re-registers the neighbours that this
+leaves slightly apart (§6 there).
 
 Limits. The fit is not robust: a section whose alignment failed leaks its error into its neighbours'
 drift estimates with their weights (sigma 2: 18 % into each adjacent section). Blank sections are

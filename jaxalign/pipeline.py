@@ -13,6 +13,10 @@ volume (with its MIP pyramid), resumable per section, on any executor (DESIGN.md
    stage takes the drift out (`jaxalign.drift`, from the composed fields of the sections around z)
    -> `DST/fields[z]`, then renders. Quality (step 1) then always runs: blank sections are left out
    of the drift estimates.
+6. `refine/<i>/<z>` only with `StackConfig.neighbour_refine`, one barrier per sweep i: section z is
+   re-aligned to the mean of its neighbours (`jaxalign.refine`), from the previous stage's fields
+   (`DST/work/composed`, or `DST/work/drifted` when the drift stage runs) -> `DST/work/refined_<i>`,
+   the last sweep -> `DST/fields`, then renders.
 
 Layout of DST (all volumes zarr v3 unless `format` says otherwise; one section per chunk in z, so
 every task's writes are chunk-aligned and no two tasks write the same chunk)::
@@ -51,9 +55,10 @@ from absl import logging
 from jaxalign import distributed as jd
 from jaxalign import io
 from jaxalign.chunked import (ChunkConfig, VolumeSource, align_block_chunked, compose_with_decay_chunked,
-                              remove_drift_chunked, render_chunked, stitch_field_chunked)
+                              refine_section_chunked, remove_drift_chunked, render_chunked, stitch_field_chunked)
 from jaxalign.drift import _remove_one, drift_weights, window_indices
 from jaxalign.errors import InputError
+from jaxalign.refine import neighbour_weights, refine_aligner, refine_section
 from jaxalign.stack import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan,
                             align_block_task, choose_starters, compose_with_decay, plan_blocks,
                             stitch_chain, stitch_field)
@@ -245,9 +250,9 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   b = plan.owner(z)
   ks, ds = stitch_chain(plan, z, config.decay_distance)
   h, w = src.shape(config.level)[1:3]
-  drift = config.stack.drift is not None
-  # With drift removal the composed field is an intermediate: the drift stage writes DST/fields.
-  target = _url(dst, WORK, "composed") if drift else _url(dst, FIELDS)
+  # With drift removal or refinement the composed field is an intermediate: a later stage writes DST/fields.
+  later = config.stack.drift is not None or config.stack.neighbour_refine is not None
+  target = _url(dst, WORK, "composed") if later else _url(dst, FIELDS)
   if _chunked(config, h, w):
     fields = _open(target)
     stitches = _open(_url(dst, WORK, "stitches"))
@@ -255,7 +260,7 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
                                [VolumeSource(stitches, k) for k in ks], ds,
                                decay_distance=float(config.decay_distance), blur_rate=float(config.stack.blur_rate),
                                config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
-    if not drift:
+    if not later:
       _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
   field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
@@ -271,7 +276,7 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
                                           decay_distance=float(config.decay_distance),
                                           blur_rate=float(config.stack.blur_rate)))
   _open(target).write(field, z)
-  if not drift:
+  if not later:
     _render_section(src, _open(_url(dst, FIELDS)), _open(_url(dst, ALIGNED)), z, config, field)
   return {"seconds": time.perf_counter() - t0}
 
@@ -283,12 +288,14 @@ def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights:
   t0 = time.perf_counter()
   src = _open(src_url)
   composed = _open(_url(dst, WORK, "composed"))
-  fields = _open(_url(dst, FIELDS))
+  final = config.stack.neighbour_refine is None
+  fields = _open(_url(dst, FIELDS) if final else _url(dst, WORK, "drifted"))
   h, w = src.shape(config.level)[1:3]
   if _chunked(config, h, w):
     remove_drift_chunked(VolumeSource(composed, z), [VolumeSource(composed, k) for k in sections], weights,
                          config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
-    _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
+    if final:
+      _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
   # Each section once, and none that carries no weight (clipped repeats at the stack's ends, blanks);
   # the window keeps its K slots so the removal compiles once.
@@ -298,7 +305,54 @@ def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights:
   field = np.asarray(_remove_one(jnp.asarray(read[z]), jnp.asarray(window),
                                  jnp.asarray(np.asarray(weights, np.float32))))
   fields.write(field, z)
-  _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config, field)
+  if final:
+    _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config, field)
+  return {"seconds": time.perf_counter() - t0}
+
+
+def _refine_volumes(dst: str, config: VolumeConfig) -> list[str]:
+  """URLs of the fields each stage reads and writes: [input of sweep 1, output of sweep 1, ...];
+  the last is DST/fields."""
+  refine = config.stack.neighbour_refine
+  first = "drifted" if config.stack.drift is not None else "composed"
+  return ([_url(dst, WORK, first)] + [_url(dst, WORK, f"refined_{i}") for i in range(1, refine.iterations)]
+          + [_url(dst, FIELDS)])
+
+
+def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[int], weights: Sequence[float],
+                config: VolumeConfig) -> dict:
+  """Section z re-aligned to the mean of its neighbours `sections` (`jaxalign.refine`, sweep `sweep`
+  from 1) from the previous stage's fields; the last sweep writes DST/fields and renders.
+  Returns {"seconds"}."""
+  t0 = time.perf_counter()
+  refine = config.stack.neighbour_refine
+  src = _open(src_url)
+  urls = _refine_volumes(dst, config)
+  before, after = _open(urls[sweep - 1]), _open(urls[sweep])
+  final = sweep == refine.iterations
+  center = list(sections).index(z)
+  block = _block_config(config, src)
+  aligner = refine_aligner(refine, block.aligner, None, block.pair)
+  h, w = src.shape(config.level)[1:3]
+  if _chunked(config, h, w):
+    refine_section_chunked([VolumeSource(src, k, config.level) for k in sections],
+                           [VolumeSource(before, k) for k in sections], weights, center, aligner=aligner,
+                           valid_threshold=refine.valid_threshold, config=config.chunk,
+                           sink=lambda core, f: after.write(f, z, 0, core))
+    if final:
+      _render_section(src, after, _open(_url(dst, ALIGNED)), z, config)
+    return {"seconds": time.perf_counter() - t0}
+  # Sections without weight (clipped repeats at the stack's ends, blanks) are not read.
+  used = {z} | {k for k, wt in zip(sections, weights) if wt != 0}
+  read = {k: (src.read(k, config.level).astype(np.float32), before.read(k)) for k in used}
+  zero_image, zero_field = np.zeros((h, w), np.float32), np.zeros((h, w, 2), np.float32)
+  images = np.stack([read[k][0] if k in used else zero_image for k in sections])
+  fields = np.stack([read[k][1] if k in used else zero_field for k in sections])
+  field = refine_section(images, fields, (images != 0).astype(np.float32), weights, center, aligner,
+                         refine.valid_threshold)
+  after.write(field, z)
+  if final:
+    _render_section(src, after, _open(_url(dst, ALIGNED)), z, config, field)
   return {"seconds": time.perf_counter() - t0}
 
 
@@ -386,8 +440,9 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
   src = _open(src_url)
   z_count, h, w = src.shape(config.level)
   drift = config.stack.drift
+  refine = config.stack.neighbour_refine
   tissue = None
-  if config.starters is None or drift is not None:
+  if config.starters is None or drift is not None or refine is not None:
     tile = config.chunk.chunk if config.chunk is not None else None
     q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task, (src_url, z, config.level, tile))
                         for z in range(z_count)], "quality")
@@ -404,8 +459,12 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
     io.create_volume(_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
                      kind="field")
   io.create_volume(_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
-  if drift is not None:
+  if drift is not None or refine is not None:
     io.create_volume(_url(dst, WORK, "composed"), (z_count, h, w, 2), "float32", res, kind="field")
+  if refine is not None:
+    for url in _refine_volumes(dst, config)[:-1]:
+      if not url.endswith("composed"):
+        io.create_volume(url, (z_count, h, w, 2), "float32", res, kind="field")
   yield jd.Batch([jd.Task(f"block/{b.index:05d}", block_task, (src_url, dst, b, config)) for b in plan.blocks],
                  "blocks")
   if len(plan.blocks) > 1:
@@ -419,6 +478,14 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
     yield jd.Batch([jd.Task(f"drift/{z:06d}", drift_task,
                             (src_url, dst, z, window_indices(z, z_count, drift.radius).tolist(),
                              weights[z].tolist(), config)) for z in range(z_count)], "drift")
+  if refine is not None:
+    # Jacobi sweeps: each reads only the previous stage's fields, so tasks are independent.
+    weights = neighbour_weights(z_count, refine, (tissue > 0).astype(np.float64))
+    for sweep in range(1, refine.iterations + 1):
+      # A blank section's residual is 0 (nothing to align), so its field passes through unchanged.
+      yield jd.Batch([jd.Task(f"refine/{sweep:02d}/{z:06d}", refine_task,
+                              (src_url, dst, sweep, z, window_indices(z, z_count, refine.radius).tolist(),
+                               weights[z].tolist(), config)) for z in range(z_count)], f"refine {sweep}")
   return plan
 
 

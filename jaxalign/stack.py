@@ -42,6 +42,7 @@ from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, _aligned_data,
 from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
 from jaxalign.drift import DriftConfig, remove_drift
 from jaxalign.fields import compose, invert, warp
+from jaxalign.refine import RefineConfig, refine_to_neighbours
 
 # Paper (FAFB): 25-section blocks overlapping by 3 sections.
 DEFAULT_BLOCK_SIZE = 25
@@ -68,6 +69,9 @@ class StackConfig:
       that varies slowly along z out of every section (`jaxalign.drift.remove_drift`; the drift of
       content-following chains, which blocks restart and a single block accumulates). None = off
       (the paper's ABCD).
+    neighbour_refine: optional `jaxalign.refine.RefineConfig`: last, re-align every section to the
+      mean of its aligned neighbours on both sides (`jaxalign.refine.refine_to_neighbours`), which
+      re-registers neighbours that drift removal left slightly apart. None = off.
   """
   blur_rate: float = DEFAULT_BLUR_RATE
   starter_search: int = 3
@@ -76,6 +80,7 @@ class StackConfig:
   block: BlockConfig = BlockConfig()
   stitch_refine: bool = True
   drift: DriftConfig | None = None
+  neighbour_refine: RefineConfig | None = None
 
   def __post_init__(self):
     if self.starter_search < 0:
@@ -432,7 +437,7 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
   if decay_distance <= 0:
     raise errors.InputError(f"decay_distance must be > 0, got {decay_distance}")
   _check_sizes(z_count, block_size, overlap)
-  if starters is None or config.drift is not None:
+  if starters is None or config.drift is not None or config.neighbour_refine is not None:
     tissue, defect = section_quality(sec, dfx)
   if starters is None:
     choices = choose_starters(tissue, defect, block_size=block_size, overlap=overlap, config=config)
@@ -484,5 +489,10 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     # Blank sections (no tissue) carry a copy of a neighbour's field: left out of every drift estimate.
     out = np.asarray(remove_drift(out, config=config.drift, section_weights=(tissue > 0).astype(np.float64),
                                   progress=progress))
+  if config.neighbour_refine is not None:
+    out = np.asarray(refine_to_neighbours(sec, out, config=config.neighbour_refine, defects=dfx,
+                                          section_weights=(tissue > 0).astype(np.float64),
+                                          aligner=config.block.aligner, model=model,
+                                          pair_config=config.block.pair, progress=progress))
   fields = jnp.asarray(out)
   return (fields, plan) if return_plan else fields

@@ -76,6 +76,7 @@ CASES = {
   "align_empty_volume": ("align", ["{zeros}", "{out}"], ["no data"]),
   "align_nan_in_image": ("align", ["{img_nan}", "{out}"], ["nan"]),
   "align_bad_drift_sigma": ("align", ["{img}", "{out}", "--drift_sigma=0"], ["sigma"]),
+  "align_bad_neighbour_refine": ("align", ["{img}", "{out}", "--neighbour_refine=-1"], ["neighbour_refine"]),
   # render SRC FIELDS DST
   "render_missing_path": ("render", ["{img}", "{tmp}/nonexistent", "{out}"], ["missing", "nonexistent"]),
   "render_mismatched_shapes": ("render", ["{img}", "{fld_small}", "{out}"], ["(3, 32, 64)", "match"]),

@@ -30,6 +30,10 @@ flags.DEFINE_enum("pair_init", "identity", ["identity", "blockmatch"], "initial 
 flags.DEFINE_float("drift_sigma", None, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
                    "sections (default: off, the paper's ABCD)")
 flags.DEFINE_integer("drift_degree", 1, "degree of the local fit along z for --drift_sigma (0, 1 or 2)")
+flags.DEFINE_integer("neighbour_refine", 0, "sweeps re-aligning each section to the mean of its aligned "
+                     "neighbours (jaxalign.refine; use with --drift_sigma); 0 = off")
+flags.DEFINE_float("refine_stiffness", 4.0, "elastic weights of the neighbour refinement relative to pair "
+                   "alignment's (jaxalign.refine.RefineConfig.stiffness; thicker sections in pixels need more)")
 flags.DEFINE_boolean("restart", False, "discard DST's completion records and recompute everything")
 
 
@@ -49,7 +53,13 @@ def main(argv):
   chunk = None if FLAGS.chunk is None else ChunkConfig(chunk=FLAGS.chunk, overlap=FLAGS.chunk_overlap)
   from jaxalign.drift import DriftConfig
   drift = None if FLAGS.drift_sigma is None else DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree)
-  stack = StackConfig(block=BlockConfig(pair=PairConfig(init=FLAGS.pair_init)), drift=drift)
+  from jaxalign.refine import RefineConfig
+  if FLAGS.neighbour_refine < 0:
+    raise InputError(f"--neighbour_refine must be >= 0 sweeps, got {FLAGS.neighbour_refine}")
+  refine = (RefineConfig(iterations=FLAGS.neighbour_refine, stiffness=FLAGS.refine_stiffness)
+            if FLAGS.neighbour_refine else None)
+  stack = StackConfig(block=BlockConfig(pair=PairConfig(init=FLAGS.pair_init)), drift=drift,
+                      neighbour_refine=refine)
   config = pipeline.VolumeConfig(block_size=FLAGS.block_size, overlap=FLAGS.overlap,
                                  voting_distance=FLAGS.voting_distance, decay_distance=FLAGS.decay_distance,
                                  starters=starters, level=FLAGS.level, pyramid_levels=FLAGS.pyramid_levels,
