@@ -193,11 +193,12 @@ def test_bad_input_is_named():
     neighbour_weights(3, RefineConfig(), [1, -1, 1])
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_volume_pipeline_refines_and_renders(tmp_path, chunked):
+@pytest.mark.parametrize("chunked,drift", [(False, True), (True, True), (False, False)])
+def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
   """align_volume with StackConfig.neighbour_refine after drift removal (whole sections, and chunk
   by chunk), with an exact translation aligner that gets one section wrong in the block: the final
-  fields are `refine_to_neighbours` of the drift stage's output (DST/work/drifted), which pulls that
+  fields are `refine_to_neighbours` of the drift stage's output (DST/work/drifted; without drift
+  removal and with two sweeps, of the composed fields DST/work/composed), which pulls that
   section back; the aligned volume is SRC warped by them (float64 SciPy); a re-run skips everything."""
   from jaxalign import distributed as jd
   from jaxalign import io, pipeline
@@ -222,16 +223,17 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked):
     return out
 
   chunk = ChunkConfig(chunk=48, overlap=8, coarse_levels=1, min_coarse_size=32, render_margin=4) if chunked else None
-  stack = StackConfig(block=BlockConfig(aligner=faulty), drift=DriftConfig(sigma=1.0),
-                      neighbour_refine=RefineConfig())
+  stack = StackConfig(block=BlockConfig(aligner=faulty), drift=DriftConfig(sigma=1.0) if drift else None,
+                      neighbour_refine=RefineConfig(iterations=1 if drift else 2))
   config = pipeline.VolumeConfig(block_size=z_count, overlap=2, decay_distance=1e6, pyramid_levels=1,
                                  starters=(0,), voting_distance=3, chunk=chunk, stack=stack)
   dst = str(tmp_path / "dst")
   stats = jd.RunStats()
   pipeline.align_volume(src, dst, config, progress=False, stats=stats)
-  # quality, 1 block, sections, drift, one refinement sweep.
+  # quality, 1 block, sections, then drift and one refinement sweep, or two sweeps (through
+  # DST/work/refined_1).
   assert (stats.executed, stats.batches) == (4 * z_count + 1, 5)
-  drifted = io.open_volume(dst + "/work/drifted").read()
+  drifted = io.open_volume(dst + ("/work/drifted" if drift else "/work/composed")).read()
   fields = io.open_volume(dst + "/fields").read()
   # The refinement stage equals refine_to_neighbours (tested above against closed forms) on the
   # drift stage's output; whole sections: it undid most of section `bad`'s error.
@@ -244,7 +246,7 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked):
                                               list(idx).index(z), aligner=faulty, config=chunk)
                        for z in range(z_count) for idx in [np.clip(np.arange(z - 2, z + 3), 0, z_count - 1)]])
   else:
-    expect = np.asarray(refine_to_neighbours(sections, drifted, aligner=faulty))
+    expect = np.asarray(refine_to_neighbours(sections, drifted, config=stack.neighbour_refine, aligner=faulty))
   np.testing.assert_allclose(fields, expect, atol=1e-4)
   if not chunked:  # (chunked blocks apply the fault in the coarse pass and again in each chunk)
     change = (fields[bad] - drifted[bad])[8:-8, 8:-8].reshape(-1, 2).mean(axis=0)
