@@ -317,47 +317,43 @@ def run_defects(out_dir: pathlib.Path) -> dict:
   images = blank_only.copy()
   bad = _add_pair_defect(images)
   cfg = _block_config()
-  res = {}
   # Three stacks: defect-free, blank only, blank + pair defect. The blank shortens the chain of
   # sequential alignments (one step fewer), which changes the content-motion drift, so the pair
   # defect's own effect is measured against the blank-only run.
-  for label, imgs in (("clean", d.images), ("blank", blank_only), ("defects", images)):
+  stacks = {"clean": d.images, "blank": blank_only, "defects": images}
+
+  def section_weights(label):
+    # As align_stack does: a blank section's field is a copy of a neighbour's, so it is left out.
+    weights = np.ones(z_count)
+    if label != "clean":
+      weights[FLAGS.blank] = 0.0
+    return weights
+
+  def scored(label, fields, seconds):
+    epe = _median_epe(fields, d.fields, d.valid)
+    if label != "clean":
+      epe[FLAGS.blank] = np.nan
+    return dict(epe=epe, seconds=seconds, fields=np.asarray(fields))
+
+  res = {}
+  for label, imgs in stacks.items():
     for n in (1, 3):
       t0 = time.time()
       fields = align_block(imgs, voting_distance=n, defects=d.defects, config=cfg, progress=False)
-      epe = _median_epe(fields, d.fields, d.valid)
-      if label != "clean":
-        epe[FLAGS.blank] = np.nan
-      res[label, n] = dict(epe=epe, seconds=time.time() - t0, fields=np.asarray(fields))
-      logging.info("%s n=%d: %.1f s, per-section EPE %s", label, n, time.time() - t0, np.round(epe, 2))
+      res[label, n] = scored(label, fields, time.time() - t0)
+      logging.info("%s n=%d: %.1f s, per-section EPE %s", label, n, time.time() - t0,
+                   np.round(res[label, n]["epe"], 2))
   results = [_defects_report(out_dir, d, res, bad, None)]
   for sigma in FLAGS.drift_sigmas:
     drift = DriftConfig(sigma=float(sigma), degree=FLAGS.drift_degree)
-    moved = {}
-    for (label, n), r in res.items():
-      # As align_stack does: a blank section's field is a copy of a neighbour's, so it is left out.
-      weights = np.ones(z_count)
-      if label != "clean":
-        weights[FLAGS.blank] = 0.0
-      fields = np.asarray(remove_drift(r["fields"], config=drift, section_weights=weights))
-      epe = _median_epe(fields, d.fields, d.valid)
-      if label != "clean":
-        epe[FLAGS.blank] = np.nan
-      moved[label, n] = dict(epe=epe, seconds=r["seconds"], fields=fields)
+    moved = {(label, n): scored(label, remove_drift(r["fields"], config=drift,
+                                                    section_weights=section_weights(label)), r["seconds"])
+             for (label, n), r in res.items()}
     results.append(_defects_report(out_dir, d, moved, bad, drift))
     if FLAGS.neighbour_refine:
-      stacks = {"clean": d.images, "blank": blank_only, "defects": images}
       refine = _refine_config()
-      refined = {}
-      for (label, n), r in moved.items():
-        weights = np.ones(z_count)
-        if label != "clean":
-          weights[FLAGS.blank] = 0.0
-        fields = _refine(stacks[label], r["fields"], d.defects, weights, refine)
-        epe = _median_epe(fields, d.fields, d.valid)
-        if label != "clean":
-          epe[FLAGS.blank] = np.nan
-        refined[label, n] = dict(epe=epe, seconds=r["seconds"], fields=fields)
+      refined = {(label, n): scored(label, _refine(stacks[label], r["fields"], d.defects, section_weights(label), refine),
+                                    r["seconds"]) for (label, n), r in moved.items()}
       results.append(_defects_report(out_dir, d, refined, bad, drift, refine))
   return results
 

@@ -199,6 +199,19 @@ def _margin_for(resid_max: float, base: int) -> int:
   return base * 2 ** max(0, math.ceil(math.log2(max(need / base, 1.0))))
 
 
+def _recentred_box(image: Source, field: Source, y0: int, y1: int, x0: int, x1: int,
+                   base_margin: int) -> tuple[np.ndarray, np.ndarray]:
+  """The source box a rendering of window `[y0:y1, x0:x1]` needs, and the residual field to warp it
+  by: the window is re-centred by its rounded mean displacement o, and the box is `W + o` grown by a
+  margin covering the residual `f - o` (bucketed to powers of two of `base_margin`). Returns
+  (box `[h + 2m, w + 2m]`, residual `[h, w, 2]` float32), for `_render_one`."""
+  f = field.window(y0, y1, x0, x1)
+  o = np.rint(f.reshape(-1, 2).mean(axis=0)).astype(int)
+  resid = (f - o).astype(np.float32)
+  m = _margin_for(float(np.abs(resid).max(initial=0.0)), base_margin)
+  return image.window(y0 + o[0] - m, y1 + o[0] + m, x0 + o[1] - m, x1 + o[1] + m), resid
+
+
 def render_chunked(image, field, *, config: ChunkConfig = ChunkConfig(),
                    sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                    progress: bool = False):
@@ -239,11 +252,8 @@ def render_chunked(image, field, *, config: ChunkConfig = ChunkConfig(),
 
   for spec in specs:
     (y0, x0), (ch, cw) = spec.origin, spec.size
-    f = fld.window(y0, y0 + ch, x0, x0 + cw)
-    o = np.rint(f.reshape(-1, 2).mean(axis=0)).astype(int)
-    resid = (f - o).astype(np.float32)
-    m = _margin_for(float(np.abs(resid).max(initial=0.0)), config.render_margin)
-    box = img.window(y0 + o[0] - m, y0 + o[0] + ch + m, x0 + o[1] - m, x0 + o[1] + cw + m)
+    box, resid = _recentred_box(img, fld, y0, y0 + ch, x0, x0 + cw, config.render_margin)
+    m = (box.shape[0] - ch) // 2
     pending.setdefault(m, []).append((spec, box, resid))
     if len(pending[m]) == config.batch:
       flush(m)
@@ -698,11 +708,7 @@ def _rendered_window(image: Source, field: Source, y0: int, y1: int, x0: int, x1
                      valid_threshold: float) -> np.ndarray:
   """`[y1-y0, x1-x0]` float32: the section rendered with its field over one window (re-centred by
   the window's rounded mean displacement, as `render_chunked`)."""
-  f = field.window(y0, y1, x0, x1)
-  o = np.rint(f.reshape(-1, 2).mean(axis=0)).astype(int)
-  resid = (f - o).astype(np.float32)
-  m = _margin_for(float(np.abs(resid).max(initial=0.0)), base_margin)
-  box = image.window(y0 + o[0] - m, y1 + o[0] + m, x0 + o[1] - m, x1 + o[1] + m)
+  box, resid = _recentred_box(image, field, y0, y1, x0, x1, base_margin)
   return np.asarray(_render_with_data(jnp.asarray(box), jnp.asarray(resid), valid_threshold))
 
 

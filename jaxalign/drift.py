@@ -94,9 +94,7 @@ def drift_weights(num_sections: int, config: DriftConfig, section_weights=None) 
   r = config.radius
   offsets = np.arange(-r, r + 1, dtype=np.float64)
   kernel = np.exp(-0.5 * (offsets / config.sigma) ** 2)
-  sw = np.ones(num_sections) if section_weights is None else np.asarray(section_weights, np.float64)
-  if sw.shape != (num_sections,) or np.any(~np.isfinite(sw)) or np.any(sw < 0):
-    raise errors.InputError(f"section_weights must be {num_sections} finite non-negative values")
+  sw = errors.check_section_weights(section_weights, num_sections)
   out = np.zeros((num_sections, 2 * r + 1))
   for z in range(num_sections):
     k = z + offsets.astype(int)

@@ -61,6 +61,16 @@ def check_field(f, name: str = "field", *, shape: tuple[int, ...] | None = None)
   return arr.astype(np.float32, copy=False)
 
 
+def check_section_weights(w, num_sections: int) -> np.ndarray:
+  """Checks optional per-section weights (None = all 1); returns `[num_sections]` float64."""
+  if w is None:
+    return np.ones(num_sections)
+  arr = np.asarray(w, np.float64)
+  if arr.shape != (num_sections,) or np.any(~np.isfinite(arr)) or np.any(arr < 0):
+    raise InputError(f"section_weights must be {num_sections} finite non-negative values")
+  return arr
+
+
 def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
   """Raises InputError if the two arrays' shapes differ."""
   if tuple(np.shape(a)) != tuple(np.shape(b)):

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import errors
+from jaxalign.drift import window_indices
 from jaxalign.fields import compose, warp
 from jaxalign.preprocess import normalize
 
@@ -125,9 +126,7 @@ def neighbour_weights(num_sections: int, config: RefineConfig, section_weights=N
   offsets = np.arange(-r, r + 1)
   kernel = np.exp(-0.5 * (offsets / config.sigma) ** 2)
   kernel[r] = 0.0
-  sw = np.ones(num_sections) if section_weights is None else np.asarray(section_weights, np.float64)
-  if sw.shape != (num_sections,) or np.any(~np.isfinite(sw)) or np.any(sw < 0):
-    raise errors.InputError(f"section_weights must be {num_sections} finite non-negative values")
+  sw = errors.check_section_weights(section_weights, num_sections)
   k = np.arange(num_sections)[:, None] + offsets[None, :]
   inside = (k >= 0) & (k < num_sections)
   return np.where(inside, kernel[None, :] * sw[np.clip(k, 0, num_sections - 1)], 0.0)
@@ -192,10 +191,9 @@ def residual(aligner: Callable, srcs: np.ndarray, templates: np.ndarray) -> np.n
   return out
 
 
-def refine_section(images, fields, data, weights, center: int, aligner: Callable,
-                   valid_threshold: float) -> np.ndarray:
-  """One section's refined field from its window (the volume pipeline's task; chunks use
-  `jaxalign.chunked.refine_section_chunked`).
+def section_and_template(images, fields, data, weights, center: int,
+                         valid_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+  """The section `center` of a window rendered with its field, and its template.
 
   Args:
     images: `[K, H, W]` float32 window of sections (0 = no data).
@@ -203,14 +201,28 @@ def refine_section(images, fields, data, weights, center: int, aligner: Callable
     data: `[K, H, W]` float32, 1 where a section has data.
     weights: `[K]` template weights (`neighbour_weights` row; 0 at `center`).
     center: index of the section being refined in the window.
-    aligner: batched pair aligner (`jaxalign.block` protocol).
     valid_threshold: see `RefineConfig`.
   Returns:
-    `[H, W, 2]` float32: `compose(fields[center], R)`.
+    (`[H, W]` float32 rendering, `[H, W]` float32 template), 0 = no data.
   """
   rendered = render_window(jnp.asarray(images), jnp.asarray(fields), jnp.asarray(data), valid_threshold)
   template = neighbour_template(rendered, jnp.asarray(np.asarray(weights, np.float32)))
-  resid = residual(aligner, np.asarray(rendered[center])[None], np.asarray(template)[None])
+  return np.asarray(rendered[center]), np.asarray(template)
+
+
+def refine_section(images, fields, data, weights, center: int, aligner: Callable,
+                   valid_threshold: float) -> np.ndarray:
+  """One section's refined field from its window (the volume pipeline's task; chunks use
+  `jaxalign.chunked.refine_section_chunked`).
+
+  Args:
+    images, fields, data, weights, center, valid_threshold: as `section_and_template`.
+    aligner: batched pair aligner (`jaxalign.block` protocol).
+  Returns:
+    `[H, W, 2]` float32: `compose(fields[center], R)`.
+  """
+  src, template = section_and_template(images, fields, data, weights, center, valid_threshold)
+  resid = residual(aligner, src[None], template[None])
   return np.asarray(_compose_batch(jnp.asarray(fields[center])[None], jnp.asarray(resid)))[0]
 
 
@@ -249,7 +261,7 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
     raise errors.InputError(f"fields: expected shape {(z_count, h, w, 2)} to match sections, got {f.shape}")
   data = ((sec != 0) & ~dfx).astype(np.float32)
   has_data = data.reshape(z_count, -1).any(axis=1)
-  sw = np.ones(z_count) if section_weights is None else np.asarray(section_weights, np.float64)
+  sw = errors.check_section_weights(section_weights, z_count)
   weights = neighbour_weights(z_count, config, np.where(has_data, 1.0, 0.0) * sw).astype(np.float32)
   aligner = refine_aligner(config, aligner, model, pair_config)
   r = config.radius
@@ -260,11 +272,9 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
     srcs = np.zeros((len(todo), h, w), np.float32)
     templates = np.zeros((len(todo), h, w), np.float32)
     for i, z in enumerate(todo):
-      idx = np.clip(np.arange(z - r, z + r + 1), 0, z_count - 1)
-      rendered = render_window(jnp.asarray(sec[idx]), jnp.asarray(current[idx]), jnp.asarray(data[idx]),
-                               config.valid_threshold)
-      srcs[i] = np.asarray(rendered[r])
-      templates[i] = np.asarray(neighbour_template(rendered, jnp.asarray(weights[z])))
+      idx = window_indices(z, z_count, r)  # z sits at position r
+      srcs[i], templates[i] = section_and_template(sec[idx], current[idx], data[idx], weights[z], r,
+                                                   config.valid_threshold)
     for b0 in tqdm(range(0, len(todo), config.batch), desc=f"refine {it + 1}/{config.iterations}",
                    unit="batch", disable=not progress, leave=False):
       # The last batch is padded by repeats: one aligner compile per stack.
