@@ -46,6 +46,8 @@ _EXPORTS = {
   "RefineConfig": "jaxalign.refine",
   "cpc": "jaxalign.metrics",
   "low_cpc_fraction": "jaxalign.metrics",
+  "deformation": "jaxalign.metrics",
+  "area_change": "jaxalign.metrics",
   "normalize": "jaxalign.preprocess",
   "InputError": "jaxalign.errors",
   # volumes and chunked processing

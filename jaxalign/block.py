@@ -129,6 +129,17 @@ def default_aligner(model=None, pair_config=None) -> Callable:
   return aligner
 
 
+def with_resolution(config: BlockConfig | None, resolution_nm) -> BlockConfig:
+  """`config` (default `BlockConfig()`) with its default pair aligner told the sections' resolution
+  ((z, y, x) nm per pixel or one y/x value; `jaxalign.pair.with_resolution`), so that fields are
+  computed at physical working levels. None, or a custom `aligner`, leaves the config unchanged."""
+  from jaxalign import pair as _pair  # deferred: pair pulls in the finetuner and optax
+  config = config or BlockConfig()
+  if errors.check_resolution(resolution_nm) is None or config.aligner is not None:
+    return config
+  return dataclasses.replace(config, pair=_pair.with_resolution(config.pair, resolution_nm))
+
+
 def check_stack(sections, defects, name: str = "sections") -> tuple[np.ndarray, np.ndarray]:
   """Validates a stack; returns float32 `[Z, H, W]` with defects zeroed and bool defects `[Z, H, W]`."""
   sec = errors.check_image(sections, name, ndim=3, allow_empty=True)
@@ -151,7 +162,8 @@ def _run_aligner(aligner, src, src_def, tgts, tgt_defs, inits, batch: int) -> np
 
 
 def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, model=None, defects=None,
-                config: BlockConfig | None = None, progress: bool = True, return_info: bool = False):
+                resolution_nm=None, config: BlockConfig | None = None, progress: bool = True,
+                return_info: bool = False):
   """Aligns a block of sections into the frame of its first section.
 
   Args:
@@ -160,6 +172,8 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
       sequential alignment).
     model: optional pair model for the default aligner (team protocol, see `jaxalign.pair`).
     defects: optional `[Z, H, W]` bool defect masks (True = crack/fold: no data, zeroed).
+    resolution_nm: nm per pixel (z, y, x) or one y/x value: fields are computed at physical working
+      levels (`jaxalign.pair.PairConfig.finest_nm`, 32 nm) and upsampled; None = the pair config's.
     config: `BlockConfig`.
     progress: show a tqdm bar over sections.
     return_info: also return a list of `SectionInfo` (targets used and status per section).
@@ -167,9 +181,9 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
     `[Z, H, W, 2]` float32 fields, pixels, (dy, dx): `warp(sections[z], fields[z])` is section z in
     the frame of section 0 (field 0 is the identity); with `return_info`, `(fields, infos)`.
   Raises:
-    InputError: bad shapes/dtypes, NaN/Inf, voting_distance < 1.
+    InputError: bad shapes/dtypes, NaN/Inf, voting_distance < 1, bad or mismatched resolution.
   """
-  config = config or BlockConfig()
+  config = with_resolution(config, resolution_nm)
   if int(voting_distance) != voting_distance or voting_distance < 1:
     raise errors.InputError(f"voting_distance must be an integer >= 1, got {voting_distance}")
   n = int(voting_distance)

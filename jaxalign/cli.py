@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "pyramid": ("jaxalign.commands.pyramid", "build MIP levels of a volume"),
   "align": ("jaxalign.commands.align", "align a volume (blocks, voting, composition with decay)"),
   "render": ("jaxalign.commands.render", "warp a volume by a field volume"),
-  "eval": ("jaxalign.commands.eval", "evaluate alignment (CPC; EPE with ground truth)"),
+  "eval": ("jaxalign.commands.eval", "evaluate alignment (CPC; tissue deformation of fields; EPE with ground truth)"),
   "train": ("jaxalign.commands.train", "train a SEAMLeSS pyramid"),
   "view": ("jaxalign.commands.view", "write neuroglancer output and print a link"),
   "detect": ("jaxalign.commands.detect", "detect cracks, folds and tissue"),

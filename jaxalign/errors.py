@@ -115,3 +115,24 @@ def check_pair(src, tgt, src_defects=None, tgt_defects=None, init_field=None):
     if init_field.ndim != 3:
       raise InputError(f"init_field: expected [H, W, 2], got {init_field.shape}")
   return src, tgt, src_defects, tgt_defects, init_field
+
+
+def check_resolution(res, name: str = "resolution_nm") -> tuple[float, float, float] | None:
+  """Checks a physical resolution: None, one nm/px value for y and x, or nm per pixel (z, y, x).
+
+  Returns (z, y, x) floats (a single value gives (value, value, value)), or None.
+  Raises InputError unless every value is a finite number > 0.
+  """
+  if res is None:
+    return None
+  try:
+    vals = np.asarray(res, dtype=np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    raise InputError(f"{name}: expected nm per pixel as (z, y, x) numbers, got {res!r}") from None
+  if vals.size == 1:
+    vals = np.repeat(vals, 3)
+  if vals.size != 3:
+    raise InputError(f"{name}: expected nm per pixel as (z, y, x), got {vals.size} values ({res!r})")
+  if not np.all(np.isfinite(vals)) or np.any(vals <= 0):
+    raise InputError(f"{name}: every value must be a finite number of nm > 0, got {tuple(vals.tolist())}")
+  return tuple(float(v) for v in vals)

@@ -533,3 +533,34 @@ def format_table(rows: list[dict]) -> str:
       cells.append(fmt.format(v) if v != "" else "")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def deformation_scores(fields, tissue, *, resolution_nm, case: Case | None = None, ran=None) -> dict[str, Any]:
+  """Tissue deformation (issue 18, `jaxalign.metrics.deformation`) of alignment fields, and with a
+  stack case also of the residual field (`metrics.residual_deformation`) and of the truth itself.
+
+  Args:
+    fields: `[Z, H, W, 2]` float32 px (dy, dx) at `resolution_nm`: the fields that made the aligned stack.
+    tissue: `[Z, H, W]` bool: where the aligned stack has data (the fields' scored pixels).
+    resolution_nm: nm per pixel (z, y, x) of the fields.
+    case: optional stack `Case` whose ground truth is on the fields' grid: pixels within
+      `metrics.DEFORMATION_DEFECT_MARGIN_PX` of its cracks and folds are left out everywhere, and
+      the residual and the truth are scored over its valid pixels of the sections in `ran`.
+    ran: `[Z]` bool, sections aligned (default: those with data, section 0, the anchor, excluded).
+  Returns:
+    series name -> `metrics.Deformation`: "fields"[, "residual vs truth", "truth"] (the truth over
+    the residual's pixels).
+  """
+  from jaxalign import metrics
+  tissue = np.asarray(tissue, bool)
+  if case is None:
+    return {"fields": metrics.deformation(fields, resolution_nm=resolution_nm, tissue=tissue)}
+  if ran is None:
+    ran = np.r_[False, [_has_data(s) for s in case.src[1:]]]
+  far = case.disc_distance > metrics.DEFORMATION_DEFECT_MARGIN_PX
+  out = {"fields": metrics.deformation(fields, resolution_nm=resolution_nm, tissue=tissue & far)}
+  scored = case.valid & far & np.asarray(ran, bool)[:, None, None]
+  res = metrics.residual_deformation(fields, case.gt, resolution_nm=resolution_nm, tissue=scored)
+  out["residual vs truth"] = res
+  out["truth"] = metrics.deformation(case.gt, resolution_nm=resolution_nm, tissue=np.isfinite(res.det))
+  return out

@@ -121,14 +121,24 @@ def _data_mask(x: jax.Array) -> jax.Array:
   return nz.astype(jnp.float32)
 
 
-def _loss_terms(field, src, tgt, src_valid, tgt_valid, springs, config: FinetuneConfig):
-  """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field."""
-  fixed = lax.stop_gradient(field)
+def _loss_terms(field, src, tgt, src_valid, tgt_valid, springs, config: FinetuneConfig, upsample: int = 0,
+                gamma_scale=1.0):
+  """Returns (total, (mse, elastic)) for one field; data masks are functions of the stopped field.
+
+  With `upsample` r > 0 the images and masks are 2**r finer than the field: the field is upsampled
+  (`fields.upsample_field`, r times) before warping, so the MSE sees the finer images while the
+  optimised field (and its elastic term) stays on its own coarse grid. `gamma_scale` (traced scalar)
+  multiplies `config.gamma`, so a stiffer run reuses the compiled program.
+  """
+  fine = field
+  for _ in range(upsample):
+    fine = _fields.upsample_field(fine)
+  fixed = lax.stop_gradient(fine)
   warped_valid = _fields.warp(src_valid, fixed)
   mse_mask = (warped_valid > _fields.FULL_SUPPORT).astype(jnp.float32) * tgt_valid
-  mse = _losses.masked_mse(_fields.warp(src, field), tgt, mse_mask)
+  mse = _losses.masked_mse(_fields.warp(src, fine), tgt, mse_mask)
   elastic = _losses.elastic_loss(field, None, springs)
-  total = mse + config.gamma * elastic
+  total = mse + config.gamma * gamma_scale * elastic
   return total, (mse, elastic)
 
 
@@ -146,8 +156,12 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
   if not config.mask_elastic_at_defects:
     return jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
   tgt_ok = 1.0 - _preprocess.dilate(tgt_defects > 0, config.defect_dilation).astype(jnp.float32)
-  # Without src defects every spring stays: skip the segment sampling (a cond, so batched runs
-  # under vmap still compute it).
+  ones = jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
+  if has_src_defects is False:
+    # Known at trace time (`tears=False` in `jaxalign.pair`): no tear code is traced at all.
+    return ones * _tears.spring_pairs(tgt_ok)
+  # Without src defects every spring stays: skip the segment sampling (a cond, which under vmap
+  # becomes a select that computes both branches; hence the static case above).
   springs = lax.cond(has_src_defects,
                      lambda: _tears.tear_springs(init_field, src_nearest, scale=scale,
                                                  jump_px=config.tear_jump_px),
@@ -156,25 +170,33 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
 
 
 def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
-                   config: FinetuneConfig, *, src_nearest=None, has_src_defects=None, scale: int = 1):
+                   config: FinetuneConfig, *, src_nearest=None, has_src_defects=None, scale: int = 1,
+                   upsample: int = 0, gamma_scale=1.0):
   """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats).
 
   `src_nearest` (`[H * scale, W * scale, 2]`, `tears.nearest_tissue` of the full-resolution src defect
   mask) lets a coarse level cut springs at defects thinner than its pixels; by default it is computed
-  from `src_defects` at this level (`scale` 1). With it, pass `has_src_defects` (scalar bool: the
+  from `src_defects` at this level (`scale` 1). `has_src_defects=False` (a Python bool) says at trace
+  time that there are none, and no tear code is traced. With `src_nearest`, pass `has_src_defects` (scalar bool: the
   full-resolution mask has any defect), since a coarse level's own mask may have lost thin ones.
+
+  `upsample` r > 0 (static): `src`, `tgt`, `src_valid`, `tgt_valid` are `[2**r H, 2**r W]`, 2**r finer
+  than the field `[H, W, 2]` and the defect masks `[H, W]`; the valid masks must then already
+  exclude defects. The MSE is taken at the images' resolution (sub-pixel precision of a coarse
+  field without the bilinear bias of matching at its own grid), the field stays coarse.
   """
   init_field = init_field.astype(jnp.float32)
-  src_valid = src_valid * (1.0 - src_defects)
-  tgt_valid = tgt_valid * (1.0 - tgt_defects)
-  if src_nearest is None:
+  if not upsample:
+    src_valid = src_valid * (1.0 - src_defects)
+    tgt_valid = tgt_valid * (1.0 - tgt_defects)
+  if src_nearest is None and has_src_defects is not False:
     src_nearest, has_src_defects, scale = _tears.nearest_tissue(src_defects), jnp.any(src_defects > 0), 1
   springs = _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale, config)
   opt = _optimizer(config)
   grad_fn = jax.value_and_grad(_loss_terms, has_aux=True)
 
   def loss_and_grad(f):
-    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, springs, config)
+    (loss, _), g = grad_fn(f, src, tgt, src_valid, tgt_valid, springs, config, upsample, gamma_scale)
     return loss, g
 
   inf = jnp.asarray(jnp.inf, jnp.float32)

@@ -518,3 +518,105 @@ def distort_stack(stack, config: DistortionConfig | None = None, *, progress: bo
 def smooth_inverse_residual(points, p):
   """Max |E(E^-1(x)) - x| (px) over `points [..., 2]`: how exact the fixed-point inverse is."""
   return jnp.max(jnp.abs(_smooth_forward(_smooth_inverse(points, p), p) - points))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distortion families and the generalisation split (issue 18 item 4)
+#
+# Each family is a complete `DistortionConfig` (seed 0; `distortion_family` sets the seed). Cracks,
+# folds, blobs, blank sections and the affine part keep the defaults in every family; a family
+# changes the elastic wavelength band (and the amplitude / strain bound that goes with it) or the
+# intensity changes (noise, gain/offset, knife chatter). `max_strain` stays < 0.9 everywhere, so
+# every field is invertible; short wavelengths get a smaller strain bound, which bounds their
+# amplitude (sum |a_k| 2 pi / lambda_k <= max_strain): "short" moves tissue by ~1 px at most.
+_BASE = DistortionConfig()
+FAMILIES: dict[str, DistortionConfig] = {
+  # the generator's defaults (what every earlier benchmark used): lambda 160-512 px, <= 15 px
+  "default": _BASE,
+  # mid wavelengths, amplitude bounded by strain 0.2 (~2.5-5 px), light noise
+  "medium": dataclasses.replace(_BASE, elastic_wavelength=(80.0, 160.0), elastic_amplitude=8.0, max_strain=0.2,
+                                noise_sigma=(0.01, 0.03)),
+  # default-like geometry with moderate noise, contrast and chatter (the middle of every intensity axis)
+  "moderate": dataclasses.replace(_BASE, elastic_wavelength=(120.0, 400.0), elastic_amplitude=12.0,
+                                  noise_sigma=(0.02, 0.05), gain=(0.7, 1.4), offset=(-0.1, 0.1),
+                                  chatter_probability=0.3, chatter_amplitude=0.2, chatter_period=(5.0, 20.0)),
+  # short wavelengths 30-80 px: small amplitude (strain <= 0.15: at most ~1-2 px), sub-cellular scale
+  "short": dataclasses.replace(_BASE, elastic_wavelength=(30.0, 80.0), elastic_amplitude=3.0, max_strain=0.15,
+                               noise_sigma=(0.0, 0.02)),
+  # long wavelengths 160-300 px with a large amplitude (strain 0.3 bounds it at ~8-14 px)
+  "long": dataclasses.replace(_BASE, elastic_wavelength=(160.0, 300.0), elastic_amplitude=25.0, max_strain=0.3),
+  # strong noise (SNR ~1-2 on EM contrast)
+  "noisy": dataclasses.replace(_BASE, noise_sigma=(0.06, 0.10)),
+  # strong contrast / brightness changes
+  "contrast": dataclasses.replace(_BASE, gain=(0.5, 1.6), offset=(-0.15, 0.15)),
+  # frequent, strong knife chatter over a wider band of stripe periods
+  "chatter": dataclasses.replace(_BASE, chatter_probability=0.6, chatter_amplitude=0.35,
+                                 chatter_period=(4.0, 24.0)),
+}
+
+
+def distortion_family(name: str, seed: int = 0) -> DistortionConfig:
+  """The `DistortionConfig` of family `name` (see `FAMILIES`) with `seed`.
+
+  Raises:
+    InputError: unknown family.
+  """
+  if name not in FAMILIES:
+    raise InputError(f"unknown distortion family {name!r}; known: {sorted(FAMILIES)}")
+  return dataclasses.replace(FAMILIES[name], seed=int(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class StackRange:
+  """Slices `[start, stop)` of a shared stack (`../shared/data/em/<stack>`) used for case `kinds`.
+
+  A neighbour case takes every `neighbour_step`-th slice (FIB-SEM: 4 x 10 nm = 40 nm sections);
+  a same-section case takes consecutive slices.
+  """
+  stack: str
+  start: int
+  stop: int
+  kinds: tuple[str, ...] = ("same",)
+  neighbour_step: int = 1
+
+  def step(self, kind: str) -> int:
+    return self.neighbour_step if kind == "neighbour" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPart:
+  """One part of the generalisation split: every seed x family x (stack range, kind)."""
+  name: str
+  seeds: tuple[int, ...]
+  families: tuple[str, ...]
+  sources: tuple[StackRange, ...]
+  description: str = ""
+
+
+TUNING_SEEDS = (0, 1, 2)
+# Never used by any benchmark before issue 18 (earlier "held-out" seeds 3, 7 and 10 were looked at).
+HELDOUT_SEEDS = (1001, 1002, 1003)
+TUNING_FAMILIES = ("default", "medium", "moderate")
+HELDOUT_FAMILIES = ("short", "long", "noisy", "contrast", "chatter")
+# FIB-SEM and ISBI are split along z: their first slices are for tuning, the rest is held out; the
+# Gerhard VNC stack is held out entirely.
+TUNING_SOURCES = (
+  StackRange("flyem_medulla_fibsem", 0, 64, ("same", "neighbour"), neighbour_step=4),
+  StackRange("isbi2012_train", 0, 20, ("same",)),
+)
+HELDOUT_SOURCES = (
+  StackRange("flyem_medulla_fibsem", 64, 128, ("same", "neighbour"), neighbour_step=4),
+  StackRange("isbi2012_train", 20, 30, ("same",)),
+  StackRange("gerhard_vnc_stack1", 0, 20, ("same",)),
+)
+SPLIT: dict[str, SplitPart] = {
+  "tuning": SplitPart("tuning", TUNING_SEEDS, TUNING_FAMILIES, TUNING_SOURCES,
+                      "tune heuristics and defaults on this part only"),
+  "heldout_seeds": SplitPart("heldout_seeds", HELDOUT_SEEDS, TUNING_FAMILIES, TUNING_SOURCES,
+                             "(a) new seeds, tuning families and slices"),
+  "heldout_families": SplitPart("heldout_families", HELDOUT_SEEDS, HELDOUT_FAMILIES, TUNING_SOURCES,
+                                "(b) new seeds and families, tuning slices"),
+  "heldout_stacks": SplitPart("heldout_stacks", HELDOUT_SEEDS, TUNING_FAMILIES, HELDOUT_SOURCES,
+                              "(c) new seeds, tuning families, held-out slices and the Gerhard stack"),
+}
+HELDOUT_PARTS = ("heldout_seeds", "heldout_families", "heldout_stacks")

@@ -52,6 +52,11 @@ DEFAULT_LEARNING_RATES = (0.05, 0.1, 0.15, 0.2, 0.2, 0.2)
 # A defect is "resolved" at a coarse level where it covers at least this fraction of a pixel.
 RESOLVED_DEFECT_FRACTION = 0.5
 DEFAULT_GAMMAS = (1.0, 2.0, 4.0, 8.0, 10.0, 10.0)
+# Elastic weights when the finest field is computed at a coarser level than the images' pixels (the
+# physical default, ~32 nm): the paper's strong prior (gamma 5-25, larger at coarser levels).
+COARSE_GAMMAS = (5.0, 10.0, 20.0, 25.0)
+# Pyramid levels when the images' resolution is unknown (pixels, not nm).
+LEGACY_LEVELS = 5
 # Per-level median window (pixels of the level; 45, 62, 60, 56 full-resolution px; 1 = off). Between
 # neighbouring sections, neurites that run obliquely through the cut move the image locally by 2-5 px
 # over 30-80 px patches; the finetuner follows them, but they are tissue, not distortion. Where the
@@ -78,6 +83,26 @@ MIN_GLOBAL_SHIFT = 2.0
 # unrelated 40² textures reach up to 30 % (the peak is the best of all shifts). A real 52-px shift
 # removes 98 % (2.07 -> 0.05).
 MIN_GLOBAL_SHIFT_GAIN = 0.5
+# Physical working levels (issue 18; paper: FAFB v15 fine alignment at 512, 128, 64 and 32 nm on 4 nm
+# data, the finest field upsampled to the data's pixels). The finest field is computed at the level
+# whose pixel is nearest `DEFAULT_FINEST_NM`; computing it finer follows sub-cellular texture that
+# changes from one section to the next (tissue, not distortion) and costs the square of the factor.
+DEFAULT_FINEST_NM = 32.0
+# ...but fitted on the images at the level nearest this (PairConfig.loss_nm).
+DEFAULT_LOSS_NM = 16.0
+# The coarsest level is the one whose pixel is nearest max_displacement_nm / CAPTURE_RANGE_PX: gradient
+# descent captures about this many pixels at the coarsest level (the global phase-correlation
+# translation extends it to a quarter of the section for rigid shifts).
+CAPTURE_RANGE_PX = 4.0
+DEFAULT_MAX_DISPLACEMENT_NM = 2048.0
+
+
+def level_nearest(pixel_nm: float, target_nm: float) -> int:
+  """MIP level whose pixel (2**level * `pixel_nm`) is nearest `target_nm` on a log scale; 0 when
+  `target_nm` is 0 or finer than the pixel."""
+  if target_nm <= 0:
+    return 0
+  return max(0, int(round(math.log2(target_nm / pixel_nm))))
 
 
 def _at_level(per_level: Sequence, level: int):
@@ -90,21 +115,45 @@ class PairConfig:
   """Coarse-to-fine pair alignment settings (hashable; a static jit argument).
 
   Attributes:
-    levels: number of MIP levels used (level 0 = full resolution). Reduced automatically so that the
-      coarsest level keeps at least `min_level_size` pixels per side.
+    levels: number of MIP levels in the pyramid (level 0 = the images' own pixels); the coarsest
+      one is where the finetuner starts. None = from `resolution_nm` (`max_displacement_nm`), or
+      `LEGACY_LEVELS` when the resolution is unknown. Reduced automatically so that the coarsest
+      level keeps at least `min_level_size` pixels per side.
     min_level_size: smallest side (pixels) allowed at the coarsest level.
-    finest_level: last level refined; finer levels only get the upsampled field (faster, less precise).
-    iterations, learning_rates, gammas: per level, level 0 first (the last entry repeats for deeper
-      levels). Learning rate is in pixels of that level per Adam step.
-    median_sizes, median_strides: per level (same layout): odd window (pixels of that level) of the
+    finest_level: last level refined; finer levels only get the upsampled field. None = from
+      `resolution_nm` (`finest_nm`), or 0 (the images' pixels) when the resolution is unknown.
+    finest_nm: pixel size (nm) of the finest computed field: the level whose pixel is nearest to it
+      is the last one refined, and its field is upsampled to the images' pixels (paper: 32 nm).
+      0 = refine down to the images' own pixels (the precise setting). Used when `resolution_nm`
+      is known and `finest_level` is None.
+    loss_nm: pixel size (nm) of the images the finest refined field is fitted on: the MSE of its
+      finetuner is taken at the level nearest this (never coarser than the field's own), with the
+      field upsampled to it; 0 = the field's own level. Matching at the field's own coarse grid
+      biases sub-pixel shifts (bilinear resampling of a fractional shift blurs one image only).
+    max_displacement_nm: largest displacement expected between a pair (nm): the coarsest level's
+      pixel is about this / `CAPTURE_RANGE_PX`. Used when `resolution_nm` is known and `levels` is
+      None.
+    iterations, learning_rates, gammas: per *working* level, the finest refined level first (the
+      last entry repeats for coarser levels). Learning rate is in pixels of that level per Adam
+      step; gamma is the elastic weight (strain is scale free, so a value means the same at any
+      level). `gammas` None = `DEFAULT_GAMMAS` when refining down to the images' pixels, else
+      `COARSE_GAMMAS` (fields computed at ~32 nm: the paper's strong prior).
+    gamma_scale: factor on every level's elastic weight (`jaxalign.refine` stiffens its residual
+      aligner with it); passed to the compiled program as a value, so it costs no recompilation.
+    median_sizes, median_strides: per working level (same layout): odd window (pixels of that level) of the
       separable running median (`fields.median_filter_field`) the field's change from the initial
       field is compared with after the level's finetuner (1 = off; see `DEFAULT_MEDIAN_SIZES` for
       why), and its tap spacing. The caller's `init_field` (in a stack: the target's own field) is
       kept whole; an initial estimate made here (`init="blockmatch"`, a model) is filtered.
+      `median_sizes` None = `DEFAULT_MEDIAN_SIZES` when refining down to the images' pixels, else
+      off: at ~32 nm the neurite excursions it removes are sub-pixel and the strong elastic prior
+      keeps them out, while a 45-px window there spans microns and flattens real distortions
+      (measured on a same-section ISBI case, 512², smooth 11-px field: median EPE 2.06 px with it,
+      0.89 px without; ISBI stack of 30: low CPC 28.9 % with, 24.6 % without).
     resolution_nm: (z, y, x) nm per pixel of the images as given (z = section thickness), or None
       (unknown: treated as thick sections). The median stage runs only when z is at least
       `MEDIAN_MIN_THICKNESS_PX` pixels (`median_active`); the volume pipeline fills it in.
-    median_keep, median_replace: full-resolution px (scaled to each level): where the field departs
+    median_keep, median_replace: px of the finest refined level (scaled to each coarser level): where the field departs
       from that median by more than `median_replace` it takes the median's value, below
       `median_keep` it is left alone, linear in between. 0.15 / 0.6 px, measured against taking the
       median everywhere: neighbour median EPE 1.43 -> 1.44 px, same-section p95 0.39 -> 0.31 px,
@@ -119,7 +168,7 @@ class PairConfig:
       be changed by the refinement.
     tear_refine_window: window radius (px) of the refinement's image cost.
     presmooth_sigma, presmooth_levels: Gaussian blur (px of the level) of both images before the
-      finetuner's MSE, at the `presmooth_levels` finest levels (coarser ones are averaged by the
+      finetuner's MSE, at the `presmooth_levels` finest working levels (coarser ones are averaged by the
       pyramid already). Bilinear
       resampling averages noise, so on noisy images the raw MSE prefers fractional shifts (measured:
       +0.17 px in y and x between two noisy copies of one FIB-SEM crop, which builds up along a stack);
@@ -136,13 +185,17 @@ class PairConfig:
       no `init_field` and no `model` is given).
     refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
   """
-  levels: int = 5
+  levels: int | None = None
   min_level_size: int = 32
-  finest_level: int = 0
+  finest_level: int | None = None
+  finest_nm: float = DEFAULT_FINEST_NM
+  loss_nm: float = DEFAULT_LOSS_NM
+  max_displacement_nm: float = DEFAULT_MAX_DISPLACEMENT_NM
   iterations: tuple[int, ...] = DEFAULT_ITERATIONS
   learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES
-  gammas: tuple[float, ...] = DEFAULT_GAMMAS
-  median_sizes: tuple[int, ...] = DEFAULT_MEDIAN_SIZES
+  gammas: tuple[float, ...] | None = None
+  gamma_scale: float = 1.0
+  median_sizes: tuple[int, ...] | None = None
   median_strides: tuple[int, ...] = DEFAULT_MEDIAN_STRIDES
   resolution_nm: tuple[float, float, float] | None = None
   median_keep: float = 0.15
@@ -160,25 +213,31 @@ class PairConfig:
   refine_model: bool = False
 
   def __post_init__(self):
-    if self.levels < 1:
+    if self.levels is not None and self.levels < 1:
       raise errors.InputError(f"PairConfig.levels must be >= 1, got {self.levels}")
-    if not 0 <= self.finest_level < self.levels:
+    if self.finest_level is not None and not 0 <= self.finest_level < (self.levels or LEGACY_LEVELS):
       raise errors.InputError(f"PairConfig.finest_level must be in [0, levels), got {self.finest_level}")
+    if not (math.isfinite(self.finest_nm) and self.finest_nm >= 0):
+      raise errors.InputError(f"PairConfig.finest_nm must be >= 0 nm (0 = the images' pixels), got "
+                              f"{self.finest_nm}")
+    if not (math.isfinite(self.gamma_scale) and self.gamma_scale > 0):
+      raise errors.InputError(f"PairConfig.gamma_scale must be > 0, got {self.gamma_scale}")
+    if not (math.isfinite(self.loss_nm) and self.loss_nm >= 0):
+      raise errors.InputError(f"PairConfig.loss_nm must be >= 0 nm (0 = the field's own level), got "
+                              f"{self.loss_nm}")
+    if not (math.isfinite(self.max_displacement_nm) and self.max_displacement_nm > 0):
+      raise errors.InputError(f"PairConfig.max_displacement_nm must be > 0 nm, got {self.max_displacement_nm}")
     for name in ("iterations", "learning_rates", "gammas", "median_sizes", "median_strides"):
-      if len(getattr(self, name)) < 1:
+      if getattr(self, name) is not None and len(getattr(self, name)) < 1:
         raise errors.InputError(f"PairConfig.{name} must have at least one entry")
-    if self.resolution_nm is not None:
-      # A tuple of floats whatever was passed: the config is a static (hashed) jit argument.
-      object.__setattr__(self, "resolution_nm", tuple(float(r) for r in self.resolution_nm))
-    if self.resolution_nm is not None and (len(self.resolution_nm) != 3 or
-                                           not all(r > 0 for r in self.resolution_nm)):
-      raise errors.InputError(f"PairConfig.resolution_nm must be 3 positive nm values (z, y, x), got "
-                              f"{self.resolution_nm}")
+    # A tuple of floats whatever was passed: the config is a static (hashed) jit argument.
+    object.__setattr__(self, "resolution_nm", errors.check_resolution(self.resolution_nm,
+                                                                      "PairConfig.resolution_nm"))
     if not 0 <= self.median_keep < self.median_replace:
       raise errors.InputError(f"PairConfig: need 0 <= median_keep < median_replace, got {self.median_keep}, "
                               f"{self.median_replace}")
-    for level in range(max(len(self.median_sizes), len(self.median_strides))):
-      size, stride = self._median_setting(level)
+    for level in range(max(len(self.median_sizes or DEFAULT_MEDIAN_SIZES), len(self.median_strides))):
+      size, stride = self._median_setting(level, 0)
       if int(size) != size or size < 1 or size % 2 == 0 or int(stride) != stride or stride < 1 or \
           (size // 2) % stride:
         raise errors.InputError(f"PairConfig: level {level} median window {size} with stride {stride}: the "
@@ -186,20 +245,28 @@ class PairConfig:
     if self.init not in ("identity", "blockmatch"):
       raise errors.InputError(f"PairConfig.init must be 'identity' or 'blockmatch', got {self.init!r}")
 
-  def level_config(self, level: int) -> FinetuneConfig:
-    """The finetuner settings of MIP `level` (0 = full resolution)."""
-    return dataclasses.replace(self.finetune, iterations=int(_at_level(self.iterations, level)),
-                               learning_rate=float(_at_level(self.learning_rates, level)),
-                               gamma=float(_at_level(self.gammas, level)),
+  def level_config(self, level: int, finest: int = 0) -> FinetuneConfig:
+    """The finetuner settings of MIP `level` when `finest` is the finest refined level (per-level
+    settings are indexed by `level - finest`)."""
+    k = level - finest
+    gammas = self.gammas if self.gammas is not None else (DEFAULT_GAMMAS if finest == 0 else COARSE_GAMMAS)
+    return dataclasses.replace(self.finetune, iterations=int(_at_level(self.iterations, k)),
+                               learning_rate=float(_at_level(self.learning_rates, k)),
+                               gamma=float(_at_level(gammas, k)),
                                mask_elastic_at_defects=self.mask_elastic_at_defects)
 
-  def _median_setting(self, level: int) -> tuple[int, int]:
-    return _at_level(self.median_sizes, level), _at_level(self.median_strides, level)
+  def _median_setting(self, k: int, finest: int) -> tuple[int, int]:
+    """(window, stride) at working level k (0 = the finest refined level, which is MIP `finest`)."""
+    sizes = self.median_sizes
+    if sizes is None:
+      sizes = DEFAULT_MEDIAN_SIZES if finest == 0 else (1,)
+    return _at_level(sizes, k), _at_level(self.median_strides, k)
 
-  def median_window(self, level: int) -> tuple[int, int]:
+  def median_window(self, level: int, finest: int = 0) -> tuple[int, int]:
     """(window, tap stride) in pixels of MIP `level` of the median stage after that level's
-    finetuner; (1, 1) (off) when the sections are too thin for it (`median_active`)."""
-    return self._median_setting(level) if self.median_active else (1, 1)
+    finetuner (indexed by `level - finest`); (1, 1) (off) when the sections are too thin for it
+    (`median_active`)."""
+    return self._median_setting(level - finest, finest) if self.median_active else (1, 1)
 
   @property
   def median_active(self) -> bool:
@@ -210,15 +277,39 @@ class PairConfig:
     z, y, x = self.resolution_nm
     return z >= MEDIAN_MIN_THICKNESS_PX * 0.5 * (y + x)
 
-  def levels_for(self, shape: Sequence[int]) -> int:
-    """Levels actually used for an image of spatial `shape` (H, W)."""
+  def plan(self, shape: Sequence[int]) -> tuple[int, int]:
+    """(levels, finest): pyramid levels and the finest refined level for images of spatial `shape`
+    (H, W), from `resolution_nm` (`finest_nm`, `max_displacement_nm`) where levels / finest_level
+    are not given explicitly."""
     smallest = min(shape[-2:])
     fit = int(math.floor(math.log2(max(smallest / self.min_level_size, 1)))) + 1
-    return max(self.finest_level + 1, min(self.levels, fit))
+    if self.resolution_nm is None:
+      levels = self.levels or LEGACY_LEVELS
+      finest = self.finest_level or 0
+    else:
+      pixel = 0.5 * (self.resolution_nm[1] + self.resolution_nm[2])
+      finest = self.finest_level if self.finest_level is not None else level_nearest(pixel, self.finest_nm)
+      levels = self.levels or level_nearest(pixel, self.max_displacement_nm / CAPTURE_RANGE_PX) + 1
+      # An image too small for the physical finest level is refined at its coarsest fitting level.
+      if self.finest_level is None:
+        finest = min(finest, fit - 1)
+    return max(finest + 1, min(levels, fit)), finest
+
+  def loss_level(self, finest: int) -> int:
+    """MIP level whose images the finest refined level (`finest`) is fitted on (`loss_nm`)."""
+    if self.resolution_nm is None or self.loss_nm <= 0:
+      return finest
+    pixel = 0.5 * (self.resolution_nm[1] + self.resolution_nm[2])
+    return min(finest, level_nearest(pixel, self.loss_nm))
+
+  def levels_for(self, shape: Sequence[int]) -> int:
+    """Levels actually used for an image of spatial `shape` (H, W) (`plan`)."""
+    return self.plan(shape)[0]
 
 
 class PairStats(NamedTuple):
-  """Per level (level 0 first, `[levels]` arrays): finetuner steps, initial and final loss."""
+  """Per refined level (the finest refined level first, `[levels - finest]` arrays): finetuner
+  steps, initial and final loss."""
   steps: jax.Array
   initial_loss: jax.Array
   final_loss: jax.Array
@@ -296,8 +387,13 @@ def _replace_excursions(field, size: int, stride: int, keep: float, replace: flo
 
 
 def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, init_field,
-                    median_reference, *, config: PairConfig, levels: int):
-  """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1).
+                    median_reference, gamma_scale, *, config: PairConfig, levels: int, finest: int,
+                    tears: bool = True):
+  """One pair, traceable. Inputs already padded to a multiple of 2**(levels-1); levels
+  `levels - 1 .. finest` are refined (`PairConfig.plan`), finer ones get the upsampled field.
+  `tears` False (static) promises that src has no defects: the tear code (nearest-tissue map, spring
+  cuts, tear refinement) is not traced. Under vmap a `lax.cond` computes both branches, so batches
+  without src defects would otherwise pay the full-resolution tear refinement for every pair.
 
   Args:
     src, tgt: `[H, W]` float32, zero where no data / defect.
@@ -306,6 +402,8 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     init_field: `[H, W, 2]` float32 pixels (dy, dx).
     median_reference: `[H, W, 2]` float32 pixels: the median stage filters the field's change from
       it (the caller's initial field, or zeros; not an estimate such as block matching's).
+    gamma_scale: scalar float32 factor on every level's elastic weight (`PairConfig.gamma_scale`,
+      traced so that a stiffer aligner reuses the compiled program; the static config has 1).
   Returns:
     (`[H, W, 2]` field, PairStats).
   """
@@ -317,9 +415,12 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   # the MSE. Springs across src defects are cut at every level from the full-resolution mask
   # (`jaxalign.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
   # cut the springs of the coarse pixels they mostly cover.
-  has_src_defects = jnp.any(src_defects > 0)
-  src_nearest = lax.cond(has_src_defects, _tears.nearest_tissue,
-                         lambda d: _tears.identity_coordinates(d.shape), src_defects)
+  if tears:
+    has_src_defects = jnp.any(src_defects > 0)
+    src_nearest = lax.cond(has_src_defects, _tears.nearest_tissue,
+                           lambda d: _tears.identity_coordinates(d.shape), src_defects)
+  else:
+    has_src_defects, src_nearest = False, None
   sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
   td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
   init_p, ref_p = [init_field], [median_reference]
@@ -329,27 +430,34 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
 
   field = init_p[-1]
   stats = []
-  for k in range(levels - 1, config.finest_level - 1, -1):
+  for k in range(levels - 1, finest - 1, -1):
     if k < levels - 1:
       field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
     # Re-normalise per level: 2x2 means shrink the variance, and the gamma balance assumes unit variance.
-    sigma = config.presmooth_sigma if k < config.presmooth_levels else 0.0
+    sigma = config.presmooth_sigma if k - finest < config.presmooth_levels else 0.0
     s = _smoothed(src_p[k], sv_p[k], sigma)
     t = _smoothed(tgt_p[k], tv_p[k], sigma)
     if k == levels - 1 and config.global_translation:
       field = _with_global_translation(field, s, t, sv_p[k], tv_p[k])
-    field, st = _finetune_core(s, t, field, sv_p[k], tv_p[k], sd_p[k].astype(jnp.float32),
-                               td_p[k].astype(jnp.float32), config.level_config(k),
-                               src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k)
+    # The finest level is fitted on finer images when `loss_nm` asks for it (field upsampled inside).
+    m = config.loss_level(finest) if k == finest else k
+    if m < k:
+      s = _smoothed(src_p[m], sv_p[m], sigma)
+      t = _smoothed(tgt_p[m], tv_p[m], sigma)
+    field, st = _finetune_core(s, t, field, sv_p[m], tv_p[m], sd_p[k].astype(jnp.float32),
+                               td_p[k].astype(jnp.float32), config.level_config(k, finest),
+                               src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k,
+                               upsample=k - m, gamma_scale=gamma_scale)
     # On the motion this pair adds to the caller's initial field, not on the total: in a stack that
     # is the target's own field, whose compact features the source must follow to match it. An
     # initial estimate made here (block matching, a model) is filtered with the rest.
-    field = ref_p[k] + _replace_excursions(field - ref_p[k], *config.median_window(k),
-                                           config.median_keep / 2 ** k, config.median_replace / 2 ** k)
+    field = ref_p[k] + _replace_excursions(field - ref_p[k], *config.median_window(k, finest),
+                                           config.median_keep / 2 ** (k - finest),
+                                           config.median_replace / 2 ** (k - finest))
     stats.append(st)
-  for k in range(config.finest_level - 1, -1, -1):
+  for k in range(finest - 1, -1, -1):
     field = init_p[k] + _fields.upsample_field(field - init_p[k + 1])
-  if config.mask_elastic_at_defects and config.tear_refine_iterations > 0:
+  if tears and config.mask_elastic_at_defects and config.tear_refine_iterations > 0:
     def refine(f):
       near_defect = _preprocess.dilate(src_defects > 0, config.tear_refine_radius).astype(jnp.float32)
       zone = (_fields.warp(near_defect, f) > 0) & (tgt_valid > 0)
@@ -363,12 +471,20 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   return field, PairStats(*(jnp.stack([getattr(s, n) for s in stats]) for n in FinetuneStats._fields))
 
 
-_align_jit = jax.jit(_coarse_to_fine, static_argnames=("config", "levels"))
-def _coarse_to_fine_batch(*arrays, config: PairConfig, levels: int):
-  return jax.vmap(functools.partial(_coarse_to_fine, config=config, levels=levels))(*arrays)
+_align_jit = jax.jit(_coarse_to_fine, static_argnames=("config", "levels", "finest", "tears"))
+def _coarse_to_fine_batch(*arrays, gamma_scale, config: PairConfig, levels: int, finest: int, tears: bool):
+  """`_coarse_to_fine` vmapped over a leading batch axis (accelerators)."""
+  one = functools.partial(_coarse_to_fine, gamma_scale=gamma_scale, config=config, levels=levels,
+                          finest=finest, tears=tears)
+  return jax.vmap(one)(*arrays)
 
 
-_align_batch_jit = jax.jit(_coarse_to_fine_batch, static_argnames=("config", "levels"))
+_align_batch_jit = jax.jit(_coarse_to_fine_batch, static_argnames=("config", "levels", "finest", "tears"))
+
+
+def _static_config(config: PairConfig) -> tuple[PairConfig, jax.Array]:
+  """(the config the program is compiled for, with gamma_scale 1; the gamma_scale value)."""
+  return dataclasses.replace(config, gamma_scale=1.0), jnp.float32(config.gamma_scale)
 
 
 # --------------------------------------------------------------------------- host-side helpers
@@ -446,8 +562,23 @@ def _initial_field(s, t, sd, td, init_field, model, config):
 # --------------------------------------------------------------------------- public API
 
 
+def with_resolution(config: PairConfig | None, resolution_nm) -> PairConfig:
+  """`config` (default `PairConfig()`) told the images' resolution `resolution_nm` ((z, y, x) nm per
+  pixel, or one y/x value; None leaves the config's own). Raises InputError if both are given and
+  differ (mismatched resolutions)."""
+  config = config or PairConfig()
+  res = errors.check_resolution(resolution_nm)
+  if res is None:
+    return config
+  if config.resolution_nm is not None and not np.allclose(config.resolution_nm, res):
+    raise errors.InputError(f"resolution_nm {res} does not match the config's resolution_nm "
+                            f"{config.resolution_nm}")
+  return dataclasses.replace(config, resolution_nm=res)
+
+
 def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
-               config: PairConfig | None = None, init_field=None, return_stats: bool = False):
+               resolution_nm=None, config: PairConfig | None = None, init_field=None,
+               return_stats: bool = False):
   """Aligns `src` to `tgt`: returns `f` with `warp(src, f) ≈ tgt`.
 
   Args:
@@ -456,6 +587,10 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
       `model(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> [H, W, 2]`; it gets the
       normalised, defect-zeroed images. Without a model the Online Field Finetuner runs coarse to fine.
     src_defects, tgt_defects: optional `[H, W]` bool masks of cracks/folds (no data; the field may tear).
+    resolution_nm: nm per pixel of the images, (z, y, x) (z = section thickness) or one y/x value.
+      With it the field is computed from a coarse level sized by `PairConfig.max_displacement_nm`
+      down to the level nearest `PairConfig.finest_nm` (32 nm) and upsampled to the images' pixels;
+      without it (and without `config.resolution_nm`) the finest level is the images' own pixel.
     config: `PairConfig` (defaults work on the shared stacks).
     init_field: optional `[H, W, 2]` float32 pixels (dy, dx) initial field.
     return_stats: also return per-level `PairStats` (None when a model ran without refinement).
@@ -464,7 +599,7 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
   Raises:
     InputError: shape mismatch, NaN/Inf, an image without data, bad mask/field shapes.
   """
-  config = config or PairConfig()
+  config = with_resolution(config, resolution_nm)
   src, tgt, sd, td, init_field = _validate(src, tgt, src_defects, tgt_defects, init_field, batched=False)
   s, t = _prepare_images(src, tgt, sd, td, destripe=config.destripe)
   init = _initial_field(s, t, sd, td, init_field, model, config)
@@ -472,7 +607,7 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
     out = jnp.asarray(init)
     return (out, None) if return_stats else out
   h, w = src.shape
-  levels = config.levels_for((h, w))
+  levels, finest = config.plan((h, w))
   mult = 2 ** (levels - 1)
   zeros = np.zeros((h, w, 2), np.float32)
   reference = zeros if init_field is None else init_field
@@ -481,26 +616,30 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
   tv = (np.asarray(t) != 0).astype(np.float32)
   args = [_pad_to(np.asarray(a, np.float32), mult, (0, 1))
           for a in (s, t, sv, tv, sd, td, init, reference)]
-  logging.log_first_n(logging.INFO, "align_pair: %dx%d, %d levels", 4, h, w, levels)
-  field, stats = _align_jit(*args, config=config, levels=levels)
+  logging.log_first_n(logging.INFO, "align_pair: %dx%d, levels %d..%d refined (resolution %s nm)", 4, h, w,
+                      levels - 1, finest, config.resolution_nm)
+  static, scale = _static_config(config)
+  field, stats = _align_jit(*args, scale, config=static, levels=levels, finest=finest, tears=bool(sd.any()))
   field = field[:h, :w]
   return (field, stats) if return_stats else field
 
 
 def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
-                config: PairConfig | None = None, init_fields=None, return_stats: bool = False):
+                resolution_nm=None, config: PairConfig | None = None, init_fields=None,
+                return_stats: bool = False):
   """`align_pair` for a batch of pairs in one jitted, vmapped call (compiled once per (B, H, W)).
 
   Args:
     srcs, tgts: `[B, H, W]` images (0 = no data).
     model: optional aligner (team protocol, called once per pair for the initial field).
     src_defects, tgt_defects: optional `[B, H, W]` bool.
+    resolution_nm: nm per pixel (z, y, x) or one y/x value (see `align_pair`).
     config: `PairConfig`.
     init_fields: optional `[B, H, W, 2]` float32 pixels (dy, dx).
   Returns:
     `[B, H, W, 2]` float32 fields with `warp(srcs[b], f[b]) ≈ tgts[b]`.
   """
-  config = config or PairConfig()
+  config = with_resolution(config, resolution_nm)
   srcs, tgts, sd, td, init_fields = _validate(srcs, tgts, src_defects, tgt_defects, init_fields,
                                               batched=True)
   s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td),
@@ -514,7 +653,7 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
     if model is not None and not config.refine_model:
       out = jnp.asarray(init_fields)
       return (out, None) if return_stats else out
-  levels = config.levels_for((h, w))
+  levels, finest = config.plan((h, w))
   mult = 2 ** (levels - 1)
   if init_fields is None:
     init_fields = np.zeros((b, h, w, 2), np.float32)
@@ -522,6 +661,17 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
   tv = (np.asarray(t) != 0).astype(np.float32)
   args = [_pad_to(np.asarray(a, np.float32), mult, (1, 2))
           for a in (s, t, sv, tv, sd, td, init_fields, references)]
-  field, stats = _align_batch_jit(*args, config=config, levels=levels)
+  static, scale = _static_config(config)
+  kw = dict(config=static, levels=levels, finest=finest, tears=bool(sd.any()))
+  if jax.default_backend() == "cpu":
+    # One pair after another through the single-pair program: on a CPU the vmapped finetuner loop
+    # runs every pair until the slowest one stops and XLA:CPU does not parallelise the batch, and
+    # the single-pair program compiles once per (H, W) whatever the batch size, so block alignment
+    # (n pairs), stitching and the neighbour refinement (8 pairs) share one compile.
+    outs = [_align_jit(*(a[i] for a in args), scale, **kw) for i in range(b)]
+    field = jnp.stack([o[0] for o in outs])
+    stats = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[o[1] for o in outs])
+  else:
+    field, stats = _align_batch_jit(*args, gamma_scale=scale, **kw)
   field = field[:, :h, :w]
   return (field, stats) if return_stats else field

@@ -185,14 +185,11 @@ def quality_task(src_url: str, z: int, level: int, config_tile: int | None = Non
 def _block_config(config: VolumeConfig, src: io.Volume):
   """`config.stack.block` with the default pair aligner told the volume's resolution at the aligned
   level (its median stage depends on the section thickness in pixels) unless set explicitly."""
-  from jaxalign.pair import PairConfig  # deferred: pair pulls in the finetuner and optax
+  from jaxalign.block import with_resolution
   block = config.stack.block
-  if block.aligner is not None:
+  if block.aligner is not None or (block.pair is not None and block.pair.resolution_nm is not None):
     return block
-  pair = block.pair or PairConfig()
-  if pair.resolution_nm is None:
-    pair = dataclasses.replace(pair, resolution_nm=tuple(src.resolution_at(config.level)))
-  return dataclasses.replace(block, pair=pair)
+  return with_resolution(block, tuple(src.resolution_at(config.level)))
 
 
 def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -> dict:

@@ -107,7 +107,7 @@ def refine_aligner(config: RefineConfig, aligner: Callable | None = None, model=
   from jaxalign.block import default_aligner  # deferred: block imports the voting kernels
   from jaxalign.pair import PairConfig  # deferred: pair pulls in the finetuner and optax
   pair = pair_config or PairConfig()
-  pair = dataclasses.replace(pair, gammas=tuple(g * config.stiffness for g in pair.gammas))
+  pair = dataclasses.replace(pair, gamma_scale=pair.gamma_scale * config.stiffness)
   return default_aligner(model, pair)
 
 

@@ -10,6 +10,10 @@ when its data is given):
 - `per_section.png`: one panel per per-section quantity (EPE, low-CPC fraction, ...), a line
   per stack / method.
 - `field_magnitude.png`: |field| (px) of a few sections, and |field - ground truth| when given.
+- `deformation.png`: per section, the p1 and p99 of the local area change of the fields'
+  non-affine part (`jaxalign.metrics.deformation`), one band per series (fields, residual vs the
+  truth, ...), with the [0.9, 1.1] "tissue kept intact" band; a per-section table follows it.
+- `deformation_map.png`: the area-change map of each series' worst section.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot global state, no
 display needed). `format_table` renders the same summary rows as plain text for a terminal.
@@ -40,7 +44,11 @@ DISPLAY_PERCENTILES = (1.0, 99.0)
 # Reslice rows are repeated so that a section (tens of nm) is not drawn as one pixel row.
 RESLICE_ROW_REPEAT = 4
 
-FIGURES = ("before_after.png", "cpc_maps.png", "per_section.png", "field_magnitude.png")
+# Per-section deformation tables list at most this many sections (the ones farthest from 1).
+DEFORMATION_TABLE_ROWS = 40
+
+FIGURES = ("before_after.png", "cpc_maps.png", "per_section.png", "field_magnitude.png", "deformation.png",
+           "deformation_map.png")
 
 
 @dataclasses.dataclass
@@ -59,6 +67,9 @@ class ReportData:
     summary: table rows (dicts with the same keys), shown at the top of the page.
     notes: free-text paragraphs (settings, timings, the command that reproduces it).
     section_for_overlay: the section z whose overlay with z-1 is shown (default: middle).
+    deformation: series name -> `jaxalign.metrics.Deformation` (e.g. "fields", "residual vs truth"),
+      all of one stack `[Z, H, W]`: drawn per section and as the worst section's map.
+    resolution_nm: nm per pixel (z, y, x) of the fields, for the captions' physical scale.
   """
   title: str
   images: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -70,6 +81,8 @@ class ReportData:
   summary: Sequence[Mapping[str, Any]] = ()
   notes: Sequence[str] = ()
   section_for_overlay: int | None = None
+  deformation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  resolution_nm: Sequence[float] | None = None
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
@@ -103,6 +116,16 @@ def _check(data: ReportData) -> None:
   if data.fields is not None and data.gt_fields is not None and np.shape(data.fields) != np.shape(data.gt_fields):
     raise InputError(f"report: fields shape {np.shape(data.fields)} does not match gt_fields "
                      f"{np.shape(data.gt_fields)}")
+  dets = {name: np.shape(getattr(d, "det", None)) for name, d in data.deformation.items()}
+  for name, d in data.deformation.items():
+    z = dets[name][:1]
+    if len(dets[name]) != 3 or np.shape(getattr(d, "low", None)) != z or np.shape(getattr(d, "high", None)) != z:
+      raise InputError(f"report: deformation {name!r} must be a jaxalign.metrics.Deformation of a [Z, H, W] stack")
+  if len(set(dets.values())) > 1:
+    raise InputError(f"report: deformation series have different shapes {dets}")
+  if data.resolution_nm is not None:
+    from jaxalign.errors import check_resolution
+    check_resolution(data.resolution_nm, "report: resolution_nm")
 
 
 def _before_after(data: ReportData, path: pathlib.Path) -> str:
@@ -209,6 +232,134 @@ def _field_figure(data: ReportData, path: pathlib.Path) -> str:
   return caption
 
 
+def _deformation_scale(results: Mapping[str, Any], resolution_nm=None) -> str:
+  """"smoothed at 100 nm (25 px at 4 nm/px)" for captions (sigma in px when the resolution is unknown)."""
+  from jaxalign.metrics import DEFORMATION_SMOOTH_NM
+  sigma = next(iter(results.values())).sigma_px
+  if resolution_nm is None:
+    return f"Gaussian smoothing sigma {sigma:.3g} px"
+  px = 0.5 * (float(resolution_nm[1]) + float(resolution_nm[2]))
+  if sigma > 0 and abs(sigma * px - DEFORMATION_SMOOTH_NM) < 1e-3 * DEFORMATION_SMOOTH_NM:
+    return f"smoothed at {DEFORMATION_SMOOTH_NM:g} nm ({sigma:.3g} px at {px:g} nm/px)"
+  return f"Gaussian smoothing sigma {sigma:.3g} px = {sigma * px:.3g} nm at {px:g} nm/px"
+
+
+def draw_deformation(results: Mapping[str, Any], path: str | os.PathLike, *, resolution_nm=None) -> str:
+  """Per-section p1 and p99 of the area change, one band per series, with the [0.9, 1.1] band.
+
+  Args:
+    results: series name -> `jaxalign.metrics.Deformation` (`low`, `high`: `[Z]`).
+    path: PNG to write.
+    resolution_nm: nm per pixel (z, y, x) of the fields (caption only).
+  Returns:
+    the figure's caption.
+  """
+  from jaxalign.metrics import DEFORMATION_BAND
+  fig, axes = _figure(1, 1, (8.0, 3.6))
+  ax = axes[0, 0]
+  lo_band, hi_band = DEFORMATION_BAND
+  ax.axhspan(lo_band, hi_band, color="tab:green", alpha=0.12, lw=0, label=f"[{lo_band:g}, {hi_band:g}]")
+  ax.axhline(1.0, color="0.4", lw=0.8)
+  ymin, ymax = lo_band, hi_band
+  for i, (name, d) in enumerate(results.items()):
+    low, high = np.asarray(d.low, np.float64), np.asarray(d.high, np.float64)
+    z = np.arange(len(low))
+    color = f"C{i}"
+    ax.fill_between(z, low, high, color=color, alpha=0.18, lw=0)
+    ax.plot(z, high, color=color, marker="o", markersize=3, lw=1.2, label=name)
+    ax.plot(z, low, color=color, marker="v", markersize=3, lw=1.2, ls="--")
+    if np.isfinite(low).any():
+      ymin, ymax = min(ymin, np.nanmin(low)), max(ymax, np.nanmax(high))
+  from matplotlib.ticker import MaxNLocator
+  pad = 0.05 * (ymax - ymin)
+  ax.set_ylim(ymin - pad, ymax + pad)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlabel("section z")
+  ax.set_ylabel("area change (det)")
+  ax.set_title("local area change of the non-affine field per section: p99 (solid), p1 (dashed)", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+  fig.savefig(path)
+  return (f"Local area change (Jacobian determinant) of each section's field after removing its best-fit "
+          f"affine part, {_deformation_scale(results, resolution_nm)}, 1 = area kept; dashed: 1st "
+          f"percentile, solid: 99th, over tissue away from cracks and folds. Green: "
+          f"[{lo_band:g}, {hi_band:g}], tissue kept intact within +-10 %.")
+
+
+def draw_deformation_map(results: Mapping[str, Any], path: str | os.PathLike) -> str:
+  """Area-change map of each series' worst section (p1 or p99 farthest from 1), diverging about 1.
+
+  Args:
+    results: series name -> `jaxalign.metrics.Deformation` (`det`: `[Z, H, W]`, NaN = not scored).
+    path: PNG to write.
+  Returns:
+    the figure's caption.
+  """
+  import matplotlib
+  from jaxalign.metrics import DEFORMATION_BAND
+  names = list(results)
+  fig, axes = _figure(1, len(names), (3.4 * len(names) + 0.6, 3.4))
+  lo_band, hi_band = DEFORMATION_BAND
+  cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.75")
+  # one colour scale for all panels, at least the band's width so the band reads the same everywhere
+  span = hi_band - 1.0
+  for d in results.values():
+    if d.worst is not None:
+      span = max(span, float(np.nanpercentile(np.abs(d.det[d.worst] - 1.0), 99.5)))
+  im = None
+  for i, name in enumerate(names):
+    d, ax = results[name], axes[0, i]
+    ax.set_axis_off()
+    z = d.worst
+    if z is None:
+      ax.set_title(f"{name}: nothing scored", fontsize=9)
+      continue
+    det = np.asarray(d.det[z], np.float64)
+    im = ax.imshow(np.ma.masked_invalid(det), cmap=cmap, vmin=1 - span, vmax=1 + span, interpolation="nearest")
+    if np.nanmin(det) < lo_band or np.nanmax(det) > hi_band:
+      ax.contour(np.nan_to_num(det, nan=1.0), levels=[lo_band, hi_band], colors="k", linewidths=0.6)
+    ax.set_title(f"{name}: worst z={z}\np1 {d.low[z]:.3f}, p99 {d.high[z]:.3f}", fontsize=9)
+  if im is not None:
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="area change (det)")
+  fig.savefig(path)
+  return (f"Area change of the section farthest from 1 in each series (red: compressed, > 1; blue: "
+          f"stretched, < 1; grey: not scored: no tissue or near a crack or fold). Black lines: "
+          f"{lo_band:g} and {hi_band:g}.")
+
+
+def _deformation_table(results: Mapping[str, Any]) -> str:
+  """HTML table of per-section p1/p99 (at most `DEFORMATION_TABLE_ROWS` sections, farthest from 1)."""
+  names = list(results)
+  z_count = len(next(iter(results.values())).low)
+  dev = np.full(z_count, -np.inf)
+  for d in results.values():
+    dev = np.fmax(dev, np.fmax(1.0 - np.asarray(d.low, np.float64), np.asarray(d.high, np.float64) - 1.0))
+  zs = np.arange(z_count)
+  note = ""
+  if z_count > DEFORMATION_TABLE_ROWS:
+    zs = np.sort(np.argsort(-np.nan_to_num(dev, nan=-np.inf), kind="stable")[:DEFORMATION_TABLE_ROWS])
+    note = f"<p>The {DEFORMATION_TABLE_ROWS} of {z_count} sections farthest from 1.</p>"
+  f = lambda v: "-" if math.isnan(v) else f"{v:.3f}"  # noqa: E731 - 3 decimals: values sit near 1
+
+  def row(label, lows, highs):
+    cells = {"section": label}
+    for n, lo, hi in zip(names, lows, highs):
+      cells[f"{n} p1"], cells[f"{n} p99"] = f(float(lo)), f(float(hi))
+    return cells
+
+  rows = [row(int(z), [results[n].low[z] for n in names], [results[n].high[z] for n in names]) for z in zs]
+  rows.append(row("stack", [results[n].low_all for n in names], [results[n].high_all for n in names]))
+  return note + _html_table(rows)
+
+
+def _deformation_figure(data: ReportData, path: pathlib.Path) -> str:
+  return draw_deformation(data.deformation, path, resolution_nm=data.resolution_nm)
+
+
+def _deformation_map_figure(data: ReportData, path: pathlib.Path) -> str:
+  return draw_deformation_map(data.deformation, path)
+
+
 def _fmt(v: Any) -> str:
   if isinstance(v, (float, np.floating)):
     if math.isnan(v):
@@ -263,6 +414,9 @@ def write_report(folder: str | os.PathLike, data: ReportData) -> pathlib.Path:
     plan.append(("per_section.png", "Per-section error", _per_section))
   if data.fields is not None:
     plan.append(("field_magnitude.png", "Field magnitude", _field_figure))
+  if data.deformation:
+    plan.append(("deformation.png", "Tissue deformation per section", _deformation_figure))
+    plan.append(("deformation_map.png", "Tissue deformation, worst section", _deformation_map_figure))
 
   written: list[tuple[pathlib.Path, pathlib.Path]] = []
   try:
@@ -273,6 +427,8 @@ def write_report(folder: str | os.PathLike, data: ReportData) -> pathlib.Path:
       written.append((tmp, folder / name))
       sections.append(f'<figure><h2>{html.escape(heading)}</h2><img src="{name}" alt="{html.escape(heading)}">'
                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+      if name == "deformation.png":
+        sections.append(_deformation_table(data.deformation))
     notes = "".join(f"<p>{html.escape(n)}</p>" for n in data.notes)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(data.title)}</h1>"

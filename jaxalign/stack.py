@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from jaxalign import errors
 from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, _aligned_data, _vote,
                             align_block, check_stack, default_aligner)
+from jaxalign.block import with_resolution as block_with_resolution
 from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
 from jaxalign.drift import DriftConfig, remove_drift
 from jaxalign.fields import compose, invert, warp
@@ -410,8 +411,8 @@ def stitch_chain(plan: StackPlan, z: int, decay_distance: float) -> tuple[list[i
 def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int = DEFAULT_OVERLAP,
                 voting_distance: int = DEFAULT_VOTING_DISTANCE,
                 decay_distance: float = DEFAULT_DECAY_DISTANCE, starters: Sequence[int] | None = None,
-                model=None, defects=None, config: StackConfig | None = None, progress: bool = True,
-                return_plan: bool = False):
+                model=None, defects=None, resolution_nm=None, config: StackConfig | None = None,
+                progress: bool = True, return_plan: bool = False):
   """Aligns a stack with blocks, stitch fields and composition with decay (no global solve).
 
   Args:
@@ -422,6 +423,9 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     starters: optional starter section per block (strictly increasing); None = `choose_starters`.
     model: optional pair model.
     defects: optional `[Z, H, W]` bool defect masks.
+    resolution_nm: nm per pixel (z, y, x) or one y/x value: every pair alignment (blocks, stitches,
+      refinement) computes its field at physical working levels (32 nm by default) and upsamples
+      it; None = the pair config's (pixels when that has none either).
     config: `StackConfig` (blur rate, starter rules, `BlockConfig`).
     progress: tqdm bars.
     return_plan: also return the `StackPlan`.
@@ -429,9 +433,10 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     `[Z, H, W, 2]` float32 fields (pixels, (dy, dx)) into the common frame; with `return_plan`,
     `(fields, plan)`.
   Raises:
-    InputError: bad stack, sizes or starters.
+    InputError: bad stack, sizes or starters, bad or mismatched resolution.
   """
   config = config or StackConfig()
+  config = dataclasses.replace(config, block=block_with_resolution(config.block, resolution_nm))
   sec, dfx = check_stack(sections, defects)
   z_count, h, w = sec.shape
   if decay_distance <= 0:

@@ -77,6 +77,8 @@ CASES = {
   "align_nan_in_image": ("align", ["{img_nan}", "{out}"], ["nan"]),
   "align_bad_drift_sigma": ("align", ["{img}", "{out}", "--drift_sigma=0"], ["sigma"]),
   "align_bad_neighbour_refine": ("align", ["{img}", "{out}", "--neighbour_refine=-1"], ["neighbour_refine"]),
+  "align_bad_finest_nm": ("align", ["{img}", "{out}", "--finest_nm=-1"], ["finest_nm"]),
+  "align_bad_max_displacement": ("align", ["{img}", "{out}", "--max_displacement_nm=0"], ["max_displacement_nm"]),
   # render SRC FIELDS DST
   "render_missing_path": ("render", ["{img}", "{tmp}/nonexistent", "{out}"], ["missing", "nonexistent"]),
   "render_mismatched_shapes": ("render", ["{img}", "{fld_small}", "{out}"], ["(3, 32, 64)", "match"]),

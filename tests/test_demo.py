@@ -35,8 +35,18 @@ def _check_outputs(out: pathlib.Path, z: int, size: int) -> dict:
   vols = {n: io.open_volume(str(out / f"{n}.zarr")) for n in ("original", "distorted", "aligned", "fields")}
   assert vols["aligned"].shape() == (z, size, size) and vols["fields"].shape() == (z, size, size, 2)
   page = (out / "report" / "index.html").read_text()
-  for png in ("before_after.png", "cpc_maps.png", "per_section.png", "field_magnitude.png"):
+  for png in ("before_after.png", "cpc_maps.png", "per_section.png", "field_magnitude.png", "deformation.png",
+              "deformation_map.png"):
     assert (out / "report" / png).stat().st_size > 1000 and f'src="{png}"' in page
+  # tissue deformation (issue 18): fields, residual against the known distortion, the distortion itself
+  dd = summary["deformation"]
+  assert dd["resolution_nm"] == [40.0, 6.0, 6.0] and abs(dd["sigma_px"] - 100 / 6) < 1e-6
+  for name in ("fields", "residual vs truth", "truth"):
+    assert len(dd[name]["per_section_p1"]) == z and dd[name]["p1"] <= 1.0 <= dd[name]["p99"]
+    assert f"<th>{name} p1</th>" in page
+  assert dd["residual vs truth"]["per_section_p1"][0] is None  # section 0 is the undistorted anchor
+  aligned_row = next(r for r in summary["rows"] if r["stack"] == "aligned (jaxalign)")
+  assert aligned_row["area change p1–p99"] == f"{dd['fields']['p1']:.3f}–{dd['fields']['p99']:.3f}"
   orig, dist, al = (vols[n].read() for n in ("original", "distorted", "aligned"))
   # independent float64 checks on what was written (Pearson, so the distortion's gain/offset
   # changes do not matter): aligned sections match the undistorted original better than the

@@ -223,7 +223,7 @@ def test_compact_local_motion_is_not_followed(section):
   # whole (a few px): tissue, not distortion. tgt carries an affine distortion u plus such an
   # excursion b (`_affine_with_excursion`); the per-level median keeps the field
   # on u there. With sections as thin as a pixel (resolution 10 x 10 x 10 nm) the median stage is off
-  # and the finetuner follows b.
+  # and the finetuner, refining down to the images' pixels (finest_nm=0), follows b.
   u, b, disc_core = _affine_with_excursion()
   tgt = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(u + b, jnp.float32)))
   core = disc_core & _truth_valid(section != 0, u)
@@ -232,7 +232,7 @@ def test_compact_local_motion_is_not_followed(section):
   assert err(f) <= 0.65, err(f)  # the excursion is ~2.9 px in the core
   med, p95 = _epe(f, u, _truth_valid(section != 0, u))
   assert med <= 0.2 and p95 <= 1.0, (med, p95)
-  follows = align_pair(section, tgt, config=PairConfig(resolution_nm=[10, 10, 10]))
+  follows = align_pair(section, tgt, config=PairConfig(resolution_nm=[10, 10, 10], finest_nm=0))
   assert err(follows) >= 2 * err(f) and err(follows) >= 1.2, (err(follows), err(f))
 
 

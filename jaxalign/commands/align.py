@@ -26,6 +26,12 @@ flags.DEFINE_integer("level", 0, "MIP level of SRC to align and render")
 flags.DEFINE_integer("pyramid_levels", None, "MIP levels of DST/aligned (default: down to ~64 px)")
 flags.DEFINE_integer("chunk", None, "process sections larger than this many px in overlapping chunks")
 flags.DEFINE_integer("chunk_overlap", 64, "chunk context margin, px")
+flags.DEFINE_float("finest_nm", 32.0, "pixel size (nm) of the finest computed field, upsampled to the data's "
+                   "pixels (paper: 32 nm; the data's resolution comes from SRC)")
+flags.DEFINE_boolean("precise", False, "refine fields down to the data's own pixel (overrides --finest_nm; "
+                     "slower, follows more of the tissue's own section-to-section change)")
+flags.DEFINE_float("max_displacement_nm", 2048.0, "largest displacement expected between neighbouring "
+                   "sections, nm (sizes the coarsest level)")
 flags.DEFINE_enum("pair_init", "identity", ["identity", "blockmatch"], "initial field of each pair alignment")
 flags.DEFINE_float("drift_sigma", None, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
                    "sections (default: off, the paper's ABCD)")
@@ -58,7 +64,9 @@ def main(argv):
     raise InputError(f"--neighbour_refine must be >= 0 sweeps, got {FLAGS.neighbour_refine}")
   refine = (RefineConfig(iterations=FLAGS.neighbour_refine, stiffness=FLAGS.refine_stiffness)
             if FLAGS.neighbour_refine else None)
-  stack = StackConfig(block=BlockConfig(pair=PairConfig(init=FLAGS.pair_init)), drift=drift,
+  finest_nm = 0.0 if FLAGS.precise else FLAGS.finest_nm
+  pair = PairConfig(init=FLAGS.pair_init, finest_nm=finest_nm, max_displacement_nm=FLAGS.max_displacement_nm)
+  stack = StackConfig(block=BlockConfig(pair=pair), drift=drift,
                       neighbour_refine=refine)
   config = pipeline.VolumeConfig(block_size=FLAGS.block_size, overlap=FLAGS.overlap,
                                  voting_distance=FLAGS.voting_distance, decay_distance=FLAGS.decay_distance,

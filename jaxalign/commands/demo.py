@@ -5,7 +5,9 @@
    knife chatter, contrast changes (`jaxalign.groundtruth` via `jaxalign.evaluation.make_case`),
 3. align it with `jaxalign.align_stack` (blocks, vector voting, Online Field Finetuner, stitching,
    composition with decay; the shipped SEAMLeSS pyramid when present, `--model`),
-4. render the aligned stack, score it against the ground truth (EPE) and by neighbour CPC,
+4. render the aligned stack, score it against the ground truth (EPE), by neighbour CPC and by how
+   much the fields deform the tissue (local area change of their non-affine part, also of the
+   residual against the known distortion; `jaxalign.metrics.deformation`),
 5. write DIR/{distorted,aligned,fields,original}.zarr, DIR/report/index.html (+ PNGs) and
    DIR/summary.json, and print the summary table.
 
@@ -40,23 +42,17 @@ flags.DEFINE_integer("block_size", 10, "sections per block (paper: 25; smaller h
 flags.DEFINE_integer("overlap", 3, "sections shared by neighbouring blocks (paper: 3)")
 flags.DEFINE_integer("voting_distance", 3, "previous sections each section votes over (paper: 3)")
 flags.DEFINE_float("decay_distance", 100.0, "sections over which stitch fields decay (paper: 100)")
-flags.DEFINE_integer("finest_level", 1, "finest MIP level the finetuner refines (0 = full resolution, "
-                     "slower; finer levels get the upsampled field)")
-flags.DEFINE_list("gammas", None, "elastic weight per MIP level, finest first (default: the paper's 5-25, "
-                  "higher at coarser levels)")
+flags.DEFINE_float("finest_nm", 32.0, "pixel size (nm) of the finest computed field, upsampled to the data's "
+                   "pixels (as `jaxalign align`; the paper's 32 nm)")
+flags.DEFINE_boolean("precise", False, "refine fields down to the data's own pixel (overrides --finest_nm)")
+flags.DEFINE_list("gammas", None, "elastic weight per working level, finest first (default: the pair "
+                  "aligner's, the paper's 5-25 at 32 nm)")
 # The shipped pyramid is under-trained (see BENCHMARKS.md, models) and aligns worse than the
 # finetuner alone, so the demo does not use it unless asked.
 flags.DEFINE_string("model", "none", "'none' (Online Field Finetuner only), 'auto' (shipped SEAMLeSS pyramid "
                     "if present) or a weights path")
 flags.DEFINE_boolean("overwrite", True, "replace DIR if it holds an earlier demo output")
 flags.DEFINE_boolean("progress", True, "show progress bars")
-
-
-# Paper (Methods, Online Field Finetuner): elastic weight 5-25, higher at coarser levels. On the
-# synthetic stack the smaller `PairConfig` defaults let fields follow the natural section-to-section
-# change of the tissue (per-section median EPE 1.5-4.1 px vs 0.5-2.1 px with these on 6 x 192² px,
-# elastic distortion only; docs/benchmarks/demo.md).
-PAPER_GAMMAS = (5.0, 8.0, 12.0, 18.0, 25.0, 25.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +62,10 @@ class DemoConfig:
   Attributes:
     sections, size, seed: synthetic stack size (Z, H = W px) and seed.
     block_size, overlap, voting_distance, decay_distance: `align_stack` arguments.
-    finest_level: `PairConfig.finest_level` of the finetuner (1 halves the work of 0 at a small
-      cost in sub-pixel precision; it keeps the demo within minutes on 2 CPU cores).
-    gammas: finetuner elastic weight per MIP level, level 0 first (`PairConfig.gammas`).
+    finest_nm: `PairConfig.finest_nm`: the finest field is computed at the level nearest this
+      (24 nm at the demo's 6 nm pixels) and upsampled; 0 = the data's pixel (the precise setting).
+    gammas: finetuner elastic weight per working level, finest first (`PairConfig.gammas`; None =
+      the aligner's defaults).
     model: "auto", "none" or a weights path for `jaxalign.models.load_weights`.
     resolution: nm per pixel (z, y, x) written into the volumes (synthetic: ~6 nm px, 40 nm sections).
     elastic_amplitude: bound of the smooth distortion, px (kept below ~4 % of the section size so
@@ -81,8 +78,8 @@ class DemoConfig:
   overlap: int = 3
   voting_distance: int = 3
   decay_distance: float = 100.0
-  finest_level: int = 1
-  gammas: tuple[float, ...] = PAPER_GAMMAS
+  finest_nm: float = 32.0
+  gammas: tuple[float, ...] | None = None
   model: str = "none"
   resolution: tuple[float, float, float] = (40.0, 6.0, 6.0)
   elastic_amplitude: float = 12.0
@@ -108,9 +105,9 @@ def check_config(c: DemoConfig) -> None:
     raise InputError(f"--voting_distance must be >= 1, got {c.voting_distance}")
   if not c.decay_distance > 0:
     raise InputError(f"--decay_distance must be > 0, got {c.decay_distance}")
-  if not 0 <= c.finest_level <= 2:
-    raise InputError(f"--finest_level must be 0, 1 or 2, got {c.finest_level}")
-  if not c.gammas or any(not g >= 0 for g in c.gammas):
+  if not c.finest_nm >= 0:
+    raise InputError(f"--finest_nm must be >= 0 nm (0 = the data's pixel), got {c.finest_nm}")
+  if c.gammas is not None and (not c.gammas or any(not g >= 0 for g in c.gammas)):
     raise InputError(f"--gammas must be non-negative numbers, got {c.gammas}")
   if c.model not in ("auto", "none") and not pathlib.Path(c.model).with_suffix(".npz").is_file():
     raise InputError(f"--model: no weights file {pathlib.Path(c.model).with_suffix('.npz')}")
@@ -196,7 +193,7 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   out = pathlib.Path(output).resolve()
   _check_output(out, overwrite)
   import jaxalign as ja
-  from jaxalign import evaluation, report, synthetic
+  from jaxalign import evaluation, metrics, report, synthetic
   from jaxalign.block import BlockConfig
   from jaxalign.groundtruth import DistortionConfig
   from jaxalign.pair import PairConfig
@@ -220,8 +217,10 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   fields, plan = ja.align_stack(case.src, block_size=config.block_size, overlap=config.overlap,
                                 voting_distance=config.voting_distance, decay_distance=config.decay_distance,
                                 model=model, defects=case.src_defects, progress=progress, return_plan=True,
-                                config=StackConfig(block=BlockConfig(pair=PairConfig(finest_level=config.finest_level,
-                                                                      gammas=tuple(config.gammas)))))
+                                resolution_nm=config.resolution,
+                                config=StackConfig(block=BlockConfig(pair=PairConfig(
+                                    finest_nm=config.finest_nm,
+                                    gammas=None if config.gammas is None else tuple(config.gammas)))))
   fields = np.asarray(fields, np.float32)
   times["alignment"] = time.perf_counter() - t
 
@@ -237,25 +236,34 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   cpc_maps = {name: _neighbour_cpc(st) for name, st in tqdm(stacks.items(), desc="neighbour CPC", unit="stack",
                                                             disable=not progress)}
   epe = {"unaligned": _per_section_epe(zeros, case), "jaxalign": _per_section_epe(fields, case)}
+  # tissue deformation (issue 18) of the fields, of the residual against the known distortion, and
+  # of the known distortion itself; fields and truth are on the aligned (= original) grid
+  deform = evaluation.deformation_scores(fields, aligned != 0, resolution_nm=config.resolution, case=case)
   times["evaluation"] = time.perf_counter() - t
 
-  def row(name, s, maps):
+  def spread(d):
+    return "-" if d is None or math.isnan(d.low_all) else f"{d.low_all:.3f}–{d.high_all:.3f}"
+
+  def row(name, s, maps, d=None, residual=None):
     return {"stack": name,
             "EPE median (px)": s["epe_median"] if s else float("nan"),
             "EPE p95 (px)": s["epe_p95"] if s else float("nan"),
             "EPE > 2 px (%)": 100 * s["epe_frac_over"] if s else float("nan"),
             "low CPC vs truth (%)": 100 * s["low_cpc"] if s else float("nan"),
-            "neighbour low CPC (%)": 100 * _low_fraction(maps)}
+            "neighbour low CPC (%)": 100 * _low_fraction(maps),
+            "area change p1–p99": spread(d),
+            "residual area change": spread(residual)}
 
   summary_rows = [row("original (undistorted)", None, cpc_maps["original"]),
                   row("distorted (unaligned)", scores["unaligned"], cpc_maps["distorted"]),
-                  row("aligned (jaxalign)", scores["jaxalign"], cpc_maps["aligned"]),
-                  row("exact inverse (truth)", None, cpc_maps["exact inverse"])]
+                  row("aligned (jaxalign)", scores["jaxalign"], cpc_maps["aligned"], deform["fields"],
+                      deform["residual vs truth"]),
+                  row("exact inverse (truth)", None, cpc_maps["exact inverse"], deform["truth"])]
   command = "jaxalign demo " + " ".join(f"--{k}={v}" for k, v in (
       ("sections", config.sections), ("size", config.size), ("seed", config.seed),
       ("block_size", config.block_size), ("overlap", config.overlap),
-      ("voting_distance", config.voting_distance), ("finest_level", config.finest_level),
-      ("gammas", ",".join(f"{g:g}" for g in config.gammas)),
+      ("voting_distance", config.voting_distance), ("finest_nm", config.finest_nm),
+      ("gammas", "default" if config.gammas is None else ",".join(f"{g:g}" for g in config.gammas)),
       ("model", config.model)))
   summary = {
     "command": command,
@@ -265,6 +273,9 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
     "rows": summary_rows,
     "scores": scores,
     "per_section_epe_median": {k: [None if np.isnan(x) else float(x) for x in v] for k, v in epe.items()},
+    "deformation": {"resolution_nm": list(config.resolution), "smooth_nm": metrics.DEFORMATION_SMOOTH_NM,
+                    "sigma_px": deform["fields"].sigma_px, "margin_px": metrics.DEFORMATION_DEFECT_MARGIN_PX,
+                    "band": list(metrics.DEFORMATION_BAND), **{k: d.summary() for k, d in deform.items()}},
     "seconds": times,
   }
 
@@ -288,6 +299,7 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
                                                   for k, v in cpc_maps.items() if k != "exact inverse"},
         },
         summary=summary_rows,
+        deformation=deform, resolution_nm=config.resolution,
         notes=[f"Reproduce: {command}",
                f"{config.sections} sections of {config.size}² px; aligner: {model_desc}; "
                f"voting distance {config.voting_distance}, blocks of {config.block_size} overlapping by "
@@ -296,6 +308,11 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
                "EPE = |estimated field - known field| over scorable tissue (section 0 is the undistorted "
                "anchor). Neighbour low CPC = fraction of 32-px chunks (at MIP 1) whose Pearson correlation "
                "with the previous section is below 0.25 (the paper's criterion).",
+               "Area change = Jacobian determinant of each section's field after removing its best-fit affine "
+               f"part, smoothed at {metrics.DEFORMATION_SMOOTH_NM:g} nm, over tissue more than "
+               f"{metrics.DEFORMATION_DEFECT_MARGIN_PX} px from cracks and folds (p1–p99 over the stack; 1 = "
+               "tissue kept intact). The residual is compose(invert(field), truth), the field that maps the "
+               "aligned stack onto the truth.",
                "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())])
     report.write_report(stage / "report", data)
     times["writing"] = time.perf_counter() - t
@@ -308,9 +325,9 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   return summary
 
 
-def _parse_gammas(values) -> tuple[float, ...]:
+def _parse_gammas(values) -> tuple[float, ...] | None:
   if values is None:
-    return PAPER_GAMMAS
+    return None
   try:
     return tuple(float(v) for v in values)
   except ValueError:
@@ -323,7 +340,7 @@ def main(argv):
   from jaxalign.report import format_table
   config = DemoConfig(sections=FLAGS.sections, size=FLAGS.size, seed=FLAGS.seed, block_size=FLAGS.block_size,
                       overlap=FLAGS.overlap, voting_distance=FLAGS.voting_distance,
-                      decay_distance=FLAGS.decay_distance, finest_level=FLAGS.finest_level,
+                      decay_distance=FLAGS.decay_distance, finest_nm=0.0 if FLAGS.precise else FLAGS.finest_nm,
                       gammas=_parse_gammas(FLAGS.gammas), model=FLAGS.model)
   t0 = time.perf_counter()
   summary = run_demo(FLAGS.output, config, overwrite=FLAGS.overwrite, progress=FLAGS.progress)

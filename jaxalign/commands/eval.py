@@ -1,16 +1,30 @@
 """`jaxalign eval VOLUME [--ground_truth=CASE_DIR] [--fields=FIELDS]`: alignment quality of a volume.
 
-Without ground truth: CPC maps between neighbouring sections of VOLUME (after 2**level downsampling,
-chunks of --chunk px) and the fraction of chunks below 0.25, per section and pooled; a PNG of the maps
-and a JSON summary go to --output. With a ground-truth case directory (see `jaxalign.evaluation`,
-written by `experiments/eval_alignment.py --case=stack --case_dir=...`): the same numbers for the
-distorted input and the undistorted original next to VOLUME's, and, given the fields that produced
-VOLUME (--fields, or VOLUME/../fields when VOLUME is a `jaxalign align` output), endpoint errors.
+CPC maps between neighbouring sections of VOLUME and the fraction of chunks below 0.25, per section
+and pooled. The default scale is the paper's: 64-px chunks at the MIP level nearest 32 nm/px (smaller
+chunks, then a finer level, when sections are too small for that); --level / --chunk override it.
+A PNG of the maps and a JSON summary go to --output.
+
+Given the fields that produced VOLUME (--fields, or VOLUME/../fields when VOLUME is a `jaxalign
+align` output; at VOLUME's level 0 or any coarser MIP level, found from their shape): how much they
+deform the tissue (`jaxalign.metrics.deformation`: local area change of each section's non-affine
+part, smoothed at 100 nm, over VOLUME's tissue; p1 - p99 over the stack and per section), with a
+per-section plot (deformation.png) and the worst section's map (deformation_map.png). Without a
+ground-truth case eval knows no crack or fold masks in the aligned frame, so fields that tear there
+show up as large area changes (the worst section's map shows where).
+
+With a ground-truth case directory (see `jaxalign.evaluation`, written by
+`experiments/eval_alignment.py --case=stack --case_dir=...`): the same CPC numbers for the distorted
+input and the undistorted original next to VOLUME's and, with the fields, endpoint errors and the
+deformation of the residual field `compose(invert(fields), truth)` (`jaxalign.metrics.residual_field`:
+it maps the aligned sections onto the truth, on the grid where the endpoint error is measured) and of
+the truth itself, all left out within 20 px of cracks and folds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -21,11 +35,49 @@ from jaxalign.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ground_truth", None, "ground-truth case directory (case.json + arrays.npz)")
-flags.DEFINE_string("fields", None, "field volume [Z, H, W, 2] that produced VOLUME (for EPE with --ground_truth)")
-flags.DEFINE_integer("level", 1, "CPC after 2**level downsampling of level-0 sections")
-flags.DEFINE_integer("chunk", 32, "CPC chunk side in px at --level")
+flags.DEFINE_string("fields", None, "field volume [Z, H, W, 2] that produced VOLUME (tissue deformation; "
+                    "EPE with --ground_truth); default: VOLUME/../fields for a `jaxalign align` output")
+flags.DEFINE_integer("level", None, "CPC after 2**level downsampling of level-0 sections (default: the level "
+                     "nearest 32 nm/px, the paper's)")
+flags.DEFINE_integer("chunk", None, "CPC chunk side in px at --level (default: 64, the paper's)")
 flags.DEFINE_string("output", None, "directory for cpc_maps.png and eval.json (default: ./<VOLUME name>_eval)")
 flags.DEFINE_boolean("progress", True, "show progress bars")
+
+
+# The paper's CPC (Popovych et al. 2024): 64-px chunks at 32 nm/px.
+PAPER_CPC_NM = 32.0
+PAPER_CPC_CHUNK = 64
+# Default chunks shrink (powers of two) down to this on sections too small for the paper's.
+MIN_DEFAULT_CHUNK = 16
+# Fields may be this many MIP levels coarser than VOLUME's level 0.
+MAX_FIELD_LEVEL = 12
+# Per-section deformation rows printed at most (the sections farthest from 1).
+PRINT_SECTIONS = 40
+
+
+def cpc_scale(shape, resolution_nm, level: int | None = None, chunk: int | None = None) -> tuple[int, int, str]:
+  """CPC level and chunk for sections of `shape` `[Z, H, W]` at `resolution_nm` (z, y, x) nm/px.
+
+  Defaults: the level nearest (in log scale) `PAPER_CPC_NM`, chunks of `PAPER_CPC_CHUNK` px. A
+  defaulted chunk halves (down to `MIN_DEFAULT_CHUNK`), then a defaulted level gets finer, until a
+  chunk fits the section; given values are kept (too large a chunk is an error later).
+  Returns (level, chunk, note): note says why the paper's scale was not used ("" when it was).
+  """
+  px = 0.5 * (float(resolution_nm[1]) + float(resolution_nm[2]))
+  auto_level, auto_chunk = level is None, chunk is None
+  paper_level = max(0, int(round(math.log2(PAPER_CPC_NM / px))))
+  level = paper_level if auto_level else level
+  chunk = PAPER_CPC_CHUNK if auto_chunk else chunk
+  side = lambda lv: min(shape[1], shape[2]) // 2 ** lv  # noqa: E731
+  while auto_chunk and chunk > max(side(level), MIN_DEFAULT_CHUNK):
+    chunk //= 2
+  while auto_level and level > 0 and side(level) < chunk:
+    level -= 1
+  note = ""
+  if (auto_chunk and chunk != PAPER_CPC_CHUNK) or (auto_level and level != paper_level):
+    note = (f" (sections of {shape[1]}x{shape[2]} px are too small for the paper's {PAPER_CPC_CHUNK}-px "
+            f"chunks at {PAPER_CPC_NM:g} nm)")
+  return level, chunk, note
 
 
 def neighbour_cpc(stack, *, level: int, chunk: int, progress: bool = False, desc: str = "cpc"):
@@ -82,6 +134,68 @@ def _plot(maps_by_name: dict[str, list[np.ndarray]], path: pathlib.Path, thresho
   plt.close(fig)
 
 
+def _open_fields(furl: str, url: str, shape):
+  """Opens and checks the fields volume; returns (Volume, MIP level of VOLUME its sections match)."""
+  from jaxalign import io
+  if "://" not in furl and not pathlib.Path(furl).exists():
+    raise InputError(f"--fields: missing path {furl}")
+  try:
+    fvol = io.open_volume(furl)
+  except InputError as e:
+    raise InputError(f"--fields: {e}") from None
+  fshape = tuple(fvol.shape())
+  if not fvol.is_field:
+    raise InputError(f"--fields {furl}: expected a field volume [Z, H, W, 2], got {fvol.kind} {fshape}")
+  if fshape[0] != shape[0]:
+    raise InputError(f"--fields {furl}: {fshape[0]} sections, but {url} has {shape[0]}")
+  level = next((k for k in range(MAX_FIELD_LEVEL + 1) if tuple(io.level_shape(shape, k)[1:3]) == fshape[1:3]),
+               None)
+  if level is None:
+    raise InputError(f"--fields {furl}: sections of {fshape[1]}x{fshape[2]} px match no MIP level of {url} "
+                     f"({shape[1]}x{shape[2]} px at level 0)")
+  return fvol, level
+
+
+def _tissue(vol, level: int) -> np.ndarray:
+  """`[Z, h, w]` bool: where VOLUME has data at MIP `level` (a pixel counts when all of it has data)."""
+  if level < vol.levels:
+    return np.asarray(vol.read(level=level)) != 0
+  m = np.asarray(vol.read()) != 0
+  for _ in range(level):  # 2x2 min (masks go down by min), odd edges replicated
+    m = np.pad(m, ((0, 0), (0, m.shape[1] % 2), (0, m.shape[2] % 2)), mode="edge")
+    m = m[:, 0::2, 0::2] & m[:, 1::2, 0::2] & m[:, 0::2, 1::2] & m[:, 1::2, 1::2]
+  return m
+
+
+def _deformation_text(results: dict, sigma_px: float, resolution_nm, level: int) -> str:
+  """The printed deformation summary: stack p1 - p99 per series, then per-section p1 / p99."""
+  from jaxalign.metrics import DEFORMATION_BAND, DEFORMATION_SMOOTH_NM
+  px = 0.5 * (resolution_nm[1] + resolution_nm[2])
+  f = lambda v: "-" if np.isnan(v) else f"{v:.4f}"  # noqa: E731
+  lines = [f"tissue deformation: local area change of the non-affine field, smoothed at {DEFORMATION_SMOOTH_NM:g} nm "
+           f"(sigma {sigma_px:.3g} px at level {level}, {px:g} nm/px); intact within "
+           f"[{DEFORMATION_BAND[0]:g}, {DEFORMATION_BAND[1]:g}]",
+           "| series | p1 | p99 | worst section (p1, p99) |", "|---|---|---|---|"]
+  for name, d in results.items():
+    z = d.worst
+    worst = "-" if z is None else f"{z} ({f(d.low[z])}, {f(d.high[z])})"
+    lines.append(f"| {name} | {f(d.low_all)} | {f(d.high_all)} | {worst} |")
+  z_count = len(next(iter(results.values())).low)
+  dev = np.full(z_count, -np.inf)
+  for d in results.values():
+    dev = np.fmax(dev, np.fmax(1.0 - d.low.astype(np.float64), d.high.astype(np.float64) - 1.0))
+  zs = np.arange(z_count)
+  head = "per section p1 / p99:"
+  if z_count > PRINT_SECTIONS:
+    zs = np.sort(np.argsort(-np.nan_to_num(dev, nan=-np.inf), kind="stable")[:PRINT_SECTIONS])
+    head = f"per section p1 / p99 (the {PRINT_SECTIONS} of {z_count} sections farthest from 1; all in eval.json):"
+  lines += [head, "| z | " + " | ".join(f"{n} p1 | {n} p99" for n in results) + " |",
+            "|---|" + "---|---|" * len(results)]
+  for z in zs:
+    lines.append(f"| {z} | " + " | ".join(f"{f(d.low[z])} | {f(d.high[z])}" for d in results.values()) + " |")
+  return "\n".join(lines)
+
+
 def _fields_url(volume_url: str) -> str | None:
   if FLAGS.fields:
     return FLAGS.fields
@@ -99,7 +213,7 @@ def main(argv):
                      f"(got {len(argv) - 1} positional args)")
   from jaxalign import evaluation as ev
   from jaxalign import io
-  if FLAGS.level < 0 or FLAGS.chunk < 2:
+  if (FLAGS.level is not None and FLAGS.level < 0) or (FLAGS.chunk is not None and FLAGS.chunk < 2):
     raise InputError(f"--level must be >= 0 and --chunk >= 2 (got {FLAGS.level}, {FLAGS.chunk})")
   url = argv[1]
   if "://" not in url and not pathlib.Path(url).exists():
@@ -119,35 +233,61 @@ def main(argv):
       raise InputError(f"{FLAGS.ground_truth} is a {case.kind!r} case; eval VOLUME needs a 'stack' case")
     if tuple(case.src.shape) != tuple(shape):
       raise InputError(f"volume shape {tuple(shape)} does not match the case's stack {tuple(case.src.shape)}")
+  furl = _fields_url(url)
+  fvol, field_level = _open_fields(furl, url, shape) if furl is not None else (None, None)
+  if case is not None and fvol is not None and tuple(fvol.shape()) != tuple(case.gt.shape):
+    raise InputError(f"fields {furl}: expected a field volume of shape {tuple(case.gt.shape)}, "
+                     f"got {fvol.kind} {tuple(fvol.shape())}")
+  fields = None if fvol is None else np.asarray(fvol.read(), np.float32)
+  if fields is not None and not np.all(np.isfinite(fields)):
+    raise InputError(f"--fields {furl}: contains NaN or Inf values")
   out = pathlib.Path(FLAGS.output or f"{pathlib.Path(url.rstrip('/')).name}_eval")
   threshold = ev.EvalConfig.cpc_threshold
-  maps, fracs = neighbour_cpc(vol, level=FLAGS.level, chunk=FLAGS.chunk, progress=FLAGS.progress, desc="cpc")
-  summary: dict = dict(volume=url, shape=list(shape), resolution_nm=list(vol.resolution), level=FLAGS.level,
-                       chunk=FLAGS.chunk, threshold=threshold,
+  level, chunk, scale_note = cpc_scale(shape, vol.resolution, FLAGS.level, FLAGS.chunk)
+  cpc_nm = vol.resolution[1] * 2 ** level
+  maps, fracs = neighbour_cpc(vol, level=level, chunk=chunk, progress=FLAGS.progress, desc="cpc")
+  summary: dict = dict(volume=url, shape=list(shape), resolution_nm=list(vol.resolution), level=level,
+                       chunk=chunk, cpc_nm_per_px=cpc_nm, threshold=threshold,
                        low_cpc=ev._fraction(ev.low_cpc_counts(maps, threshold)), low_cpc_per_pair=fracs)
   rows = [("volume", summary["low_cpc"])]
   all_maps = {"volume": maps}
   if case is not None:
     for name, stack in (("distorted input", case.src), ("undistorted original", case.tgt)):
-      m, _ = neighbour_cpc(stack, level=FLAGS.level, chunk=FLAGS.chunk)
+      m, _ = neighbour_cpc(stack, level=level, chunk=chunk)
       all_maps[name] = m
       summary[f"low_cpc_{name.split()[0]}"] = ev._fraction(ev.low_cpc_counts(m, threshold))
       rows.append((name, summary[f"low_cpc_{name.split()[0]}"]))
-    furl = _fields_url(url)
-    if furl is None:
-      logging.warning("no --fields given (and no sibling 'fields' volume): EPE skipped")
-    else:
-      fvol = io.open_volume(furl)
-      if not fvol.is_field or tuple(fvol.shape()) != tuple(case.gt.shape):
-        raise InputError(f"fields {furl}: expected a field volume of shape {tuple(case.gt.shape)}, "
-                         f"got {fvol.kind} {tuple(fvol.shape())}")
-      fields = np.asarray(fvol.read(), np.float32)
-      summary["epe"] = ev.score_fields(fields, case, ran=np.r_[False, [bool(np.any(s)) for s in case.src[1:]]])
+  deform = None
+  if fvol is None:
+    logging.warning("no --fields given (and no sibling 'fields' volume): %s skipped",
+                    "EPE and deformation" if case is not None else "deformation")
+  else:
+    from jaxalign import metrics
+    ran = None
+    if case is not None:
+      ran = np.r_[False, [bool(np.any(s)) for s in case.src[1:]]]
+      summary["epe"] = ev.score_fields(fields, case, ran=ran)
+    field_res = io.level_resolution(vol.resolution, field_level)
+    if not np.allclose(fvol.resolution, field_res, rtol=1e-6):
+      logging.warning("fields %s say %s nm/px, but they match %s at level %d (%s nm/px): using the latter",
+                      furl, fvol.resolution, url, field_level, field_res)
+    deform = ev.deformation_scores(fields, _tissue(vol, field_level), resolution_nm=field_res, case=case, ran=ran)
+    first = next(iter(deform.values()))
+    summary["deformation"] = dict(
+        fields_url=furl, level=field_level, resolution_nm=list(field_res), smooth_nm=metrics.DEFORMATION_SMOOTH_NM,
+        sigma_px=first.sigma_px, margin_px=metrics.DEFORMATION_DEFECT_MARGIN_PX,
+        band=list(metrics.DEFORMATION_BAND), **{name: d.summary() for name, d in deform.items()})
   out.mkdir(parents=True, exist_ok=True)
   _plot(all_maps, out / "cpc_maps.png", threshold)
+  written = [out / "cpc_maps.png"]
+  if deform is not None:
+    from jaxalign import report
+    report.draw_deformation(deform, out / "deformation.png", resolution_nm=field_res)
+    report.draw_deformation_map(deform, out / "deformation_map.png")
+    written += [out / "deformation.png", out / "deformation_map.png"]
   (out / "eval.json").write_text(json.dumps(summary, indent=1, default=float))
-  print(f"{url}: {shape[0]} sections {shape[1]}x{shape[2]}, CPC on {FLAGS.chunk}-px chunks after "
-        f"{2 ** FLAGS.level}x downsampling ({vol.resolution[1] * 2 ** FLAGS.level:g} nm/px)")
+  print(f"{url}: {shape[0]} sections {shape[1]}x{shape[2]}, CPC at level {level} ({cpc_nm:g} nm/px), "
+        f"{chunk}-px chunks{scale_note}")
   print("| stack | low-CPC fraction (< %.2f) |\n|---|---|" % threshold)
   for name, v in rows:
     print(f"| {name} | {v:.4f} |")
@@ -156,5 +296,7 @@ def main(argv):
     print(f"EPE over valid tissue: median {e['epe_median']:.3f} px, p95 {e['epe_p95']:.3f}, p99 {e['epe_p99']:.3f}, "
           f">2 px {e['epe_frac_over']:.4f}; within 20 px of cracks/folds: median {e['near_median']:.3f}, "
           f"p95 {e['near_p95']:.3f}")
-  print(f"wrote {out / 'cpc_maps.png'} and {out / 'eval.json'}")
+  if deform is not None:
+    print(_deformation_text(deform, first.sigma_px, field_res, field_level))
+  print(f"wrote {', '.join(str(p) for p in written)} and {out / 'eval.json'}")
   return 0
