@@ -55,6 +55,10 @@ DEFAULT_GAMMAS = (1.0, 2.0, 4.0, 8.0, 10.0, 10.0)
 # Elastic weights when the finest field is computed at a coarser level than the images' pixels (the
 # physical default, ~32 nm): the paper's strong prior (gamma 5-25, larger at coarser levels).
 COARSE_GAMMAS = (5.0, 10.0, 20.0, 25.0)
+# Iterations per working level at coarse working levels: the finest one is fitted on 2x finer images
+# (loss_nm) and dominates the cost; halving it changed the final loss by 1 % (FIB-SEM 10 nm pairs:
+# 0.290 -> 0.293) for 40 % less time per pair.
+COARSE_ITERATIONS = (50, 100, 150, 200)
 # Pyramid levels when the images' resolution is unknown (pixels, not nm).
 LEGACY_LEVELS = 5
 # Per-level median window (pixels of the level; 45, 62, 60, 56 full-resolution px; 1 = off). Between
@@ -134,7 +138,8 @@ class PairConfig:
       pixel is about this / `CAPTURE_RANGE_PX`. Used when `resolution_nm` is known and `levels` is
       None.
     iterations, learning_rates, gammas: per *working* level, the finest refined level first (the
-      last entry repeats for coarser levels). Learning rate is in pixels of that level per Adam
+      last entry repeats for coarser levels). `iterations` None = `DEFAULT_ITERATIONS` when refining
+      down to the images' pixels, else `COARSE_ITERATIONS`. Learning rate is in pixels of that level per Adam
       step; gamma is the elastic weight (strain is scale free, so a value means the same at any
       level). `gammas` None = `DEFAULT_GAMMAS` when refining down to the images' pixels, else
       `COARSE_GAMMAS` (fields computed at ~32 nm: the paper's strong prior).
@@ -191,7 +196,7 @@ class PairConfig:
   finest_nm: float = DEFAULT_FINEST_NM
   loss_nm: float = DEFAULT_LOSS_NM
   max_displacement_nm: float = DEFAULT_MAX_DISPLACEMENT_NM
-  iterations: tuple[int, ...] = DEFAULT_ITERATIONS
+  iterations: tuple[int, ...] | None = None
   learning_rates: tuple[float, ...] = DEFAULT_LEARNING_RATES
   gammas: tuple[float, ...] | None = None
   gamma_scale: float = 1.0
@@ -250,7 +255,8 @@ class PairConfig:
     settings are indexed by `level - finest`)."""
     k = level - finest
     gammas = self.gammas if self.gammas is not None else (DEFAULT_GAMMAS if finest == 0 else COARSE_GAMMAS)
-    return dataclasses.replace(self.finetune, iterations=int(_at_level(self.iterations, k)),
+    iterations = self.iterations or (DEFAULT_ITERATIONS if finest == 0 else COARSE_ITERATIONS)
+    return dataclasses.replace(self.finetune, iterations=int(_at_level(iterations, k)),
                                learning_rate=float(_at_level(self.learning_rates, k)),
                                gamma=float(_at_level(gammas, k)),
                                mask_elastic_at_defects=self.mask_elastic_at_defects)

@@ -68,11 +68,15 @@ class StackConfig:
       bias, which otherwise adds once per interface under plain composition) is needed.
     drift: optional `jaxalign.drift.DriftConfig`: after composition, take the part of the fields
       that varies slowly along z out of every section (`jaxalign.drift.remove_drift`; the drift of
-      content-following chains, which blocks restart and a single block accumulates). None = off
+      content-following chains, which blocks restart and a single block accumulates: the tissue's
+      own section-to-section change, which bends the tissue when it accumulates). None = off
       (the paper's ABCD).
     neighbour_refine: optional `jaxalign.refine.RefineConfig`: last, re-align every section to the
       mean of its aligned neighbours on both sides (`jaxalign.refine.refine_to_neighbours`), which
       re-registers neighbours that drift removal left slightly apart. None = off.
+    Both are on by default (issue 18): on the real ISBI stack (30 x 512², 4 nm) with fields at
+    32 nm, ABCD alone bends the tissue (area change p1-p99 0.84-1.13) and drift removal alone costs
+    low CPC (22 -> 25 %); together they give 0.91-1.08 and 18.5 % (SOFIMA's stack recipe: 24.6 %).
   """
   blur_rate: float = DEFAULT_BLUR_RATE
   starter_search: int = 3
@@ -80,8 +84,8 @@ class StackConfig:
   starter_max_defect: float = 0.01
   block: BlockConfig = BlockConfig()
   stitch_refine: bool = True
-  drift: DriftConfig | None = None
-  neighbour_refine: RefineConfig | None = None
+  drift: DriftConfig | None = DriftConfig()
+  neighbour_refine: RefineConfig | None = RefineConfig()
 
   def __post_init__(self):
     if self.starter_search < 0:

@@ -76,7 +76,7 @@ def test_chunked_volume_pipeline_matches_closed_form(tmp_path):
   io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   config = pipeline.VolumeConfig(block_size=5, overlap=2, starters=(0, 3), decay_distance=1e6, pyramid_levels=2,
                                  chunk=ChunkConfig(chunk=128, overlap=16, coarse_levels=2, min_coarse_size=64),
-                                 stack=StackConfig(block=BlockConfig(aligner=phase_aligner)))
+                                 stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=phase_aligner)))
   plan = pipeline.align_volume(src, str(tmp_path / "dst"), config, progress=False)
   assert len(plan.blocks) == 2
   fields = io.open_volume(str(tmp_path / "dst" / "fields")).read()
@@ -114,7 +114,7 @@ def test_volume_pipeline_honours_stitch_refine(tmp_path, chunked):
     config = pipeline.VolumeConfig(
         block_size=4, overlap=2, starters=(0, 2), decay_distance=1e6, pyramid_levels=1,
         chunk=ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None,
-        stack=StackConfig(block=BlockConfig(aligner=counting), stitch_refine=refine))
+        stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=counting), stitch_refine=refine))
     pipeline.align_volume(src, str(tmp_path / f"dst_{refine}"), config, progress=False)
     fields = io.open_volume(str(tmp_path / f"dst_{refine}" / "fields")).read()
     np.testing.assert_allclose(fields, expected_fields(shifts, size), atol=1e-3)

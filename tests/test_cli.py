@@ -75,7 +75,7 @@ CASES = {
   "align_wrong_dtype_field_as_image": ("align", ["{fld}", "{out}"], ["field"]),
   "align_empty_volume": ("align", ["{zeros}", "{out}"], ["no data"]),
   "align_nan_in_image": ("align", ["{img_nan}", "{out}"], ["nan"]),
-  "align_bad_drift_sigma": ("align", ["{img}", "{out}", "--drift_sigma=0"], ["sigma"]),
+  "align_bad_drift_sigma": ("align", ["{img}", "{out}", "--drift_sigma=-1"], ["sigma"]),
   "align_bad_neighbour_refine": ("align", ["{img}", "{out}", "--neighbour_refine=-1"], ["neighbour_refine"]),
   "align_bad_finest_nm": ("align", ["{img}", "{out}", "--finest_nm=-1"], ["finest_nm"]),
   "align_bad_max_displacement": ("align", ["{img}", "{out}", "--max_displacement_nm=0"], ["max_displacement_nm"]),

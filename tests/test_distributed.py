@@ -182,7 +182,7 @@ def _volume_config():
   from jaxalign.block import BlockConfig
   from jaxalign.stack import StackConfig
   return pipeline.VolumeConfig(block_size=4, overlap=2, decay_distance=1e6, pyramid_levels=1,
-                               stack=StackConfig(block=BlockConfig(aligner=killing_aligner)))
+                               stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=killing_aligner)))
 
 
 def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch):

@@ -133,7 +133,7 @@ def test_align_stack_drift_removal_makes_blocks_match_a_single_block():
   drift_cfg = DriftConfig(sigma=1.0, degree=1)
 
   def run(block, drift, decay=1e6):
-    cfg = StackConfig(block=BlockConfig(aligner=_biased(bias)), drift=drift)
+    cfg = StackConfig(neighbour_refine=None, block=BlockConfig(aligner=_biased(bias)), drift=drift)
     return align_stack(sec, block_size=block, overlap=3, voting_distance=1, decay_distance=decay,
                        config=cfg, progress=False, return_plan=True)
 
@@ -195,7 +195,7 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   chunk = ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None
   config = pipeline.VolumeConfig(block_size=5, overlap=2, decay_distance=1e6, pyramid_levels=1, starters=(0, 3, 6),
                                  chunk=chunk,
-                                 stack=StackConfig(block=BlockConfig(aligner=phase_aligner), drift=drift_cfg))
+                                 stack=StackConfig(neighbour_refine=None, block=BlockConfig(aligner=phase_aligner), drift=drift_cfg))
   dst = str(tmp_path / "dst")
   stats = jd.RunStats()
   pipeline.align_volume(src, dst, config, progress=False, stats=stats)

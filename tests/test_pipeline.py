@@ -27,7 +27,7 @@ SHIFTS = random_shifts(Z, limit=8)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A huge decay distance keeps stitch fields undecayed, so the exact answer stays a pure translation.
 CONFIG = pipeline.VolumeConfig(block_size=5, overlap=2, decay_distance=1e6, pyramid_levels=2,
-                               stack=StackConfig(block=BlockConfig(aligner=phase_aligner)))
+                               stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=phase_aligner)))
 
 
 def crashing_aligner(srcs, tgts, **kw):
@@ -102,7 +102,7 @@ def test_crashed_run_resumes_without_redoing_finished_blocks(aligned_run, tmp_pa
   monkeypatch.setenv("JAXALIGN_TEST_CRASH_DIR", str(tmp_path))
   monkeypatch.setenv("JAXALIGN_TEST_CRASH_AT", "6")  # inside block 1 (block 0 makes 4 calls)
   import dataclasses
-  config = dataclasses.replace(CONFIG, stack=StackConfig(block=BlockConfig(aligner=crashing_aligner)))
+  config = dataclasses.replace(CONFIG, stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=crashing_aligner)))
   dst = str(tmp_path / "dst")
   with pytest.raises(RuntimeError, match="simulated crash"):
     pipeline.align_volume(aligned_run["src"], dst, config, progress=False)
@@ -188,7 +188,7 @@ def test_pair_aligner_gets_the_volume_resolution(tmp_path):
   pair_cfg = pipeline._block_config(pipeline.VolumeConfig(level=1), src).pair
   assert pair_cfg.resolution_nm == (50.0, 50.0, 50.0) and not pair_cfg.median_active
   assert pipeline._block_config(pipeline.VolumeConfig(), src).pair.median_active  # 2 px thick at level 0
-  given = pipeline.VolumeConfig(stack=StackConfig(block=BlockConfig(pair=PairConfig(resolution_nm=(9, 1, 1)))))
+  given = pipeline.VolumeConfig(stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(pair=PairConfig(resolution_nm=(9, 1, 1)))))
   assert pipeline._block_config(given, src).pair.resolution_nm == (9.0, 1.0, 1.0)
-  custom = pipeline.VolumeConfig(stack=StackConfig(block=BlockConfig(aligner=lambda *a, **k: None)))
+  custom = pipeline.VolumeConfig(stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=lambda *a, **k: None)))
   assert pipeline._block_config(custom, src).pair is None

@@ -132,7 +132,7 @@ def test_align_stack_refines_each_section_once_after_composition():
     return np.asarray(phase_aligner(srcs, tgts)) + np.where(template[:, None, None, None], c, 0)
 
   def run(refine):
-    cfg = StackConfig(block=BlockConfig(aligner=aligner), neighbour_refine=refine)
+    cfg = StackConfig(drift=None, block=BlockConfig(aligner=aligner), neighbour_refine=refine)
     return np.asarray(align_stack(sections, block_size=6, overlap=2, voting_distance=1, decay_distance=1e6,
                                   config=cfg, progress=False))
 

@@ -16,7 +16,7 @@ from jaxalign.stack import (StackConfig, align_block_task, align_stack, choose_s
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 
 SIZE = 64
-CFG = StackConfig(block=BlockConfig(aligner=phase_aligner))
+CFG = StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=phase_aligner))
 
 
 def _check_partition(plan, z_count, block_size, overlap):
@@ -48,7 +48,7 @@ def test_starters_avoid_blank_and_defective_sections():
   tissue[0] = 0.0  # first section lost
   tissue[7] = 0.2  # mostly missing
   defect[13] = 0.3  # large fold
-  choices = choose_starters(tissue, defect, block_size=10, overlap=3, config=StackConfig(starter_search=2))
+  choices = choose_starters(tissue, defect, block_size=10, overlap=3, config=StackConfig(drift=None, neighbour_refine=None, starter_search=2))
   starters = [c.index for c in choices]
   # 0 -> 1 (later, block 0 only); 7 -> 6; the next nominal is 6 + 7 = 13 (fold) -> 12; then 19, 26.
   assert starters == [1, 6, 12, 19, 26]
@@ -143,7 +143,7 @@ def test_algebraic_stitch_matches_closed_form_without_extra_alignments(stack):
     def counting(srcs, tgts, **kw):
       calls[refine] += 1
       return phase_aligner(srcs, tgts, **kw)
-    cfg = StackConfig(block=BlockConfig(aligner=counting), stitch_refine=refine)
+    cfg = StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=counting), stitch_refine=refine)
     return align_stack(sec[:13], block_size=8, overlap=3, decay_distance=decay_distance, config=cfg,
                        progress=False, return_plan=True)
 
@@ -207,7 +207,7 @@ def test_align_stack_rotations_match_truth_and_single_block():
   bc = BlockConfig(aligner=aligner)
   single = np.asarray(align_block(sec, voting_distance=3, config=bc, progress=False))
   blocks = np.asarray(align_stack(sec, block_size=5, overlap=3, decay_distance=1e6,
-                                  config=StackConfig(block=bc), progress=False))
+                                  config=StackConfig(drift=None, neighbour_refine=None, block=bc), progress=False))
   m = 16  # interior: the field at the border is extrapolated
   med = lambda a, b: np.median(np.linalg.norm(a - b, axis=-1)[:, m:-m, m:-m], axis=(1, 2))
   assert med(single, truth).max() < 0.3

@@ -33,11 +33,11 @@ flags.DEFINE_boolean("precise", False, "refine fields down to the data's own pix
 flags.DEFINE_float("max_displacement_nm", 2048.0, "largest displacement expected between neighbouring "
                    "sections, nm (sizes the coarsest level)")
 flags.DEFINE_enum("pair_init", "identity", ["identity", "blockmatch"], "initial field of each pair alignment")
-flags.DEFINE_float("drift_sigma", None, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
-                   "sections (default: off, the paper's ABCD)")
+flags.DEFINE_float("drift_sigma", 2.0, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
+                   "sections; 0 = off (the paper's ABCD)")
 flags.DEFINE_integer("drift_degree", 1, "degree of the local fit along z for --drift_sigma (0, 1 or 2)")
-flags.DEFINE_integer("neighbour_refine", 0, "sweeps re-aligning each section to the mean of its aligned "
-                     "neighbours (jaxalign.refine; use with --drift_sigma); 0 = off")
+flags.DEFINE_integer("neighbour_refine", 1, "sweeps re-aligning each section to the mean of its aligned "
+                     "neighbours on both sides (jaxalign.refine); 0 = off")
 flags.DEFINE_float("refine_stiffness", 4.0, "elastic weights of the neighbour refinement relative to pair "
                    "alignment's (jaxalign.refine.RefineConfig.stiffness; thicker sections in pixels need more)")
 flags.DEFINE_boolean("restart", False, "discard DST's completion records and recompute everything")
@@ -58,7 +58,9 @@ def main(argv):
     raise InputError(f"--starters must be integers, got {FLAGS.starters}") from None
   chunk = None if FLAGS.chunk is None else ChunkConfig(chunk=FLAGS.chunk, overlap=FLAGS.chunk_overlap)
   from jaxalign.drift import DriftConfig
-  drift = None if FLAGS.drift_sigma is None else DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree)
+  if FLAGS.drift_sigma < 0:
+    raise InputError(f"--drift_sigma must be >= 0 sections (0 = off), got {FLAGS.drift_sigma}")
+  drift = DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree) if FLAGS.drift_sigma > 0 else None
   from jaxalign.refine import RefineConfig
   if FLAGS.neighbour_refine < 0:
     raise InputError(f"--neighbour_refine must be >= 0 sweeps, got {FLAGS.neighbour_refine}")
