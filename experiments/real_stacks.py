@@ -592,12 +592,16 @@ def _epe_cell(e, xy) -> str:
 def read_rows(path: pathlib.Path) -> list[dict]:
   if not path.exists():
     return []
-  rows = []
+  # A later run of the same (stack, variant, method) replaces the earlier one (re-running a stack
+  # after a change appends to the JSON).
+  by_key: dict = {}
   for line in path.read_text().splitlines():
     line = line.strip()
     if line:
-      rows.append(json.loads(line))
-  return rows
+      row = json.loads(line)
+      by_key.pop((row["stack"], row["variant"], row.get("label", row["method"])), None)
+      by_key[(row["stack"], row["variant"], row.get("label", row["method"]))] = row
+  return list(by_key.values())
 
 
 def build_markdown(rows: list[dict]) -> str:

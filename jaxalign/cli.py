@@ -40,6 +40,24 @@ def _usage() -> str:
   return "\n".join(lines)
 
 
+# Help is answered before absl parses the command line: absl only defines its own --help flags when
+# `app.run` starts, so parsing first would reject them as unknown flags.
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
+HELPFULL_FLAGS = ("--helpfull",)
+
+
+def command_help(command: str, module, *, full: bool = False) -> str:
+  """`jaxalign <command> --help` text: the command's docstring and its flags with their defaults
+  (those defined by jaxalign modules; `full` adds every flag, absl's and JAX's included)."""
+  doc = (module.__doc__ or COMMANDS[command][1]).strip()
+  if full:
+    body = flags.FLAGS.get_help()
+  else:
+    by_module = flags.FLAGS.flags_by_module_dict()
+    body = "\n".join(flags.FLAGS.module_help(name) for name in sorted(by_module) if name.startswith("jaxalign."))
+  return f"{doc}\n\nflags (jaxalign {command} --helpfull for all):\n{body}"
+
+
 def fail(command: str, message: str) -> "NoReturn":  # noqa: F821
   """Prints one line naming the problem and exits with status 2."""
   sys.stderr.write(f"jaxalign {command}: error: {message}\n")
@@ -59,6 +77,9 @@ def run(argv: list[str] | None = None) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   module = importlib.import_module(COMMANDS[command][0])
   cmd_argv = [f"jaxalign {command}"] + argv[2:]
+  if any(a in HELP_FLAGS + HELPFULL_FLAGS for a in argv[2:]):
+    sys.stdout.write(command_help(command, module, full=any(a in HELPFULL_FLAGS for a in argv[2:])) + "\n")
+    sys.exit(0)
   # Parse once ourselves so a bad or missing flag is one line and exit status 2, not absl's FATAL.
   try:
     flags.FLAGS(cmd_argv)

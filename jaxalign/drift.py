@@ -76,6 +76,12 @@ class DriftConfig:
     """Sections on each side that enter a section's drift estimate."""
     return max(1, int(math.ceil(WINDOW_SIGMAS * self.sigma)))
 
+  def applies_to(self, num_sections: int) -> bool:
+    """Whether a stack of `num_sections` is long enough for drift removal: its fit window
+    (2 radius + 1 sections) must fit. In a shorter stack the local fit spans the whole stack and
+    takes out the alignment itself (two sections: all of it), not a drift."""
+    return num_sections >= 2 * self.radius + 1
+
 
 def drift_weights(num_sections: int, config: DriftConfig, section_weights=None) -> np.ndarray:
   """`[Z, 2r + 1]` float64 weights: the drift of section z is `sum_j W[z, j] F[z - r + j]`.

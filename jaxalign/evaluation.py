@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -564,3 +565,35 @@ def deformation_scores(fields, tissue, *, resolution_nm, case: Case | None = Non
   out["residual vs truth"] = res
   out["truth"] = metrics.deformation(case.gt, resolution_nm=resolution_nm, tissue=np.isfinite(res.det))
   return out
+
+
+# The paper's CPC (Popovych et al. 2024): 64-px chunks at 32 nm/px.
+PAPER_CPC_NM = 32.0
+PAPER_CPC_CHUNK = 64
+# Default chunks shrink (powers of two) down to this on sections too small for the paper's.
+MIN_DEFAULT_CHUNK = 16
+
+
+def cpc_scale(shape, resolution_nm, level: int | None = None, chunk: int | None = None) -> tuple[int, int, str]:
+  """CPC level and chunk for sections of `shape` `[Z, H, W]` at `resolution_nm` (z, y, x) nm/px.
+
+  Defaults: the level nearest (in log scale) `PAPER_CPC_NM`, chunks of `PAPER_CPC_CHUNK` px. A
+  defaulted chunk halves (down to `MIN_DEFAULT_CHUNK`), then a defaulted level gets finer, until a
+  chunk fits the section; given values are kept (too large a chunk is an error later).
+  Returns (level, chunk, note): note says why the paper's scale was not used ("" when it was).
+  """
+  px = 0.5 * (float(resolution_nm[1]) + float(resolution_nm[2]))
+  auto_level, auto_chunk = level is None, chunk is None
+  paper_level = max(0, int(round(math.log2(PAPER_CPC_NM / px))))
+  level = paper_level if auto_level else level
+  chunk = PAPER_CPC_CHUNK if auto_chunk else chunk
+  side = lambda lv: min(shape[1], shape[2]) // 2 ** lv  # noqa: E731
+  while auto_chunk and chunk > max(side(level), MIN_DEFAULT_CHUNK):
+    chunk //= 2
+  while auto_level and level > 0 and side(level) < chunk:
+    level -= 1
+  note = ""
+  if (auto_chunk and chunk != PAPER_CPC_CHUNK) or (auto_level and level != paper_level):
+    note = (f" (sections of {shape[1]}x{shape[2]} px are too small for the paper's {PAPER_CPC_CHUNK}-px "
+            f"chunks at {PAPER_CPC_NM:g} nm)")
+  return level, chunk, note

@@ -138,11 +138,12 @@ class PairConfig:
       pixel is about this / `CAPTURE_RANGE_PX`. Used when `resolution_nm` is known and `levels` is
       None.
     iterations, learning_rates, gammas: per *working* level, the finest refined level first (the
-      last entry repeats for coarser levels). `iterations` None = `DEFAULT_ITERATIONS` when refining
-      down to the images' pixels, else `COARSE_ITERATIONS`. Learning rate is in pixels of that level per Adam
+      last entry repeats for coarser levels). `iterations` None = `COARSE_ITERATIONS` with the
+      physical defaults (`physical`: resolution known, `finest_nm` > 0), else `DEFAULT_ITERATIONS`. Learning rate is in pixels of that level per Adam
       step; gamma is the elastic weight (strain is scale free, so a value means the same at any
-      level). `gammas` None = `DEFAULT_GAMMAS` when refining down to the images' pixels, else
-      `COARSE_GAMMAS` (fields computed at ~32 nm: the paper's strong prior).
+      level). `gammas` None = `COARSE_GAMMAS` (the paper's strong prior) with the physical defaults, else
+      `DEFAULT_GAMMAS` (the precise setting and unknown resolutions: a light prior for pixel-scale
+      polish).
     gamma_scale: factor on every level's elastic weight (`jaxalign.refine` stiffens its residual
       aligner with it); passed to the compiled program as a value, so it costs no recompilation.
     median_sizes, median_strides: per working level (same layout): odd window (pixels of that level) of the
@@ -150,8 +151,7 @@ class PairConfig:
       field is compared with after the level's finetuner (1 = off; see `DEFAULT_MEDIAN_SIZES` for
       why), and its tap spacing. The caller's `init_field` (in a stack: the target's own field) is
       kept whole; an initial estimate made here (`init="blockmatch"`, a model) is filtered.
-      `median_sizes` None = `DEFAULT_MEDIAN_SIZES` when refining down to the images' pixels, else
-      off: at ~32 nm the neurite excursions it removes are sub-pixel and the strong elastic prior
+      `median_sizes` None = off with the physical defaults, else `DEFAULT_MEDIAN_SIZES`: at ~32 nm the neurite excursions it removes are sub-pixel and the strong elastic prior
       keeps them out, while a 45-px window there spans microns and flattens real distortions
       (measured on a same-section ISBI case, 512², smooth 11-px field: median EPE 2.06 px with it,
       0.89 px without; ISBI stack of 30: low CPC 28.9 % with, 24.6 % without).
@@ -254,8 +254,8 @@ class PairConfig:
     """The finetuner settings of MIP `level` when `finest` is the finest refined level (per-level
     settings are indexed by `level - finest`)."""
     k = level - finest
-    gammas = self.gammas if self.gammas is not None else (DEFAULT_GAMMAS if finest == 0 else COARSE_GAMMAS)
-    iterations = self.iterations or (DEFAULT_ITERATIONS if finest == 0 else COARSE_ITERATIONS)
+    gammas = self.gammas if self.gammas is not None else (COARSE_GAMMAS if self.physical else DEFAULT_GAMMAS)
+    iterations = self.iterations or (COARSE_ITERATIONS if self.physical else DEFAULT_ITERATIONS)
     return dataclasses.replace(self.finetune, iterations=int(_at_level(iterations, k)),
                                learning_rate=float(_at_level(self.learning_rates, k)),
                                gamma=float(_at_level(gammas, k)),
@@ -265,7 +265,7 @@ class PairConfig:
     """(window, stride) at working level k (0 = the finest refined level, which is MIP `finest`)."""
     sizes = self.median_sizes
     if sizes is None:
-      sizes = DEFAULT_MEDIAN_SIZES if finest == 0 else (1,)
+      sizes = (1,) if self.physical else DEFAULT_MEDIAN_SIZES
     return _at_level(sizes, k), _at_level(self.median_strides, k)
 
   def median_window(self, level: int, finest: int = 0) -> tuple[int, int]:
@@ -300,6 +300,14 @@ class PairConfig:
       if self.finest_level is None:
         finest = min(finest, fit - 1)
     return max(finest + 1, min(levels, fit)), finest
+
+  @property
+  def physical(self) -> bool:
+    """Whether the physical defaults apply: the resolution is known and the finest field is computed
+    at about `finest_nm` (not refined down to the pixel: `finest_nm=0`, the precise setting). They
+    hold for data coarser than `finest_nm` too (computed at its own pixel, e.g. 50 nm), where the
+    pixel-scale prior (γ 1) folds the tissue."""
+    return self.resolution_nm is not None and self.finest_nm > 0
 
   def loss_level(self, finest: int) -> int:
     """MIP level whose images the finest refined level (`finest`) is fitted on (`loss_nm`)."""

@@ -144,3 +144,25 @@ def test_help_lists_commands():
   assert r.returncode == 0
   for cmd in ("demo", "align", "render", "view", "import"):
     assert f"  {cmd} " in r.stdout
+
+
+@pytest.mark.parametrize("how", ["--help", "--helpfull"])
+def test_every_command_answers_help(how):
+  # Issue 20: `jaxalign <command> --help` / `--helpfull` exit 0 and list that command's flags.
+  from jaxalign.cli import COMMANDS
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+  def one(cmd):
+    return cmd, subprocess.run([sys.executable, "-m", "jaxalign", cmd, how], capture_output=True, text=True,
+                               timeout=TIMEOUT_S, env=env, cwd=REPO)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    results = list(pool.map(one, COMMANDS))
+  for cmd, r in results:
+    assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    assert f"jaxalign {cmd} --helpfull" in r.stdout, (cmd, r.stdout[:500])
+    own = [ln for ln in r.stdout.splitlines() if ln.startswith("jaxalign.") and ln.endswith(":")]
+    assert own, (cmd, r.stdout[:800])  # the command's own flags are listed, with defaults
+    assert "(default:" in r.stdout
+    if how == "--helpfull":
+      assert "--helpfull" in r.stdout  # absl's own flags are in the full list

@@ -17,7 +17,6 @@ from scipy import ndimage
 
 from jaxalign import evaluation as ev
 from jaxalign import io, metrics
-from jaxalign.commands import eval as eval_cmd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
@@ -164,7 +163,7 @@ def test_eval_bad_fields_exits_2(runs, name, out, words):
     ((40.0, 4.0, 4.0), (3, 4096, 4096), (1, None), (1, 64)),
 ])
 def test_cpc_scale(res, shape, given, expected):
-  level, chunk, note = eval_cmd.cpc_scale(shape, res, *given)
+  level, chunk, note = ev.cpc_scale(shape, res, *given)
   assert (level, chunk) == expected
   assert (note == "") == (expected[1] == 64 or given != (None, None))
 

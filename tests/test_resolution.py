@@ -45,8 +45,14 @@ def test_precise_setting_and_overrides():
   assert PairConfig(resolution_nm=(50, 4, 4), levels=5).plan((2048, 2048)) == (5, 3)
   # gammas follow the working level: the paper's strong prior when the finest field is coarse.
   cfg = PairConfig(resolution_nm=(50, 4, 4))
-  assert cfg.level_config(3, 3).gamma == ja.pair.COARSE_GAMMAS[0]
-  assert cfg.level_config(0, 0).gamma == ja.pair.DEFAULT_GAMMAS[0]
+  assert cfg.physical and cfg.level_config(3, 3).gamma == ja.pair.COARSE_GAMMAS[0]
+  # 50 nm data is computed at its own pixel, with the physical (strong) prior all the same...
+  assert PairConfig(resolution_nm=(50, 50, 50)).level_config(0, 0).gamma == ja.pair.COARSE_GAMMAS[0]
+  # ...while the precise setting and unknown resolutions polish at the pixel with a light prior.
+  for c in (PairConfig(resolution_nm=(50, 4, 4), finest_nm=0), PairConfig()):
+    assert not c.physical and c.level_config(0, 0).gamma == ja.pair.DEFAULT_GAMMAS[0]
+    assert c.median_window(0, 0)[0] == ja.pair.DEFAULT_MEDIAN_SIZES[0]
+  assert cfg.median_window(3, 3)[0] == 1  # off
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +92,9 @@ def test_resolution_reaches_block_and_stack():
   shifted = np.asarray(fields.warp(jnp.asarray(section), jnp.asarray(np.broadcast_to(
       np.float32([2.0, -3.0]), (n, n, 2)).copy())))
   stack = np.stack([shifted, section])
+  abcd = ja.StackConfig(drift=None, neighbour_refine=None)
   for out in (ja.align_block(stack, resolution_nm=(50, 4, 4), progress=False),
-              ja.align_stack(stack, block_size=2, overlap=1, resolution_nm=(50, 4, 4), progress=False)):
+              ja.align_stack(stack, block_size=2, overlap=1, resolution_nm=(50, 4, 4), config=abcd, progress=False)):
     f = np.asarray(out)[1]
     # section 1 (unshifted) into section 0's frame: warp(section, (2, -3)) is section 0.
     err = np.linalg.norm(f[24:-24, 24:-24] - np.float32([2.0, -3.0]), axis=-1)
@@ -125,3 +132,25 @@ def test_gamma_scale_equals_scaled_gammas(pair_at_two_resolutions):
   plain = np.asarray(ja.align_pair(src, tgt, config=base))
   np.testing.assert_allclose(scaled, explicit, atol=1e-4)
   assert np.abs(scaled - plain).max() > 1e-2
+
+
+def test_natural_motion_stays_within_the_deformation_bound():
+  # Real FIB-SEM (10 nm px), every 4th slice: 40 nm sections whose content moves from one section
+  # to the next (neurites cut obliquely) although the stack is registered. The default stack
+  # aligner must not turn that motion into tissue deformation that grows along z: the area change
+  # of every section's non-affine part (smoothed at 100 nm) stays within [0.9, 1.1].
+  stack = load_sections("flyem_medulla_fibsem", range(0, 64, 4), crop=256)  # 16: drift removal runs
+  fields_ = np.asarray(ja.align_stack(stack, block_size=8, overlap=3, resolution_nm=(40, 10, 10), progress=False))
+  d = ja.deformation(fields_, resolution_nm=(40, 10, 10))
+  assert 0.9 <= d.low_all and d.high_all <= 1.1, (d.low_all, d.high_all)
+  # ...and not larger at the end of the stack than near its start.
+  spread = np.asarray(d.high) - np.asarray(d.low)
+  assert spread[-3:].mean() <= spread[1:4].mean() + 0.05, spread
+
+
+def test_drift_removal_needs_its_window():
+  # Closed form: sigma 2 -> radius ceil(3 * 2) = 6 sections each side -> a 13-section window. A
+  # shorter stack is left to ABCD (the local fit would span it and remove the alignment itself).
+  assert ja.DriftConfig(sigma=2).radius == 6
+  assert not ja.DriftConfig(sigma=2).applies_to(12) and ja.DriftConfig(sigma=2).applies_to(13)
+  assert ja.DriftConfig(sigma=1).applies_to(7) and not ja.DriftConfig(sigma=1).applies_to(6)

@@ -32,6 +32,7 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
+from jaxalign.evaluation import cpc_scale
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ground_truth", None, "ground-truth case directory (case.json + arrays.npz)")
@@ -44,40 +45,10 @@ flags.DEFINE_string("output", None, "directory for cpc_maps.png and eval.json (d
 flags.DEFINE_boolean("progress", True, "show progress bars")
 
 
-# The paper's CPC (Popovych et al. 2024): 64-px chunks at 32 nm/px.
-PAPER_CPC_NM = 32.0
-PAPER_CPC_CHUNK = 64
-# Default chunks shrink (powers of two) down to this on sections too small for the paper's.
-MIN_DEFAULT_CHUNK = 16
 # Fields may be this many MIP levels coarser than VOLUME's level 0.
 MAX_FIELD_LEVEL = 12
 # Per-section deformation rows printed at most (the sections farthest from 1).
 PRINT_SECTIONS = 40
-
-
-def cpc_scale(shape, resolution_nm, level: int | None = None, chunk: int | None = None) -> tuple[int, int, str]:
-  """CPC level and chunk for sections of `shape` `[Z, H, W]` at `resolution_nm` (z, y, x) nm/px.
-
-  Defaults: the level nearest (in log scale) `PAPER_CPC_NM`, chunks of `PAPER_CPC_CHUNK` px. A
-  defaulted chunk halves (down to `MIN_DEFAULT_CHUNK`), then a defaulted level gets finer, until a
-  chunk fits the section; given values are kept (too large a chunk is an error later).
-  Returns (level, chunk, note): note says why the paper's scale was not used ("" when it was).
-  """
-  px = 0.5 * (float(resolution_nm[1]) + float(resolution_nm[2]))
-  auto_level, auto_chunk = level is None, chunk is None
-  paper_level = max(0, int(round(math.log2(PAPER_CPC_NM / px))))
-  level = paper_level if auto_level else level
-  chunk = PAPER_CPC_CHUNK if auto_chunk else chunk
-  side = lambda lv: min(shape[1], shape[2]) // 2 ** lv  # noqa: E731
-  while auto_chunk and chunk > max(side(level), MIN_DEFAULT_CHUNK):
-    chunk //= 2
-  while auto_level and level > 0 and side(level) < chunk:
-    level -= 1
-  note = ""
-  if (auto_chunk and chunk != PAPER_CPC_CHUNK) or (auto_level and level != paper_level):
-    note = (f" (sections of {shape[1]}x{shape[2]} px are too small for the paper's {PAPER_CPC_CHUNK}-px "
-            f"chunks at {PAPER_CPC_NM:g} nm)")
-  return level, chunk, note
 
 
 def neighbour_cpc(stack, *, level: int, chunk: int, progress: bool = False, desc: str = "cpc"):
