@@ -508,11 +508,11 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
     # Validate before CompletionRecords or any volume touches dst: bad input writes nothing.
     _check_sections(src, src_url, config.level, need_data=True,
                     tile=config.chunk.chunk if config.chunk is not None else None)
-  z_count = src.shape(config.level)[0] if config.level < src.levels else src.shape(0)[0]
-  if config.stack.drift is not None and not config.stack.drift.applies_to(z_count):
-    # Too short a stack: the drift fit would take out the alignment itself (as `align_stack`).
-    logging.info("align_volume: %d sections are too few for drift removal; skipped", z_count)
-    config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, drift=None))
+    z_count = src.shape(config.level)[0]
+    if config.stack.drift is not None and not config.stack.drift.applies_to(z_count):
+      # Too short a stack: the drift fit would take out the alignment itself (as `align_stack`).
+      logging.info("align_volume: %d sections are too few for drift removal; skipped", z_count)
+      config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, drift=None))
   records = jd.CompletionRecords(dst)
   if restart:
     records.clear()

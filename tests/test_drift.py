@@ -191,7 +191,7 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   sections = texture_stack(shifts, size=size)
   src = str(tmp_path / "src")
   io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
-  drift_cfg = DriftConfig(sigma=1.5, degree=1)
+  drift_cfg = DriftConfig(sigma=1.0, degree=1)  # its 7-section window fits the 10 sections
   chunk = ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None
   config = pipeline.VolumeConfig(block_size=5, overlap=2, decay_distance=1e6, pyramid_levels=1, starters=(0, 3, 6),
                                  chunk=chunk,
