@@ -441,12 +441,12 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
   """
   config = config or StackConfig()
   config = dataclasses.replace(config, block=block_with_resolution(config.block, resolution_nm))
-  if config.drift is not None and not config.drift.applies_to(len(np.asarray(sections))):
-    logging.info("align_stack: %d sections are too few for drift removal (window %d); skipped",
-                 len(np.asarray(sections)), 2 * config.drift.radius + 1)
-    config = dataclasses.replace(config, drift=None)
   sec, dfx = check_stack(sections, defects)
   z_count, h, w = sec.shape
+  if config.drift is not None and not config.drift.applies_to(z_count):
+    logging.info("align_stack: %d sections are too few for drift removal (window %d); skipped", z_count,
+                 2 * config.drift.radius + 1)
+    config = dataclasses.replace(config, drift=None)
   if decay_distance <= 0:
     raise errors.InputError(f"decay_distance must be > 0, got {decay_distance}")
   _check_sizes(z_count, block_size, overlap)
