@@ -306,12 +306,9 @@ def method_label(method: str, jaxalign_config_name: str = "default") -> str:
 
 
 def mip_level(xy_nm: float, target_nm: float) -> int:
-  """The MIP level whose pixel (xy_nm * 2**level) is nearest `target_nm` (ties: the finer level)."""
-  best = 0
-  for level in range(0, 12):
-    if abs(xy_nm * 2 ** level - target_nm) < abs(xy_nm * 2 ** best - target_nm) - 1e-9:
-      best = level
-  return best
+  """The MIP level whose pixel (xy_nm * 2**level) is nearest `target_nm` (log scale, as `jaxalign eval`)."""
+  from jaxalign.fields import level_nearest
+  return level_nearest(xy_nm, target_nm)
 
 
 def render_outputs(images, defects, fields):

@@ -295,7 +295,8 @@ DONE_DIR = "_done"
 
 def pick_mip(resolution_yx: float, nm: float) -> int:
   """MIP level whose pixel size is closest (log scale) to `nm`, for level-0 pixels of `resolution_yx` nm."""
-  return max(0, int(round(np.log2(max(nm, 1e-6) / resolution_yx))))
+  from jaxalign.fields import level_nearest
+  return level_nearest(resolution_yx, max(nm, 1e-6))
 
 
 def _read_section(vol, z: int, mip: int) -> np.ndarray:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -37,7 +36,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.fields import FULL_SUPPORT, downsample_image, warp
+from jaxalign.fields import FULL_SUPPORT, downsample_image, level_nearest, warp
 from jaxalign.groundtruth import DistortionConfig, distort_stack
 from jaxalign.metrics import LOW_CPC_THRESHOLD, cpc
 
@@ -584,7 +583,7 @@ def cpc_scale(shape, resolution_nm, level: int | None = None, chunk: int | None 
   """
   px = 0.5 * (float(resolution_nm[1]) + float(resolution_nm[2]))
   auto_level, auto_chunk = level is None, chunk is None
-  paper_level = max(0, int(round(math.log2(PAPER_CPC_NM / px))))
+  paper_level = level_nearest(px, PAPER_CPC_NM)
   level = paper_level if auto_level else level
   chunk = PAPER_CPC_CHUNK if auto_chunk else chunk
   side = lambda lv: min(shape[1], shape[2]) // 2 ** lv  # noqa: E731

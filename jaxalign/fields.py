@@ -292,6 +292,14 @@ def upsample_field(field: jax.Array) -> jax.Array:
   return 2.0 * _upsample_axis(_upsample_axis(field, field.ndim - 3), field.ndim - 2)
 
 
+def level_nearest(pixel_nm: float, target_nm: float) -> int:
+  """MIP level whose pixel (2**level * `pixel_nm`, nm) is nearest `target_nm` on a log scale; 0 when
+  `target_nm` is 0 or finer than the pixel (DESIGN.md §1: level k is 2**k coarser)."""
+  if target_nm <= 0:
+    return 0
+  return max(0, int(round(math.log2(target_nm / pixel_nm))))
+
+
 def pyramid(image: jax.Array, levels: int, reduce: str = "mean") -> list[jax.Array]:
   """MIP pyramid `[level 0 = image, level 1, ..., level levels-1]`, each `[..., H/2^k, W/2^k]`.
 

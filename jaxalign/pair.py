@@ -101,14 +101,6 @@ CAPTURE_RANGE_PX = 4.0
 DEFAULT_MAX_DISPLACEMENT_NM = 2048.0
 
 
-def level_nearest(pixel_nm: float, target_nm: float) -> int:
-  """MIP level whose pixel (2**level * `pixel_nm`) is nearest `target_nm` on a log scale; 0 when
-  `target_nm` is 0 or finer than the pixel."""
-  if target_nm <= 0:
-    return 0
-  return max(0, int(round(math.log2(target_nm / pixel_nm))))
-
-
 def _at_level(per_level: Sequence, level: int):
   """The entry of a per-level setting (level 0 first) for MIP `level`; the last entry repeats."""
   return per_level[min(level, len(per_level) - 1)]
@@ -294,8 +286,9 @@ class PairConfig:
       finest = self.finest_level or 0
     else:
       pixel = 0.5 * (self.resolution_nm[1] + self.resolution_nm[2])
-      finest = self.finest_level if self.finest_level is not None else level_nearest(pixel, self.finest_nm)
-      levels = self.levels or level_nearest(pixel, self.max_displacement_nm / CAPTURE_RANGE_PX) + 1
+      finest = (self.finest_level if self.finest_level is not None
+                else _fields.level_nearest(pixel, self.finest_nm))
+      levels = self.levels or _fields.level_nearest(pixel, self.max_displacement_nm / CAPTURE_RANGE_PX) + 1
       # An image too small for the physical finest level is refined at its coarsest fitting level.
       if self.finest_level is None:
         finest = min(finest, fit - 1)
@@ -314,7 +307,7 @@ class PairConfig:
     if self.resolution_nm is None or self.loss_nm <= 0:
       return finest
     pixel = 0.5 * (self.resolution_nm[1] + self.resolution_nm[2])
-    return min(finest, level_nearest(pixel, self.loss_nm))
+    return min(finest, _fields.level_nearest(pixel, self.loss_nm))
 
   def levels_for(self, shape: Sequence[int]) -> int:
     """Levels actually used for an image of spatial `shape` (H, W) (`plan`)."""

@@ -13,7 +13,8 @@ from scipy import ndimage
 import jaxalign as ja
 from jaxalign import fields
 from jaxalign.errors import InputError
-from jaxalign.pair import PairConfig, level_nearest
+from jaxalign.fields import level_nearest
+from jaxalign.pair import PairConfig
 from tests.conftest import load_sections
 
 N = 512  # the whole ISBI section: 64 px at the 32 nm working level
