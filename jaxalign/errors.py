@@ -117,19 +117,23 @@ def check_pair(src, tgt, src_defects=None, tgt_defects=None, init_field=None):
   return src, tgt, src_defects, tgt_defects, init_field
 
 
-def check_resolution(res, name: str = "resolution_nm") -> tuple[float, float, float] | None:
+def check_resolution(res, name: str = "resolution_nm", *,
+                     volume: bool = False) -> tuple[float, float, float] | None:
   """Checks a physical resolution: None, one nm/px value for y and x, or nm per pixel (z, y, x).
 
-  Returns (z, y, x) floats (a single value gives (value, value, value)), or None.
+  Returns (z, y, x) floats (a single value gives (value, value, value)), or None. `volume` (a
+  volume's own resolution) requires exactly three values: the section thickness is never implied.
   Raises InputError unless every value is a finite number > 0.
   """
   if res is None:
+    if volume:
+      raise InputError(f"{name}: expected nm per pixel as (z, y, x), got None")
     return None
   try:
     vals = np.asarray(res, dtype=np.float64).reshape(-1)
   except (TypeError, ValueError):
     raise InputError(f"{name}: expected nm per pixel as (z, y, x) numbers, got {res!r}") from None
-  if vals.size == 1:
+  if vals.size == 1 and not volume:
     vals = np.repeat(vals, 3)
   if vals.size != 3:
     raise InputError(f"{name}: expected nm per pixel as (z, y, x), got {vals.size} values ({res!r})")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
@@ -40,7 +39,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from jaxalign.errors import InputError
+from jaxalign.errors import InputError, check_resolution
 
 FORMATS = ("zarr3", "neuroglancer_precomputed", "n5")
 FORMAT_ALIASES = {"zarr": "zarr3", "zarr3": "zarr3", "precomputed": "neuroglancer_precomputed",
@@ -142,20 +141,10 @@ def _detect_format(url: str) -> str | None:
 # Validation helpers
 
 
-def _check_resolution(resolution) -> tuple[float, float, float]:
-  try:
-    res = tuple(float(r) for r in resolution)
-  except (TypeError, ValueError):
-    raise InputError(f"resolution must be three numbers (z, y, x) in nm, got {resolution!r}") from None
-  if len(res) != 3 or not all(math.isfinite(r) and r > 0 for r in res):
-    raise InputError(f"resolution must be three positive numbers (z, y, x) in nm, got {resolution!r}")
-  return res
-
-
 def parse_resolution(text: str) -> tuple[float, float, float]:
   """Parses 'z,y,x' (nm) as used on the command line."""
   parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
-  return _check_resolution(parts)
+  return check_resolution(parts, "resolution", volume=True)
 
 
 def level_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
@@ -542,7 +531,7 @@ def create_volume(url: str, shape: Sequence[int], dtype, resolution: Sequence[fl
   fmt = _normalize_format(format)
   kind = _infer_kind(shape, kind)
   shape, dt = _check_layout(shape, dtype, kind)
-  res = _check_resolution(resolution)
+  res = check_resolution(resolution, "resolution", volume=True)
   chunks = _default_chunks(shape, config) if chunks is None else _check_chunks(chunks, shape)
   if not isinstance(levels, (int, np.integer)) or levels < 1:
     raise InputError(f"levels must be a positive integer, got {levels!r}")
@@ -782,7 +771,7 @@ def import_stack(src: str, url: str, resolution: Sequence[float], *, format: str
   """
   from tqdm import tqdm
 
-  res = _check_resolution(resolution)
+  res = check_resolution(resolution, "resolution", volume=True)
   files = _list_sections(src)
   entries: list[tuple[pathlib.Path, int | None]] = []
   shape = dt = None
