@@ -324,13 +324,16 @@ def gaussian_kernel(sigma: float) -> jax.Array:
   return k / k.sum()
 
 
-@functools.partial(jax.jit, static_argnames=("sigma",))
-def gaussian_blur(image: jax.Array, sigma: float) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("sigma", "border"))
+def gaussian_blur(image: jax.Array, sigma: float, border: str = "reflect") -> jax.Array:
   """Separable Gaussian blur over the last two axes, reflect-padded.
 
   Args:
     image: `[..., H, W]` float32.
     sigma: standard deviation in pixels (static: it fixes the kernel size); 0 returns the input.
+    border: "reflect" (even: mirror the values) or "odd" (point-symmetric about the border pixel:
+      continues the local slope, so a linear ramp, e.g. an affine field, is blurred into itself
+      up to the border). Static.
   Returns:
     `[..., H, W]` float32.
   """
@@ -340,9 +343,12 @@ def gaussian_blur(image: jax.Array, sigma: float) -> jax.Array:
   r = (k.shape[0] - 1) // 2
   x, lead = _flatten_leading(image.astype(jnp.float32), 2)
   h, w = x.shape[1:]
-  # Reflect padding needs r < size; fall back to edge replication for tiny images.
-  pad_mode = "reflect" if r < min(h, w) else "edge"
-  x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode=pad_mode)
+  if border == "odd":
+    x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode="reflect", reflect_type="odd")
+  else:
+    # Reflect padding needs r < size; fall back to edge replication for tiny images.
+    pad_mode = "reflect" if r < min(h, w) else "edge"
+    x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode=pad_mode)
   # Weighted sums of shifted slices rather than lax.conv: XLA:CPU (jaxlib 0.10) intermittently
   # crashes on convolutions inside while loops, and blurs run inside the finetuner's loop.
   x = sum(k[t] * x[:, t:t + h, :] for t in range(2 * r + 1))
@@ -350,10 +356,11 @@ def gaussian_blur(image: jax.Array, sigma: float) -> jax.Array:
   return x.reshape(lead + (h, w))
 
 
-@functools.partial(jax.jit, static_argnames=("sigma",))
-def blur_field(field: jax.Array, sigma: float) -> jax.Array:
-  """Gaussian blur of each component of `[..., H, W, 2]` over (H, W); sigma in pixels (static)."""
-  return jnp.moveaxis(gaussian_blur(jnp.moveaxis(field, -1, 0), sigma), 0, -1)
+@functools.partial(jax.jit, static_argnames=("sigma", "border"))
+def blur_field(field: jax.Array, sigma: float, border: str = "reflect") -> jax.Array:
+  """Gaussian blur of each component of `[..., H, W, 2]` over (H, W); sigma in pixels and `border`
+  as `gaussian_blur` (static)."""
+  return jnp.moveaxis(gaussian_blur(jnp.moveaxis(field, -1, 0), sigma, border), 0, -1)
 
 
 # --------------------------------------------------------------------------- median filter

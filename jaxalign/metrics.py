@@ -152,22 +152,6 @@ def _affine_part(matrix: jax.Array, h: int, w: int) -> jax.Array:
 _FILL_EPS = 1e-3
 
 
-def _smooth_odd(u: jax.Array, sigma: float) -> jax.Array:
-  """Separable Gaussian blur of `[H, W, 2]` over (H, W), sigma px, odd-reflect padded.
-
-  Odd (point-symmetric) reflection about the border continues the field's local slope instead of
-  flattening it (even reflection forces a zero normal derivative, which would pull the border's
-  area change towards 1), so an affine field is smoothed into itself exactly, border included.
-  """
-  from jaxalign.fields import gaussian_kernel  # deferred: metrics stays importable on its own
-  k = gaussian_kernel(sigma)
-  r = (k.shape[0] - 1) // 2
-  h, w = u.shape[:2]
-  x = jnp.pad(u, ((r, r), (r, r), (0, 0)), mode="reflect", reflect_type="odd")
-  x = sum(k[t] * x[t:t + h] for t in range(2 * r + 1))
-  return sum(k[t] * x[:, t:t + w] for t in range(2 * r + 1))
-
-
 @functools.partial(jax.jit, static_argnames=("sigma", "remove_affine"))
 def area_change(field: jax.Array, *, sigma: float = 0.0, remove_affine: bool = True,
                 weight: jax.Array | None = None) -> jax.Array:
@@ -192,16 +176,19 @@ def area_change(field: jax.Array, *, sigma: float = 0.0, remove_affine: bool = T
   if remove_affine:
     u = u - _affine_part(affine_fit(u, weight), h, w)
   if sigma > 0:
+    from jaxalign.fields import blur_field  # deferred: metrics stays importable on its own
     if weight is not None:
       # Outside the weighted pixels (resin, defects, where the truth maps off the image) a field can
       # be anything; smoothing would spread it into the tissue. Replace it by the normalised
       # (weight-averaged) blur of the weighted field, which tends to 0 (= the removed affine part)
       # far from any weight.
-      from jaxalign.fields import blur_field, gaussian_blur  # deferred: metrics stays importable alone
+      from jaxalign.fields import gaussian_blur  # deferred: metrics stays importable alone
       wt = jnp.asarray(weight, jnp.float32)
       fill = blur_field(u * wt[..., None], sigma) / (gaussian_blur(wt, sigma)[..., None] + _FILL_EPS)
       u = jnp.where(wt[..., None] > 0, u, fill)
-    u = _smooth_odd(u, sigma)
+    # Odd reflection continues the field's slope at the border (even reflection would force a zero
+    # normal derivative and pull the border's area change towards 1): affine fields stay exact.
+    u = blur_field(u, sigma, border="odd")
   dy_dy, dy_dx = jnp.gradient(u[..., 0])
   dx_dy, dx_dx = jnp.gradient(u[..., 1])
   return (1.0 + dy_dy) * (1.0 + dx_dx) - dy_dx * dx_dy
