@@ -100,7 +100,7 @@ def _block_config():
 
 def throughput(work: pathlib.Path) -> None:
   from jaxalign import distributed as jd
-  from jaxalign import io, pipeline
+  from jaxalign import compile_cache, io, pipeline
   from jaxalign.block import BlockConfig
   from jaxalign.pair import PairConfig
   from jaxalign.stack import StackConfig
@@ -115,7 +115,7 @@ def throughput(work: pathlib.Path) -> None:
   # workers load compiled functions instead of compiling them again; "fields == inline" checks that
   # this changes no bit. The first inline run includes compilation and is reported separately.
   if FLAGS.compilation_cache:
-    jd.enable_compilation_cache(str(work / "xla_cache"))
+    compile_cache.enable(work / "xla_cache", min_compile_seconds=0)
   rows = []
   for i, (kind, workers) in enumerate((("inline", 1), ("inline", 1), ("processes", 1), ("processes", 2),
                                        ("dask", 2))):

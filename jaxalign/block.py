@@ -12,7 +12,8 @@ sections of a block vote over what exists. `n = 1` is plain sequential alignment
 
 Per section, the targets needed are decided *before* aligning (a target's validity only depends on
 its own aligned data mask), so only targets that some pixel actually votes with are aligned, in
-batches of `n` pairs (padded, so the batched aligner compiles once per block shape).
+batches of `n` pairs (padded on accelerators, so the vmapped aligner compiles once per block shape;
+see `batch_rows`).
 
 The pair aligner is injectable (`BlockConfig.aligner`), with the batched protocol
 `aligner(srcs[B,H,W], tgts[B,H,W], *, src_defects[B,H,W] bool, tgt_defects[B,H,W] bool,
@@ -148,14 +149,27 @@ def check_stack(sections, defects, name: str = "sections") -> tuple[np.ndarray, 
   return np.where(d, np.float32(0), sec), d
 
 
+def batch_rows(start: int, count: int, batch: int) -> np.ndarray:
+  """`[B]` int row indices of one batched-aligner call over items `start, start + 1, ...` of `count`.
+
+  Where the default aligner is one vmapped program (accelerators), every call gets exactly `batch`
+  rows, the last batch padded by repeating the last item, so it compiles once per batch size. Where
+  it runs pairs one by one (CPU, `jaxalign.pair.pairs_one_by_one`) the padding would be aligned for
+  nothing (a 2-section stack refined in batches of 8 aligned 8 pairs), so only real items are given.
+  """
+  from jaxalign.pair import pairs_one_by_one  # deferred: pair pulls in the finetuner and optax
+  stop = start + batch if not pairs_one_by_one() else min(start + batch, count)
+  return np.arange(start, stop).clip(max=count - 1)
+
+
 def _run_aligner(aligner, src, src_def, tgts, tgt_defs, inits, batch: int) -> np.ndarray:
-  """Aligns one source to several targets in batches of `batch` pairs (last batch padded by repeats)."""
+  """Aligns one source to several targets in batches of `batch` pairs (`batch_rows`)."""
   m = tgts.shape[0]
   out = []
   for b0 in range(0, m, batch):
-    idx = np.arange(b0, b0 + batch).clip(max=m - 1)
-    res = aligner(np.broadcast_to(src, (batch,) + src.shape), tgts[idx],
-                  src_defects=np.broadcast_to(src_def, (batch,) + src.shape), tgt_defects=tgt_defs[idx],
+    idx = batch_rows(b0, m, batch)
+    res = aligner(np.broadcast_to(src, (len(idx),) + src.shape), tgts[idx],
+                  src_defects=np.broadcast_to(src_def, (len(idx),) + src.shape), tgt_defects=tgt_defs[idx],
                   init_fields=inits[idx])
     out.append(np.asarray(res, np.float32)[: min(batch, m - b0)])
   return np.concatenate(out)
@@ -163,7 +177,7 @@ def _run_aligner(aligner, src, src_def, tgts, tgt_defs, inits, batch: int) -> np
 
 def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, model=None, defects=None,
                 resolution_nm=None, config: BlockConfig | None = None, progress: bool = True,
-                return_info: bool = False):
+                return_info: bool = False, on_section: Callable[[int], None] | None = None):
   """Aligns a block of sections into the frame of its first section.
 
   Args:
@@ -177,6 +191,8 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
     config: `BlockConfig`.
     progress: show a tqdm bar over sections.
     return_info: also return a list of `SectionInfo` (targets used and status per section).
+    on_section: optional `on_section(z)`, called after section z is done (blank ones included), e.g.
+      to report progress from a pipeline task.
   Returns:
     `[Z, H, W, 2]` float32 fields, pixels, (dy, dx): `warp(sections[z], fields[z])` is section z in
     the frame of section 0 (field 0 is the identity); with `return_info`, `(fields, infos)`.
@@ -208,6 +224,8 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
         fields[z] = fields[z - 1]
       infos.append(SectionInfo((), "blank" if z > 0 else "reference"))
       logging.warning("align_block: section %d has no data; not aligned, not used as a target", z)
+      if on_section is not None:
+        on_section(z)
       continue
     cands = [k for k in range(z - 1, max(-1, z - 1 - lookback), -1) if has_data[k]]
     if not cands:
@@ -254,5 +272,7 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
     if dfx[z].any():
       aligned_defects[z] = np.asarray(_aligned_data(jnp.asarray(dfx[z]), jnp.asarray(fields[z]))) > \
           config.valid_threshold
+    if on_section is not None:
+      on_section(z)
   out = jnp.asarray(fields)
   return (out, infos) if return_info else out

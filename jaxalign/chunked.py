@@ -40,7 +40,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxalign import chunking
-from jaxalign.drift import _remove_one
+from jaxalign.drift import remove_one
 from jaxalign.errors import InputError
 from jaxalign.fields import compose, downsample_image, upsample_field, warp
 
@@ -312,7 +312,7 @@ def coarse_offsets(coarse_fields: np.ndarray, specs: Sequence[chunking.ChunkSpec
 def align_block_chunked(sections, block=None, *, voting_distance: int = 3, config: ChunkConfig = ChunkConfig(),
                         block_config=None, coarse_fields: np.ndarray | None = None,
                         sink: Callable[[int, tuple[slice, slice], np.ndarray], None] | None = None,
-                        progress: bool = False):
+                        progress: bool = False, on_section: Callable[[int, int], None] | None = None):
   """Block alignment of arbitrarily large sections on overlapping, re-centred chunks.
 
   Args:
@@ -326,6 +326,9 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
     sink: optional `sink(z, core_slices, fields [h, w, 2])` receiving each chunk's core per section;
       forces "crop" reassembly and bounded memory.
     progress: tqdm bar over chunks.
+    on_section: optional `on_section(done, total)` after each section of each chunk is aligned (and
+      of the coarse pass when it runs): `total` = Z x (chunks + 1 with the coarse pass), so a
+      caller can show progress with an ETA inside one block.
   Returns:
     `[Z, H, W, 2]` float32 fields into the starter's frame (None with a sink).
   """
@@ -338,11 +341,23 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
     raise InputError("sections of a block must share one shape")
   block = block or BlockPlan(0, 0, z_count, 0, 0, z_count)
   c = coarse_levels_for(config, h, w)
+  specs = chunking.split((h, w), config.chunk, config.overlap)
+  total = z_count * (len(specs) + (coarse_fields is None))
+  steps = [0]  # sections of chunks (and of the coarse pass) finished so far
+
+  def report(done: int, _n: int) -> None:
+    if on_section is not None:
+      on_section(steps[0] + done, total)
+
+  def chunk_done() -> None:
+    steps[0] += z_count
+    report(0, z_count)
+
   if coarse_fields is None:
     coarse = np.stack([s.coarse(c) if hasattr(s, "coarse") else coarse_of(s, c, config.chunk) for s in srcs])
     coarse_fields = np.asarray(align_block_task(coarse, block, voting_distance=voting_distance,
-                                                config=block_config))
-  specs = chunking.split((h, w), config.chunk, config.overlap)
+                                                config=block_config, on_section=report))
+    steps[0] += z_count
   offsets = coarse_offsets(coarse_fields, specs, c)
   mode = "crop" if sink is not None else config.mode
   acc = [chunking.Assembler((h, w, 2), mode) for _ in range(z_count)] if sink is None else None
@@ -353,9 +368,11 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
                       for z in range(z_count)])
     if not np.any(stack):
       fields = np.broadcast_to(o[:, None, None, :].astype(np.float32), (z_count, ch, cw, 2))
+      chunk_done()  # nothing to align: all its sections are done at once
     else:
-      fields = np.asarray(align_block_task(stack, block, voting_distance=voting_distance,
-                                           config=block_config)) + o[:, None, None, :].astype(np.float32)
+      fields = np.asarray(align_block_task(stack, block, voting_distance=voting_distance, config=block_config,
+                                           on_section=report)) + o[:, None, None, :].astype(np.float32)
+      steps[0] += z_count
     for z in range(z_count):
       if sink is not None:
         sink(z, spec.core, fields[z][spec.crop])
@@ -640,10 +657,11 @@ def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np
 # --------------------------------------------------------------------------- drift removal
 
 
-def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: ChunkConfig = ChunkConfig(),
+def remove_drift_chunked(field, window_fields: Sequence, weights, *, translations=None,
+                         config: ChunkConfig = ChunkConfig(),
                          sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                          progress: bool = False):
-  """`jaxalign.drift` for one section, chunk by chunk: `compose(field, invert(sum_k w_k F_k))`.
+  """`jaxalign.drift` for one section, chunk by chunk: `compose(field, invert(sum_k w_k (F_k - t_k)))`.
 
   Each chunk reads its core grown by a margin covering the drift there (the inverse samples the
   drift, and the composition the field, at most |drift| + 1 px away), with edge replication (the
@@ -655,6 +673,8 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: Chu
     field: the section's field `[H, W, 2]` (array or `Source`).
     window_fields: the K fields `F_k` of the drift estimate (arrays or `Source`s).
     weights: `[K]` float weights (`jaxalign.drift.drift_weights` row).
+    translations: optional `[K, 2]` (dy, dx) px `t_k` left out of each window field: its whole
+      section's mean translation (`jaxalign.drift.section_translations`); None = zeros.
     config: `ChunkConfig` (chunk size, base margin).
     sink: optional `sink(core_slices, field [h, w, 2])` instead of assembling the section.
     progress: tqdm bar over chunks.
@@ -668,6 +688,8 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: Chu
     raise InputError(f"{len(sources)} window fields but {len(weights)} weights")
   if any(s.shape != fld.shape for s in sources):
     raise InputError("drift window fields must all have the section's shape")
+  shifts = np.zeros((len(sources), 2), np.float32) if translations is None else \
+      np.asarray(translations, np.float32).reshape(len(sources), 2)
   h, w = fld.shape
   specs = chunking.split((h, w), config.chunk, 0)
   out = None if sink is not None else np.zeros((h, w, 2), np.float32)
@@ -679,12 +701,13 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, config: Chu
       # Sources without weight (clipped repeats at the stack's ends, blank sections) are not read.
       zero = np.zeros((box[1] - box[0], box[3] - box[2], 2), np.float32)
       stack = np.stack([edge_window(s, *box) if wt != 0 else zero for s, wt in zip(sources, weights)])
-      drift = np.tensordot(weights, stack, axes=1)
+      drift = np.tensordot(weights, stack - shifts[:, None, None, :], axes=1)
       need = _margin_for(float(np.linalg.norm(drift, axis=-1).max(initial=0.0)), config.render_margin)
       if need <= m:
         break
       m = need
-    res = np.asarray(_remove_one(jnp.asarray(edge_window(fld, *box)), jnp.asarray(stack), jnp.asarray(weights)))
+    res = np.asarray(remove_one(jnp.asarray(edge_window(fld, *box)), jnp.asarray(stack), jnp.asarray(weights),
+                                jnp.asarray(shifts)))
     core = res[m:m + ch, m:m + cw][spec.crop]
     if sink is not None:
       sink(spec.core, core)

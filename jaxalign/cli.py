@@ -3,6 +3,8 @@
 Each command lives in `jaxalign/commands/<name>.py` and defines its absl flags at import and a
 `main(argv)`. Only the chosen command's module is imported, so commands never fight over flag names.
 Bad input (an `InputError`, a missing path) exits with status 2 and one line naming the problem.
+Commands that read volumes also get `--resolution=z,y,x`: nm per pixel of input volumes whose
+metadata records none (plain zarr / N5 arrays of other tools); see `jaxalign.io.open_volume`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -38,6 +41,20 @@ def _usage() -> str:
     if importlib.util.find_spec(mod) is not None:
       lines.append(f"  {name:16s}{doc}")
   return "\n".join(lines)
+
+
+# Commands that open existing volumes; unless the command defines its own --resolution (import: the
+# stack's), they get one for inputs whose metadata records no resolution.
+VOLUME_COMMANDS = ("export", "pyramid", "align", "render", "eval", "view", "detect")
+
+
+def define_resolution_flag(command: str) -> bool:
+  """Defines --resolution for a volume-reading `command` that has none; returns whether it did."""
+  if command not in VOLUME_COMMANDS or "resolution" in flags.FLAGS:
+    return False
+  flags.DEFINE_string("resolution", None, "nm per pixel as z,y,x (e.g. 40,4,4) of input volumes whose metadata "
+                      "records none (plain zarr / N5 arrays); recorded resolutions are kept")
+  return True
 
 
 # Help is answered before absl parses the command line: absl only defines its own --help flags when
@@ -75,7 +92,11 @@ def run(argv: list[str] | None = None) -> None:
     fail(command, f"unknown command {command!r} (jaxalign --help lists the commands)")
   # JAX probes for TPU/GPU plugins and logs each miss at INFO; that is noise on a user's terminal.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  # Compiled programs are kept on disk: the second run of the same shapes skips 10-30 s of compiling.
+  from jaxalign import compile_cache
+  compile_cache.enable()
   module = importlib.import_module(COMMANDS[command][0])
+  shared_resolution = define_resolution_flag(command)
   cmd_argv = [f"jaxalign {command}"] + argv[2:]
   if any(a in HELP_FLAGS + HELPFULL_FLAGS for a in argv[2:]):
     sys.stdout.write(command_help(command, module, full=any(a in HELPFULL_FLAGS for a in argv[2:])) + "\n")
@@ -85,6 +106,14 @@ def run(argv: list[str] | None = None) -> None:
     flags.FLAGS(cmd_argv)
   except flags.Error as e:
     fail(command, str(e))
+  if shared_resolution and flags.FLAGS.resolution is not None:
+    from jaxalign import io
+    try:
+      res = io.parse_resolution(flags.FLAGS.resolution)
+    except InputError as e:
+      fail(command, str(e))
+    # io.open_volume reads it here and in the workers this run starts (they inherit the environment)
+    os.environ[io.RESOLUTION_ENV] = ",".join(str(r) for r in res)
 
   def main(args):
     try:

@@ -332,30 +332,6 @@ class DaskExecutor(Executor):
       self._cluster.close()
 
 
-def compilation_cache_env(path: str) -> dict[str, str]:
-  """Environment variables that turn on JAX's persistent compilation cache at `path` for *every*
-  jitted function (no minimum compile time or size), in any process started with them."""
-  return {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-
-
-def enable_compilation_cache(path: str | None) -> None:
-  """Turns on JAX's persistent compilation cache at `path` for this process *and* every worker it
-  starts afterwards (spawned processes and LocalCluster workers inherit the environment), so N
-  workers do not compile the same functions N times. Every executor, inline included, then runs
-  through the same cache, and every function goes through it (JAX's default only caches functions
-  that took > 1 s to compile), so each process executes the program the first compile produced.
-  None leaves JAX's settings alone. Remote Dask workers need the same variables
-  (`compilation_cache_env`) and a shared folder."""
-  if not path:
-    return
-  path = os.path.abspath(os.path.expanduser(path))
-  os.makedirs(path, exist_ok=True)
-  os.environ.update(compilation_cache_env(path))
-  import jax
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def make_executor(kind: str = "inline", workers: int | None = None, scheduler: str | None = None) -> Executor:

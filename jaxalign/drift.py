@@ -61,9 +61,16 @@ class DriftConfig:
       sections.
     degree: degree of the local polynomial fit (0 = weighted mean, 1 = local linear, 2 = local
       quadratic: less bias on curved drift, more of the neighbours' distortions leaks in).
+    keep_translation: the fit leaves out each section's mean translation (`section_translations`),
+      so sections keep theirs. A translation bends nothing, and a step in it is real: a section
+      moved during acquisition (ISBI 2012, section 10: 24 px at 4 nm) is aligned by the blocks,
+      but a local fit smears the step over its neighbours and misregisters them (the pair 9-10
+      fell to CPC 0.22 at 32 nm; 0.32 keeping translations, and the area change stays within
+      0.93-1.07; docs/benchmarks/real_stacks_summary.md).
   """
   sigma: float = DEFAULT_DRIFT_SIGMA
   degree: int = 1
+  keep_translation: bool = True
 
   def __post_init__(self):
     if not (self.sigma > 0 and math.isfinite(self.sigma)):
@@ -118,18 +125,27 @@ def drift_weights(num_sections: int, config: DriftConfig, section_weights=None) 
   return out
 
 
+def section_translations(fields) -> np.ndarray:
+  """`[Z, 2]` float64: each field's mean displacement (px, (dy, dx)) over the section; `fields` is
+  `[Z, H, W, 2]` (or one `[H, W, 2]` -> `[2]`). What `DriftConfig.keep_translation` leaves out."""
+  f = np.asarray(fields, np.float64)
+  return f.mean(axis=(-3, -2))
+
+
 @jax.jit
-def _remove_one(field: jax.Array, window: jax.Array, weights: jax.Array) -> jax.Array:
-  """`compose(field, invert(sum_j weights[j] window[j]))` for one section.
+def remove_one(field: jax.Array, window: jax.Array, weights: jax.Array, translations: jax.Array) -> jax.Array:
+  """`compose(field, invert(sum_j weights[j] (window[j] - translations[j])))` for one section.
 
   Args:
     field: `[H, W, 2]` float32, pixels, (dy, dx).
-    window: `[K, H, W, 2]` float32: the fields of the sections around it.
+    window: `[K, H, W, 2]` float32: the fields of the sections around it (or windows of them).
     weights: `[K]` float32.
+    translations: `[K, 2]` float32 px: what to leave out of each window field (its whole section's
+      `section_translations` with `keep_translation`, else zeros).
   Returns:
     `[H, W, 2]` float32.
   """
-  drift = jnp.tensordot(weights, window, axes=1)
+  drift = jnp.tensordot(weights, window - translations[:, None, None, :], axes=1)
   return compose(field, invert(drift))
 
 
@@ -150,7 +166,8 @@ def remove_drift(fields, *, config: DriftConfig | None = None, section_weights=N
       sections: their field is a copy of a neighbour's).
     progress: tqdm bar over sections.
   Returns:
-    `[Z, H, W, 2]` float32: `compose(fields[z], invert(drift[z]))`.
+    `[Z, H, W, 2]` float32: `compose(fields[z], invert(drift[z]))` (the drift without the window
+    sections' mean translations with `config.keep_translation`).
   Raises:
     InputError: wrong shape, NaN/Inf, bad config or weights.
   """
@@ -160,8 +177,10 @@ def remove_drift(fields, *, config: DriftConfig | None = None, section_weights=N
     raise errors.InputError(f"fields: expected [Z, H, W, 2], got shape {f.shape}")
   z_count = f.shape[0]
   weights = drift_weights(z_count, config, section_weights).astype(np.float32)
+  shifts = (section_translations(f) if config.keep_translation else np.zeros((z_count, 2))).astype(np.float32)
   out = np.empty_like(f)
   for z in tqdm(range(z_count), desc="remove_drift", unit="section", disable=not progress, leave=False):
     idx = window_indices(z, z_count, config.radius)
-    out[z] = np.asarray(_remove_one(jnp.asarray(f[z]), jnp.asarray(f[idx]), jnp.asarray(weights[z])))
+    out[z] = np.asarray(remove_one(jnp.asarray(f[z]), jnp.asarray(f[idx]), jnp.asarray(weights[z]),
+                                   jnp.asarray(shifts[idx])))
   return jnp.asarray(out)

@@ -7,6 +7,7 @@ time. Value checks (NaN, empty sections) run on concrete host arrays at the API 
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +15,52 @@ import numpy as np
 
 class InputError(ValueError):
   """Bad user input. The CLI turns it into exit status 2 and one line naming the problem."""
+
+
+# Parts of a storage error message that say nothing to a user ("; at byte 0", tensorstore's status
+# code prefix) are trimmed from a ReadError's one line.
+_STATUS_PREFIX = re.compile(r"^[A-Z_]+: ")
+_CHUNK_KEY = re.compile(r'"([^"]+)"')
+
+
+class ReadError(InputError):
+  """Stored data that cannot be read (a corrupt or truncated chunk, a failing storage read).
+
+  The message is one line naming the volume, the section, the region and (where the storage layer
+  says) the chunk key that failed, e.g.
+  `vol.zarr: cannot read section z=2 at level 0 (y 0:64, x 0:64): chunk /data/vol.zarr/0/c/2/1/0:
+  ZSTD_decompressStream() failed: Unknown frame descriptor`.
+
+  Attributes:
+    url: the volume.
+    z: the section (int), or (z0, z1) when the failing section of a multi-section read is unknown.
+    level: MIP level read.
+    box: ((y0, y1), (x0, x1)) pixels of `level` that were read.
+    chunk: the storage key of the failing chunk (a file path or URL), or None when not reported.
+    detail: the storage layer's reason.
+  """
+
+  def __init__(self, url: str, z, level: int, box, chunk: str | None, detail: str):
+    self.url, self.z, self.level, self.box, self.chunk, self.detail = url, z, level, box, chunk, detail
+    where = f"section z={z}" if isinstance(z, (int, np.integer)) else f"sections z={z[0]}..{z[1] - 1}"
+    (y0, y1), (x0, x1) = box
+    what = f"chunk {chunk}: " if chunk else ""
+    super().__init__(f"{url}: cannot read {where} at level {level} (y {y0}:{y1}, x {x0}:{x1}): {what}{detail}")
+
+  def __reduce__(self):  # picklable across worker processes (Dask, process pools)
+    return (type(self), (self.url, self.z, self.level, self.box, self.chunk, self.detail))
+
+  @classmethod
+  def from_storage_error(cls, url: str, z, level: int, box, error: BaseException) -> "ReadError":
+    """A ReadError from the storage layer's exception (e.g. tensorstore's ValueError
+    `FAILED_PRECONDITION: Error reading local file "<key>": <reason>; at byte 0`): the quoted key
+    becomes `chunk`, the rest (on one line, status code dropped) `detail`."""
+    text = " ".join(str(error).split())
+    m = _CHUNK_KEY.search(text)
+    chunk = m.group(1) if m else None
+    detail = text[m.end():].lstrip(": ") if m else text
+    detail = _STATUS_PREFIX.sub("", detail.split("; at ")[0]).strip() or type(error).__name__
+    return cls(url, z, level, box, chunk, detail)
 
 
 def check_image(x, name: str = "image", *, ndim: int | Sequence[int] = 2,

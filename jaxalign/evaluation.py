@@ -596,3 +596,74 @@ def cpc_scale(shape, resolution_nm, level: int | None = None, chunk: int | None 
     note = (f" (sections of {shape[1]}x{shape[2]} px are too small for the paper's {PAPER_CPC_CHUNK}-px "
             f"chunks at {PAPER_CPC_NM:g} nm)")
   return level, chunk, note
+
+
+# ---------------------------------------------------------------------------------------------
+# Misalignment list for proofreading
+
+
+# Chunks listed by default (`jaxalign eval --worst_chunks`).
+WORST_CHUNKS = 100
+# neuroglancer coordinate spaces are in metres; volumes carry nm (as `jaxalign view` writes them).
+NM_PER_M = 1e9
+WORST_CHUNKS_LAYER = "worst chunks"
+
+
+def worst_chunks(maps, *, level: int, chunk: int, count: int = WORST_CHUNKS) -> list[dict[str, Any]]:
+  """The `count` chunks with the lowest CPC over neighbour CPC maps, worst first.
+
+  Args:
+    maps: Z-1 CPC maps `[h, w]` float (NaN = unscored chunk); map i compares sections (i, i+1), as
+      `jaxalign.commands.eval.neighbour_cpc` returns them.
+    level, chunk: the maps' scale: chunks of `chunk` px at MIP level `level` (`cpc_map`), so chunk
+      (i, j) covers level-0 pixels `[i s, (i+1) s) x [j s, (j+1) s)` with `s = chunk * 2**level`.
+    count: how many chunks to return (at most the number of scored chunks).
+  Returns:
+    list of dicts, lowest CPC first (ties: lower z, y, x first): `rank` (1 = worst), `z`, `y`, `x`
+    (level-0 voxel indices of the chunk centre; z is the later section of the pair, `y0 + s // 2`),
+    `pair` ([z-1, z]), `cpc`, and `y_range` / `x_range` ([start, stop) level-0 voxels covered).
+  """
+  if count <= 0:
+    return []
+  side = chunk * 2 ** level
+  cands = []  # (cpc, z, i, j): the `count` lowest of each map, merged below
+  for p, m in enumerate(maps):
+    m = np.asarray(m, np.float64)
+    flat = np.where(np.isnan(m), np.inf, m).ravel()
+    keep = np.flatnonzero(np.isfinite(flat))
+    if len(keep) > count:
+      keep = keep[np.argpartition(flat[keep], count - 1)[:count]]
+    cands += [(float(flat[k]), p + 1, int(k // m.shape[1]), int(k % m.shape[1])) for k in keep]
+  cands.sort()
+  out = []
+  for rank, (value, z, i, j) in enumerate(cands[:count], start=1):
+    y0, x0 = i * side, j * side
+    out.append(dict(rank=rank, z=z, y=y0 + side // 2, x=x0 + side // 2, pair=[z - 1, z], cpc=value,
+                    y_range=[y0, y0 + side], x_range=[x0, x0 + side]))
+  return out
+
+
+def worst_chunks_state(chunks: list[dict[str, Any]], resolution_nm, *,
+                       name: str = WORST_CHUNKS_LAYER) -> dict[str, Any]:
+  """A neuroglancer viewer state with one local point-annotation layer on `chunks` (`worst_chunks`).
+
+  Coordinates follow `jaxalign view`'s state: dimensions x, y, z in metres per level-0 voxel of the
+  volume (`resolution_nm` (z, y, x) nm/px), positions in voxels where voxel (z, y, x) spans
+  `[i, i + 1)` along each axis, so a chunk centre voxel is the point `[x + 0.5, y + 0.5, z + 0.5]`.
+  Each point carries its CPC as the annotation property `cpc`; the layer (`state["layers"][0]`) can
+  be added to the layers of a `jaxalign view` state.json. Returns a JSON-able dict.
+  """
+  dims = {"x": [float(resolution_nm[2]) / NM_PER_M, "m"], "y": [float(resolution_nm[1]) / NM_PER_M, "m"],
+          "z": [float(resolution_nm[0]) / NM_PER_M, "m"]}
+  points = [dict(type="point", id=f"worst-{c['rank']:06d}",
+                 point=[c["x"] + 0.5, c["y"] + 0.5, c["z"] + 0.5], props=[float(c["cpc"])],
+                 description=f"#{c['rank']} CPC {c['cpc']:.3f}, sections {c['pair'][0]}-{c['pair'][1]}")
+            for c in chunks]
+  layer = {"type": "annotation", "name": name,
+           "source": [{"url": "local://annotations", "transform": {"outputDimensions": dims}}],
+           "annotationProperties": [{"id": "cpc", "type": "float32", "description": "CPC of the chunk"}],
+           "annotations": points, "annotationColor": "#ff3030", "tab": "annotations"}
+  state = {"dimensions": dims, "layers": [layer], "selectedLayer": {"layer": name, "visible": True}}
+  if points:
+    state["position"] = list(points[0]["point"])
+  return state

@@ -129,6 +129,24 @@ def _grid_yx(h: int, w: int) -> tuple[jax.Array, jax.Array]:
                             indexing="ij"))
 
 
+def sample(image: jax.Array, points: jax.Array, *, fill: float | jax.Array = 0.0) -> jax.Array:
+  """Bilinear samples of `image` at arbitrary points, with `warp`'s interpolation (same values:
+  `warp(image, field)[i, j] == sample(image, [i, j] + field[i, j])`).
+
+  Args:
+    image: `[H, W]` or channels-last `[H, W, C]` float32.
+    points: `[..., 2]` float32 absolute (y, x) positions, pixels.
+    fill: value outside the image (0 = no data).
+  Returns:
+    `[...]` (or `[..., C]`) float32.
+  """
+  channels_last = image.ndim == 3
+  img = (image if channels_last else image[..., None])[None].astype(jnp.float32)
+  pts = points.astype(jnp.float32)[None]
+  out = _sample_bilinear(img, pts[..., 0], pts[..., 1], fill=jnp.asarray(fill, jnp.float32), clamp=False)[0]
+  return out if channels_last else out[..., 0]
+
+
 @functools.partial(jax.jit, static_argnames=("mode",))
 def warp(image: jax.Array, field: jax.Array, *, mode: str = "bilinear",
          fill: float | jax.Array = 0.0) -> jax.Array:

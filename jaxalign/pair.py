@@ -631,6 +631,14 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
   return (field, stats) if return_stats else field
 
 
+def pairs_one_by_one() -> bool:
+  """Whether `align_pairs` runs a batch pair after pair through the single-pair program (CPU) rather
+  than as one vmapped program (accelerators). Callers pad batches to a fixed size only in the
+  vmapped case (`jaxalign.block.batch_rows`): there it saves a compile per batch size, here it
+  would only cost time."""
+  return jax.default_backend() == "cpu"
+
+
 def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
                 resolution_nm=None, config: PairConfig | None = None, init_fields=None,
                 return_stats: bool = False):
@@ -670,7 +678,7 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
           for a in (s, t, sv, tv, sd, td, init_fields, references)]
   static, scale = _static_config(config)
   kw = dict(config=static, levels=levels, finest=finest, tears=bool(sd.any()))
-  if jax.default_backend() == "cpu":
+  if pairs_one_by_one():
     # One pair after another through the single-pair program: on a CPU the vmapped finetuner loop
     # runs every pair until the slowest one stops and XLA:CPU does not parallelise the batch, and
     # the single-pair program compiles once per (H, W) whatever the batch size, so block alignment

@@ -38,13 +38,33 @@ windows from and writing chunk cores to the volumes, so memory per worker does n
 section size.
 
 `render_volume(SRC, FIELDS, DST)` is the same per-section render job for given fields.
+
+Progress: besides the bar per batch of tasks (`jaxalign.distributed.run_batch`), each block task
+reports per section (per section of each chunk for chunked sections), with an ETA (`SectionProgress`):
+
+- inline executor: a tqdm bar in this process, nested under the batch bar, named after the block;
+- processes / Dask: the task runs in a worker process, whose tqdm bars would overwrite each other
+  (and go to a cluster node's log), so the worker logs one absl INFO line per section instead (at
+  most one per `PROGRESS_LOG_INTERVAL_S`, plus the first and the last): local workers (processes,
+  Dask LocalCluster) share this terminal's stderr, remote Dask workers write to their own logs.
+
+Unreadable input (`on_read_error`): before anything is written, every section of SRC is read at each
+MIP level the tasks read (`source_levels`). A chunk that cannot be read (corrupt, truncated) stops the
+run with a `jaxalign.errors.ReadError` naming the volume, section and chunk (`on_read_error="stop"`,
+the default), or (`"missing"`) is listed as an `UnreadableChunk` in `VolumeConfig.unreadable`: every
+task then reads SRC through `MissingData`, where that chunk's region (mapped to every level) is zeros,
+no data, exactly like a blank part of a section (a wholly unreadable section is a blank section).
+The list is part of the run's parameters (a re-run after the chunk was repaired is refused, not
+mixed) and `read_errors(DST)` returns it for the run's summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging as std_logging
 import math
+import multiprocessing
 import time
 from typing import Sequence
 
@@ -56,8 +76,8 @@ from jaxalign import distributed as jd
 from jaxalign import io
 from jaxalign.chunked import (ChunkConfig, VolumeSource, align_block_chunked, compose_with_decay_chunked,
                               refine_section_chunked, remove_drift_chunked, render_chunked, stitch_field_chunked)
-from jaxalign.drift import _remove_one, drift_weights, window_indices
-from jaxalign.errors import InputError
+from jaxalign.drift import drift_weights, remove_one, section_translations, window_indices
+from jaxalign.errors import InputError, ReadError
 from jaxalign.refine import neighbour_weights, refine_aligner, refine_section
 from jaxalign.stack import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan,
                             align_block_task, choose_starters, compose_with_decay, plan_blocks,
@@ -84,6 +104,8 @@ class VolumeConfig:
       composition with decay, rendering and the aligned pyramid all run on (re-centred, overlapping)
       chunks, so a worker's memory is bounded by the chunk size; None = whole sections always.
     stack: `StackConfig` (blur rate, starter rules, `BlockConfig` with the pair aligner).
+    unreadable: chunks of SRC read as zeros (no data) by every task; filled by `align_volume` from
+      its scan of SRC with `on_read_error="missing"` (see the module docstring); () = none.
   """
   block_size: int = DEFAULT_BLOCK_SIZE
   overlap: int = DEFAULT_OVERLAP
@@ -95,6 +117,8 @@ class VolumeConfig:
   pyramid_min_size: int = 64
   chunk: ChunkConfig | None = None
   stack: StackConfig = StackConfig()
+  # Out of the repr (the run's parameters compare reprs): `_params` adds it only when there is one.
+  unreadable: tuple["UnreadableChunk", ...] = dataclasses.field(default=(), repr=False)
 
   def __post_init__(self):
     if self.decay_distance <= 0:
@@ -113,6 +137,230 @@ def _url(dst: str, *parts: str) -> str:
 def _open(url: str) -> io.Volume:
   """Volume handles cached per worker process (opening reads metadata; tasks reuse it)."""
   return io.open_volume(url)
+
+
+# --------------------------------------------------------------------------- unreadable input
+
+
+READ_ERROR_POLICIES = ("stop", "missing")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableChunk:
+  """A storage chunk of SRC that cannot be read: section `z` at MIP `level`, pixels `y` x `x` of
+  that level (`(start, stop)`, the chunk clipped to the section). `chunk` (the storage key) and
+  `detail` (the reason) are for messages; they are not part of the run's parameters."""
+  z: int
+  level: int
+  y: tuple[int, int]
+  x: tuple[int, int]
+  chunk: str | None = dataclasses.field(default=None, compare=False, repr=False)
+  detail: str = dataclasses.field(default="", compare=False, repr=False)
+
+  def describe(self) -> str:
+    """One line: section, level, region and chunk."""
+    key = f", chunk {self.chunk}" if self.chunk else ""
+    return (f"section {self.z} (level {self.level}, y {self.y[0]}:{self.y[1]}, x {self.x[0]}:{self.x[1]}{key}): "
+            f"{self.detail}")
+
+  def box_at(self, level: int, shape: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The region at MIP `level` (sections `shape` `[Z, H, W]` there) covering this chunk's pixels:
+    coarser levels round outwards, finer levels scale up; clipped to the section."""
+    d = level - self.level
+    if d >= 0:
+      f = 2 ** d
+      y, x = (self.y[0] // f, -(-self.y[1] // f)), (self.x[0] // f, -(-self.x[1] // f))
+    else:
+      f = 2 ** -d
+      y, x = (self.y[0] * f, self.y[1] * f), (self.x[0] * f, self.x[1] * f)
+    return (min(y[0], shape[1]), min(y[1], shape[1])), (min(x[0], shape[2]), min(x[1], shape[2]))
+
+
+def locate_unreadable(vol: io.Volume, z: int, level: int, box=None) -> list[UnreadableChunk]:
+  """The storage chunks of section `z` at `level` within `box` ((y0, y1), (x0, x1) px of the level;
+  None = the section) that cannot be read, found by reading chunk by chunk (`vol.chunks(level)`)."""
+  h, w = vol.shape(level)[1:3]
+  (y0, y1), (x0, x1) = box or ((0, h), (0, w))
+  _, cy, cx = vol.chunks(level)
+  out = []
+  for ya in range(y0 // cy * cy, y1, cy):
+    for xa in range(x0 // cx * cx, x1, cx):
+      b = ((ya, min(ya + cy, h)), (xa, min(xa + cx, w)))
+      try:
+        vol.read(z, level, b)
+      except ReadError as e:
+        out.append(UnreadableChunk(int(z), int(level), b[0], b[1], e.chunk, e.detail))
+  return out
+
+
+def _z_range(z, n: int) -> tuple[range, bool]:
+  """Sections a `Volume.read` z argument (int, slice, range, (z0, z1), None) selects, and whether it
+  is a single int."""
+  if z is None:
+    return range(n), False
+  if isinstance(z, (int, np.integer)):
+    return range(int(z), int(z) + 1), True
+  if isinstance(z, (tuple, list)):
+    z = slice(*z)
+  return range(z.start or 0, n if z.stop is None else z.stop), False
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+  lo, hi = max(a[0], b[0]), min(a[1], b[1])
+  return (lo, hi) if lo < hi else None
+
+
+class MissingData:
+  """A `jaxalign.io.Volume` (read-only use) whose `unreadable` chunks read as zeros, no data, at every
+  MIP level (`UnreadableChunk.box_at`); the chunks themselves are never read. Everything else is the
+  volume's own (shape, levels, resolution, ...).
+
+  Args:
+    volume: the open volume.
+    unreadable: `UnreadableChunk`s of it.
+  """
+
+  def __init__(self, volume: io.Volume, unreadable: Sequence[UnreadableChunk]):
+    self.volume = volume
+    self.by_z: dict[int, list[UnreadableChunk]] = {}
+    for u in unreadable:
+      self.by_z.setdefault(u.z, []).append(u)
+
+  def __getattr__(self, name):
+    return getattr(self.volume, name)
+
+  def read(self, z=None, level: int = 0, box=None) -> np.ndarray:
+    """`Volume.read` with the unreadable chunks' regions zeroed (z: int, contiguous slice / range /
+    (z0, z1) or None; box: ((y0, y1), (x0, x1)) px of `level` or None). Returns the volume's dtype."""
+    shape = self.volume.shape(level)
+    zs, single = _z_range(z, shape[0])
+    (y0, y1), (x0, x1) = [(b.start, b.stop) if isinstance(b, slice) else tuple(b) for b in box] if box is not None \
+        else ((0, shape[1]), (0, shape[2]))
+    hits = {}
+    for zz in zs:
+      for u in self.by_z.get(zz, ()):
+        by, bx = u.box_at(level, shape)
+        oy, ox = _overlap(by, (y0, y1)), _overlap(bx, (x0, x1))
+        if oy and ox:
+          hits.setdefault(zz, []).append((oy, ox, u.level == level))
+    if not hits:
+      return self.volume.read(z, level, box)
+    out = np.zeros((len(zs), y1 - y0, x1 - x0) + ((2,) if self.volume.is_field else ()), self.volume.dtype)
+    for i, zz in enumerate(zs):
+      if zz not in hits:
+        out[i] = self.volume.read(zz, level, ((y0, y1), (x0, x1)))
+        continue
+      own = [(oy, ox) for oy, ox, same in hits[zz] if same]
+      if not own:
+        out[i] = self.volume.read(zz, level, ((y0, y1), (x0, x1)))
+      else:  # read the box chunk by chunk, leaving out the unreadable chunks of this level
+        _, cy, cx = self.volume.chunks(level)
+        for ya in range(y0 // cy * cy, y1, cy):
+          for xa in range(x0 // cx * cx, x1, cx):
+            ry, rx = (max(ya, y0), min(ya + cy, y1)), (max(xa, x0), min(xa + cx, x1))
+            if any(_overlap(ry, oy) and _overlap(rx, ox) for oy, ox in own):
+              continue
+            out[i, ry[0] - y0:ry[1] - y0, rx[0] - x0:rx[1] - x0] = self.volume.read(zz, level, (ry, rx))
+      for (a, b), (c, d), _ in hits[zz]:
+        out[i, a - y0:b - y0, c - x0:d - x0] = 0
+    return out[0] if single else out
+
+
+def _source(src_url: str, config: "VolumeConfig"):
+  """SRC as the tasks read it: the volume, through `MissingData` when the scan found unreadable chunks."""
+  vol = _open(src_url)
+  return MissingData(vol, config.unreadable) if config.unreadable else vol
+
+
+def source_levels(src: io.Volume, config: "VolumeConfig") -> list[int]:
+  """MIP levels of SRC the align tasks read: the aligned level, the quality level and (chunked) the
+  re-centring level, where SRC has them."""
+  from jaxalign.chunked import coarse_levels_for
+  levels = {config.level, min(src.levels - 1, config.level + QUALITY_LEVELS)}
+  h, w = src.shape(config.level)[1:3]
+  if _chunked(config, h, w):
+    c = config.level + coarse_levels_for(config.chunk, h, w)
+    if c < src.levels:
+      levels.add(c)
+  return sorted(levels)
+
+
+def read_errors(dst: str) -> list[UnreadableChunk]:
+  """The unreadable chunks of SRC the last `align_volume` into `dst` treated as missing data."""
+  return [UnreadableChunk(**d) for d in jd.CompletionRecords(dst).get(READ_ERRORS_RECORD, [])]
+
+
+READ_ERRORS_RECORD = "read_errors"
+
+
+# --------------------------------------------------------------------------- progress inside a task
+
+
+PROGRESS_MODES = ("off", "bar", "log")
+# A worker's per-section progress lines come at most this often (plus the first and the last).
+PROGRESS_LOG_INTERVAL_S = 10.0
+
+
+def progress_mode(executor: jd.Executor | None, progress: bool) -> str:
+  """How tasks on `executor` show progress inside a task: "bar" (a tqdm bar; inline executor, this
+  process), "log" (absl INFO lines from worker processes: processes, Dask), or "off"."""
+  if not progress:
+    return "off"
+  return "bar" if executor is None or isinstance(executor, jd.InlineExecutor) else "log"
+
+
+class SectionProgress:
+  """Per-section progress of one long task, with an ETA.
+
+  Args:
+    desc: what runs, e.g. "block 3 (z 75-99)".
+    mode: "bar" (tqdm bar, `unit="section"`), "log" (absl INFO lines: done/total, s per section,
+      ETA; at most one per `interval_s` besides the first and the last) or "off".
+    interval_s: seconds between log lines.
+  Call `update(done, total)` after each section; a context manager (closes the bar).
+  """
+
+  def __init__(self, desc: str, mode: str = "bar", interval_s: float = PROGRESS_LOG_INTERVAL_S):
+    if mode not in PROGRESS_MODES:
+      raise InputError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
+    self.desc, self.mode, self.interval_s = desc, mode, interval_s
+    self.bar = None
+    self.t0 = time.perf_counter()
+    self.last_log = -math.inf
+    if mode == "log" and multiprocessing.parent_process() is not None and logging.get_verbosity() < logging.INFO:
+      # A spawned worker (process pool, Dask) never parsed absl flags: its absl logger drops INFO and
+      # has no handler. The driver's own logging (threads of this process) is left as its user set it.
+      logging.use_absl_handler()
+      logging.set_verbosity(logging.INFO)
+      # As the command line does in the driver: JAX's INFO notes on absent TPU/GPU plugins are noise.
+      std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+
+  def update(self, done: int, total: int) -> None:
+    """`done` of `total` sections finished."""
+    if self.mode == "bar":
+      if self.bar is None:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, desc=self.desc, unit="section", leave=False)
+      self.bar.total = total
+      self.bar.update(done - self.bar.n)
+    elif self.mode == "log":
+      now = time.perf_counter()
+      if done in (1, total) or now - self.last_log >= self.interval_s:
+        self.last_log = now
+        rate = (now - self.t0) / max(done, 1)
+        logging.info("%s: section %d/%d, %.1f s/section, ETA %.0f s", self.desc, done, total, rate,
+                     rate * (total - done))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def pyramid_levels_for(shape: Sequence[int], config: VolumeConfig) -> int:
@@ -169,11 +417,12 @@ def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> No
 QUALITY_LEVELS = 3  # tissue fractions are read this many MIP levels coarser when SRC has them
 
 
-def quality_task(src_url: str, z: int, level: int, config_tile: int | None = None) -> tuple[float, float]:
+def quality_task(src_url: str, z: int, level: int, config_tile: int | None = None,
+                 unreadable: Sequence[UnreadableChunk] = ()) -> tuple[float, float]:
   """(tissue fraction, defect fraction) of section z (no defect volume: defects 0), from a coarser
   MIP level when SRC has one (a fraction does not need full resolution); counted tile by tile
-  (`config_tile` px) when the section is larger than that."""
-  src = _open(src_url)
+  (`config_tile` px) when the section is larger than that; `unreadable` chunks count as no tissue."""
+  src = MissingData(_open(src_url), unreadable) if unreadable else _open(src_url)
   lvl = min(src.levels - 1, level + QUALITY_LEVELS)
   h, w = src.shape(lvl)[1:3]
   if config_tile is None or max(h, w) <= config_tile:
@@ -192,28 +441,31 @@ def _block_config(config: VolumeConfig, src: io.Volume):
   return with_resolution(block, tuple(src.resolution_at(config.level)))
 
 
-def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig) -> dict:
+def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig, progress: str = "off") -> dict:
   """Aligns one block and writes its fields `[stop - start, H, W, 2]` to DST/work/block_<k>.
+  `progress`: a `PROGRESS_MODES` mode for per-section progress (`SectionProgress`).
   Returns {"sections": n, "seconds": wall time of the task} (kept in its completion record)."""
   t0 = time.perf_counter()
-  src = _open(src_url)
+  src = _source(src_url, config)
   out = _open(_url(dst, WORK, f"block_{block.index:05d}"))
   h, w = src.shape(config.level)[1:3]
-  kw = dict(voting_distance=config.voting_distance)
-  if _chunked(config, h, w):
-    sources = [VolumeSource(src, z, config.level) for z in range(block.start, block.stop)]
-    align_block_chunked(sources, block, config=config.chunk, block_config=_block_config(config, src),
-                        sink=lambda i, core, f: out.write(f, i, 0, core), **kw)
-  else:
-    sections = src.read(slice(block.start, block.stop), config.level).astype(np.float32)
-    fields = np.asarray(align_block_task(sections, block, config=_block_config(config, src), **kw))
-    out.write(fields, slice(0, block.stop - block.start))
+  desc = f"block {block.index} (z {block.start}-{block.stop - 1})"
+  with SectionProgress(desc, progress) as bar:
+    kw = dict(voting_distance=config.voting_distance, on_section=bar.update)
+    if _chunked(config, h, w):
+      sources = [VolumeSource(src, z, config.level) for z in range(block.start, block.stop)]
+      align_block_chunked(sources, block, config=config.chunk, block_config=_block_config(config, src),
+                          sink=lambda i, core, f: out.write(f, i, 0, core), **kw)
+    else:
+      sections = src.read(slice(block.start, block.stop), config.level).astype(np.float32)
+      fields = np.asarray(align_block_task(sections, block, config=_block_config(config, src), **kw))
+      out.write(fields, slice(0, block.stop - block.start))
   return {"sections": block.stop - block.start, "seconds": time.perf_counter() - t0}
 
 
 def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeConfig) -> None:
   """Stitch field of interface k (block k's frame -> block k-1's) -> DST/work/stitches[k]."""
-  src = _open(src_url)
+  src = _source(src_url, config)
   prev_b, b = plan.blocks[k - 1], plan.blocks[k]
   ov = np.arange(b.start, b.own_start)
   h, w = src.shape(config.level)[1:3]
@@ -243,7 +495,7 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   """Final field of section z (composition with decay), written with its rendering and pyramid.
   Returns {"seconds": wall time of the task}."""
   t0 = time.perf_counter()
-  src = _open(src_url)
+  src = _source(src_url, config)
   b = plan.owner(z)
   ks, ds = stitch_chain(plan, z, config.decay_distance)
   h, w = src.shape(config.level)[1:3]
@@ -253,13 +505,19 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   if _chunked(config, h, w):
     fields = _open(target)
     stitches = _open(_url(dst, WORK, "stitches"))
+    total = np.zeros(2, np.float64)
+
+    def sink(core, f):
+      fields.write(f, z, 0, core)
+      total[:] += np.asarray(f, np.float64).sum(axis=(0, 1))
+
     compose_with_decay_chunked(VolumeSource(_open(_url(dst, WORK, f"block_{b.index:05d}")), z - b.start),
                                [VolumeSource(stitches, k) for k in ks], ds,
                                decay_distance=float(config.decay_distance), blur_rate=float(config.stack.blur_rate),
-                               config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
+                               config=config.chunk, sink=sink)
     if not later:
       _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "translation": (total / (h * w)).tolist()}
   field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
   k_max = _max_chain(plan, config.decay_distance)
   if k_max:
@@ -275,22 +533,25 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   _open(target).write(field, z)
   if not later:
     _render_section(src, _open(_url(dst, FIELDS)), _open(_url(dst, ALIGNED)), z, config, field)
-  return {"seconds": time.perf_counter() - t0}
+  # The drift stage leaves each section's mean translation out of its fit (`DriftConfig.keep_translation`).
+  return {"seconds": time.perf_counter() - t0, "translation": section_translations(field).tolist()}
 
 
 def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights: Sequence[float],
-               config: VolumeConfig) -> dict:
+               translations: Sequence[Sequence[float]], config: VolumeConfig) -> dict:
   """Final field of section z with the drift taken out (`jaxalign.drift`): `weights` over the
-  composed fields of `sections`; written with its rendering and pyramid. Returns {"seconds"}."""
+  composed fields of `sections`, each without its `translations` entry ((dy, dx) px: the section's
+  mean translation, or zeros); written with its rendering and pyramid. Returns {"seconds"}."""
   t0 = time.perf_counter()
-  src = _open(src_url)
+  src = _source(src_url, config)
   composed = _open(_url(dst, WORK, "composed"))
   final = config.stack.neighbour_refine is None
   fields = _open(_url(dst, FIELDS) if final else _url(dst, WORK, "drifted"))
   h, w = src.shape(config.level)[1:3]
   if _chunked(config, h, w):
     remove_drift_chunked(VolumeSource(composed, z), [VolumeSource(composed, k) for k in sections], weights,
-                         config=config.chunk, sink=lambda core, f: fields.write(f, z, 0, core))
+                         translations=translations, config=config.chunk,
+                         sink=lambda core, f: fields.write(f, z, 0, core))
     if final:
       _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
@@ -299,8 +560,9 @@ def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights:
   read = {k: composed.read(k) for k in {z} | {k for k, wt in zip(sections, weights) if wt != 0}}
   zero = np.zeros_like(read[z])
   window = np.stack([read[k] if wt != 0 else zero for k, wt in zip(sections, weights)])
-  field = np.asarray(_remove_one(jnp.asarray(read[z]), jnp.asarray(window),
-                                 jnp.asarray(np.asarray(weights, np.float32))))
+  field = np.asarray(remove_one(jnp.asarray(read[z]), jnp.asarray(window),
+                                jnp.asarray(np.asarray(weights, np.float32)),
+                                jnp.asarray(np.asarray(translations, np.float32))))
   fields.write(field, z)
   if final:
     _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config, field)
@@ -323,7 +585,7 @@ def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[i
   Returns {"seconds"}."""
   t0 = time.perf_counter()
   refine = config.stack.neighbour_refine
-  src = _open(src_url)
+  src = _source(src_url, config)
   urls = _refine_volumes(dst, config)
   before, after = _open(urls[sweep - 1]), _open(urls[sweep])
   final = sweep == refine.iterations
@@ -394,24 +656,50 @@ def _stable_repr(config) -> str:
 
 
 def _params(src_url: str, config: VolumeConfig) -> dict:
-  return {"src": src_url, "config": _stable_repr(config)}
+  params = {"src": src_url, "config": _stable_repr(config)}
+  if config.unreadable:  # SRC data treated as missing is part of what the output was computed from
+    params["unreadable"] = [repr(u) for u in config.unreadable]
+  return params
 
 
-def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool, tile: int | None = None) -> None:
+def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool, tile: int | None = None,
+                    also_levels: Sequence[int] = (), on_read_error: str = "stop") -> list[UnreadableChunk]:
   """Reads every section of `vol` at `level` once (tile by tile with `tile`, so the driver never
   holds a whole large section), before anything is written: NaN/Inf anywhere, or (with
-  `need_data`) a volume whose sections are all zero, is an InputError naming it."""
+  `need_data`) a volume whose sections are all zero, is an InputError naming it. `also_levels` are
+  read too (only for readability).
+
+  A chunk that cannot be read raises the `ReadError` (`on_read_error="stop"`) or, with "missing", is
+  located (`locate_unreadable`) and returned; the checks then see it as zeros. Returns the
+  unreadable chunks, level by level, in z order.
+  """
   any_data = False
-  z_count, h, w = vol.shape(level)[:3]
-  boxes = [None] if tile is None or max(h, w) <= tile else list(_tiles(h, w, tile))
-  for z in range(z_count):
-    for box in boxes:
-      section = np.asarray(vol.read(z=z, level=level, box=box))
-      if np.issubdtype(section.dtype, np.floating) and not np.all(np.isfinite(section)):
-        raise InputError(f"{url}: section {z} contains NaN or Inf values")
-      any_data = any_data or bool(np.any(section))
+  unreadable: list[UnreadableChunk] = []
+  for lvl in [level] + [k for k in also_levels if k != level]:
+    z_count, h, w = vol.shape(lvl)[:3]
+    boxes = [None] if tile is None or max(h, w) <= tile else list(_tiles(h, w, tile))
+    for z in range(z_count):
+      for box in boxes:
+        try:
+          section = np.asarray(vol.read(z=z, level=lvl, box=box))
+        except ReadError:
+          if on_read_error == "stop":
+            raise
+          found = locate_unreadable(vol, z, lvl, box)
+          if not found:  # the failure did not repeat chunk by chunk: not a damaged chunk
+            raise
+          for u in found:
+            logging.warning("%s: unreadable, treated as missing data: %s", url, u.describe())
+          unreadable += [u for u in found if u not in unreadable]
+          section = MissingData(vol, found).read(z, lvl, box)
+        if lvl != level:
+          continue
+        if np.issubdtype(section.dtype, np.floating) and not np.all(np.isfinite(section)):
+          raise InputError(f"{url}: section {z} contains NaN or Inf values")
+        any_data = any_data or bool(np.any(section))
   if need_data and not any_data:
     raise InputError(f"{url}: the volume has no data (every section is all zeros)")
+  return unreadable
 
 
 def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.CompletionRecords) -> io.Volume:
@@ -432,17 +720,19 @@ def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.Com
   return src
 
 
-def align_job(src_url: str, dst: str, config: VolumeConfig):
-  """The alignment job (see the module docstring); returns the `StackPlan`."""
-  src = _open(src_url)
+def align_job(src_url: str, dst: str, config: VolumeConfig, *, progress: str = "off"):
+  """The alignment job (see the module docstring); returns the `StackPlan`. `progress`: per-section
+  progress inside block tasks (`progress_mode`)."""
+  src = _source(src_url, config)
   z_count, h, w = src.shape(config.level)
   drift = config.stack.drift
   refine = config.stack.neighbour_refine
   tissue = None
   if config.starters is None or drift is not None or refine is not None:
     tile = config.chunk.chunk if config.chunk is not None else None
-    q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task, (src_url, z, config.level, tile))
-                        for z in range(z_count)], "quality")
+    q = yield jd.Batch([jd.Task(f"quality/{z:06d}", quality_task,
+                                (src_url, z, config.level, tile, config.unreadable)) for z in range(z_count)],
+                       "quality")
     tissue, defect = np.array([a for a, _ in q]), np.array([b for _, b in q])
   if config.starters is None:
     choices = choose_starters(tissue, defect, block_size=config.block_size, overlap=config.overlap,
@@ -462,19 +752,22 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
     for url in _refine_volumes(dst, config)[:-1]:
       if not url.endswith("composed"):
         io.create_volume(url, (z_count, h, w, 2), "float32", res, kind="field")
-  yield jd.Batch([jd.Task(f"block/{b.index:05d}", block_task, (src_url, dst, b, config)) for b in plan.blocks],
-                 "blocks")
+  yield jd.Batch([jd.Task(f"block/{b.index:05d}", block_task, (src_url, dst, b, config), (("progress", progress),))
+                  for b in plan.blocks], "blocks")
   if len(plan.blocks) > 1:
     yield jd.Batch([jd.Task(f"stitch/{k:05d}", stitch_task, (src_url, dst, plan, k, config))
                     for k in range(1, len(plan.blocks))], "stitch")
-  yield jd.Batch([jd.Task(f"section/{z:06d}", section_task, (src_url, dst, plan, z, config))
+  composed = yield jd.Batch([jd.Task(f"section/{z:06d}", section_task, (src_url, dst, plan, z, config))
                   for z in range(z_count)], "sections")
   if drift is not None:
     # Blank sections (no tissue) carry a neighbour's field: left out of every drift estimate.
     weights = drift_weights(z_count, drift, (tissue > 0).astype(np.float64))
+    shifts = (np.array([r["translation"] for r in composed], np.float64) if drift.keep_translation
+              else np.zeros((z_count, 2)))
+    windows = [window_indices(z, z_count, drift.radius) for z in range(z_count)]
     yield jd.Batch([jd.Task(f"drift/{z:06d}", drift_task,
-                            (src_url, dst, z, window_indices(z, z_count, drift.radius).tolist(),
-                             weights[z].tolist(), config)) for z in range(z_count)], "drift")
+                            (src_url, dst, z, windows[z].tolist(), weights[z].tolist(),
+                             shifts[windows[z]].tolist(), config)) for z in range(z_count)], "drift")
   if refine is not None:
     # Jacobi sweeps: each reads only the previous stage's fields, so tasks are independent.
     weights = neighbour_weights(z_count, refine, (tissue > 0).astype(np.float64))
@@ -488,7 +781,8 @@ def align_job(src_url: str, dst: str, config: VolumeConfig):
 
 def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
                  executor: jd.Executor | None = None, progress: bool = True,
-                 stats: jd.RunStats | None = None, restart: bool = False) -> StackPlan:
+                 stats: jd.RunStats | None = None, restart: bool = False,
+                 on_read_error: str = "stop") -> StackPlan:
   """Aligns the volume at `src_url` into `dst` (layout in the module docstring).
 
   Args:
@@ -496,28 +790,46 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
     dst: output folder / URL.
     config: `VolumeConfig`.
     executor: where tasks run (default inline); the output does not depend on it.
-    progress: tqdm bars per batch.
+    progress: tqdm bars per batch, and per section inside block tasks (`progress_mode`).
     stats: filled with executed / skipped task counts.
     restart: discard earlier completion records in dst (recompute everything).
+    on_read_error: "stop" (a chunk of SRC that cannot be read raises `ReadError` before anything is
+      written) or "missing" (such chunks are no data, like blank sections; `read_errors(dst)` lists
+      them). See the module docstring.
   Returns:
     the `StackPlan` (blocks and starters).
+  Raises:
+    InputError: bad input; `ReadError` (one) for unreadable SRC data with on_read_error="stop".
   """
   config = config or VolumeConfig()
+  if on_read_error not in READ_ERROR_POLICIES:
+    raise InputError(f"on_read_error must be one of {', '.join(READ_ERROR_POLICIES)}, got {on_read_error!r}")
   src = io.open_volume(src_url)
+  unreadable: list[UnreadableChunk] = []
   if not src.is_field and config.level < src.levels:
     # Validate before CompletionRecords or any volume touches dst: bad input writes nothing.
-    _check_sections(src, src_url, config.level, need_data=True,
-                    tile=config.chunk.chunk if config.chunk is not None else None)
+    unreadable = _check_sections(src, src_url, config.level, need_data=True,
+                                 tile=config.chunk.chunk if config.chunk is not None else None,
+                                 also_levels=source_levels(src, config), on_read_error=on_read_error)
+    config = dataclasses.replace(config, unreadable=tuple(unreadable))
     z_count = src.shape(config.level)[0]
     if config.stack.drift is not None and not config.stack.drift.applies_to(z_count):
       # Too short a stack: the drift fit would take out the alignment itself (as `align_stack`).
       logging.info("align_volume: %d sections are too few for drift removal; skipped", z_count)
       config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, drift=None))
+    refine = config.stack.neighbour_refine
+    if refine is not None and not refine.applies_to(z_count):
+      # Two sections would only swap their misregistration (as `align_stack`).
+      logging.info("align_volume: %d sections are too few for neighbour refinement; skipped", z_count)
+      config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, neighbour_refine=None))
   records = jd.CompletionRecords(dst)
   if restart:
     records.clear()
   prepare_output(src_url, dst, config, records)
-  return jd.run_job(align_job(src_url, dst, config), executor, records=records, progress=progress, stats=stats)
+  if unreadable:  # (the run's parameters already refuse a DST that holds another list)
+    records.put(READ_ERRORS_RECORD, [dataclasses.asdict(u) for u in unreadable])
+  return jd.run_job(align_job(src_url, dst, config, progress=progress_mode(executor, progress)), executor,
+                    records=records, progress=progress, stats=stats)
 
 
 def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig | None = None, *,

@@ -51,7 +51,7 @@ MIN_TEMPLATE_COVERAGE = 0.05
 # Template pixels with data whose normalised value is exactly 0 are nudged off 0, which means "no
 # data" to the aligner.
 NONZERO_EPSILON = 1e-6
-# Pairs per aligner call; the last batch is padded by repeats so the aligner compiles once.
+# Pairs per aligner call (on accelerators the last batch is padded by repeats: one compile).
 DEFAULT_REFINE_BATCH = 8
 # Elastic weights of the residual alignment, relative to `PairConfig.gammas`. The residual is a small
 # correction, and a softer one follows the tissue's own change between neighbours: measured on
@@ -59,6 +59,8 @@ DEFAULT_REFINE_BATCH = 8
 # 8.3-8.5 % (original 7.47 %) and EPE 1.45-1.48 / 1.40-1.45 / 1.50-1.52 px; on 50-nm ssTEM (ISBI, 4-nm
 # pixels: 3x thicker sections in pixels) x1 and x4 raise the EPE by 0.7 and 0.5 px, x16 leaves it.
 DEFAULT_REFINE_STIFFNESS = 4.0
+# Fewest sections for which a template has neighbours on both sides of some section.
+MIN_REFINE_SECTIONS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,12 @@ class RefineConfig:
       raise errors.InputError(f"RefineConfig.batch must be >= 1, got {self.batch}")
     if not (self.stiffness > 0 and math.isfinite(self.stiffness)):
       raise errors.InputError(f"RefineConfig.stiffness must be a positive factor, got {self.stiffness}")
+
+  def applies_to(self, num_sections: int) -> bool:
+    """Whether a stack of `num_sections` is long enough for neighbour refinement. With two sections
+    each one's template is the other: the Jacobi sweep moves each onto the other's place, which only
+    swaps their misregistration (and bends both), at the cost of two pair alignments."""
+    return num_sections >= MIN_REFINE_SECTIONS
 
 
 def refine_aligner(config: RefineConfig, aligner: Callable | None = None, model=None,
@@ -252,7 +260,7 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
   Raises:
     InputError: wrong shapes, NaN/Inf, bad config or weights.
   """
-  from jaxalign.block import check_stack  # deferred: block imports the voting kernels
+  from jaxalign.block import batch_rows, check_stack  # deferred: block imports the voting kernels
   config = config or RefineConfig()
   sec, dfx = check_stack(sections, defects)
   f = errors.check_field(fields, "fields")
@@ -277,8 +285,8 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
                                                    config.valid_threshold)
     for b0 in tqdm(range(0, len(todo), config.batch), desc=f"refine {it + 1}/{config.iterations}",
                    unit="batch", disable=not progress, leave=False):
-      # The last batch is padded by repeats: one aligner compile per stack.
-      rows = np.arange(b0, b0 + config.batch).clip(max=len(todo) - 1)
+      # On accelerators the last batch is padded by repeats: one aligner compile per stack.
+      rows = batch_rows(b0, len(todo), config.batch)
       n = min(config.batch, len(todo) - b0)
       resid = residual(aligner, srcs[rows], templates[rows])
       out[todo[b0:b0 + n]] = np.asarray(_compose_batch(jnp.asarray(current[todo[rows]]), jnp.asarray(resid)))[:n]

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import errors
 from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, _aligned_data, _vote,
-                            align_block, check_stack, default_aligner)
+                            align_block, batch_rows, check_stack, default_aligner)
 from jaxalign.block import with_resolution as block_with_resolution
 from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
 from jaxalign.drift import DriftConfig, remove_drift
@@ -275,7 +275,7 @@ def plan_blocks(num_sections: int, starters: Sequence[int], *, overlap: int = DE
 
 def align_block_task(block_sections, block: BlockPlan, *, voting_distance: int = DEFAULT_VOTING_DISTANCE,
                      model=None, block_defects=None, config: BlockConfig | None = None,
-                     progress: bool = False) -> jax.Array:
+                     progress: bool = False, on_section=None) -> jax.Array:
   """Aligns one planned block (an independent task).
 
   Args:
@@ -283,6 +283,8 @@ def align_block_task(block_sections, block: BlockPlan, *, voting_distance: int =
     block: its `BlockPlan`.
     voting_distance, model, config: as `align_block`.
     block_defects: optional `[stop - start, H, W]` bool.
+    on_section: optional `on_section(done, total)` called after each section is aligned (`total` =
+      stop - start; the starter counts once), e.g. for progress inside a pipeline block task.
   Returns:
     `[stop - start, H, W, 2]` float32 fields (pixels, (dy, dx)) into the starter's frame.
   """
@@ -293,11 +295,18 @@ def align_block_task(block_sections, block: BlockPlan, *, voting_distance: int =
   d = None if block_defects is None else np.asarray(block_defects)
   k = block.starter - block.start
   kw = dict(voting_distance=voting_distance, model=model, config=config, progress=progress)
-  fwd = align_block(sec[k:], defects=None if d is None else d[k:], **kw)
+  done = [0]
+
+  def report(z: int) -> None:
+    if on_section is not None and not (z == 0 and done[0]):  # the starter opens both passes
+      done[0] += 1
+      on_section(done[0], sec.shape[0])
+
+  fwd = align_block(sec[k:], defects=None if d is None else d[k:], on_section=report, **kw)
   if k == 0:
     return fwd
   # Leading sections before a moved starter: align backwards from the starter (same frame).
-  bwd = align_block(sec[k::-1], defects=None if d is None else d[k::-1], **kw)
+  bwd = align_block(sec[k::-1], defects=None if d is None else d[k::-1], on_section=report, **kw)
   return jnp.concatenate([bwd[:0:-1], fwd])
 
 
@@ -343,8 +352,8 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     aligner = config.aligner or default_aligner(model, config.pair)
     src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt))) * inside
     tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
-    # All overlap pairs in one batch, padded to O so the aligner compiles once per overlap size.
-    idx = np.array(keep + [keep[-1]] * (o - len(keep)))
+    # All overlap pairs in one batch (padded to O on accelerators: one compile per overlap size).
+    idx = np.asarray(keep)[batch_rows(0, len(keep), o)]
     src_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(nxt))) > config.valid_threshold
     tgt_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(prev))) > config.valid_threshold
     cands = aligner(src[idx], tgt[idx], src_defects=src_def[idx], tgt_defects=tgt_def[idx],
@@ -447,6 +456,9 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
     logging.info("align_stack: %d sections are too few for drift removal (window %d); skipped", z_count,
                  2 * config.drift.radius + 1)
     config = dataclasses.replace(config, drift=None)
+  if config.neighbour_refine is not None and not config.neighbour_refine.applies_to(z_count):
+    logging.info("align_stack: %d sections are too few for neighbour refinement; skipped", z_count)
+    config = dataclasses.replace(config, neighbour_refine=None)
   if decay_distance <= 0:
     raise errors.InputError(f"decay_distance must be > 0, got {decay_distance}")
   _check_sizes(z_count, block_size, overlap)

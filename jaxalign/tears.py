@@ -143,11 +143,24 @@ def _box_mean(x: jax.Array, radius: int) -> jax.Array:
   return s / float(k * k)
 
 
-def _patch_cost(field, src, tgt, src_valid, tgt_valid, radius):
-  """`[H, W]`: window mean of squared difference (tissue) plus `GAP_COST` where the sample has no data."""
-  data = (_fields.warp(src_valid, field) > _fields.FULL_SUPPORT).astype(jnp.float32)
-  diff = data * (_fields.warp(src, field) - tgt) ** 2 + GAP_COST * (1.0 - data)
+def _sample_cost(sampled: jax.Array, tgt: jax.Array) -> jax.Array:
+  """Per-pixel cost of `sampled [..., 2]` = (source, source valid mask) against `tgt [...]`: squared
+  difference where the sample has data, `GAP_COST` where it has none."""
+  data = (sampled[..., 1] > _fields.FULL_SUPPORT).astype(jnp.float32)
+  return data * (sampled[..., 0] - tgt) ** 2 + GAP_COST * (1.0 - data)
+
+
+def _patch_cost(field, src_and_valid, tgt, tgt_valid, radius):
+  """`[H, W]`: window mean of squared difference (tissue) plus `GAP_COST` where the sample has no data.
+
+  `src_and_valid` is `[H, W, 2]`: the source and its valid mask, warped by one gather."""
+  diff = _sample_cost(_fields.warp(src_and_valid, field), tgt)
   return _box_mean(diff * tgt_valid, radius)
+
+
+# The sparse sweep of `refine_tears` computes costs only on the zone and its cost windows, up to this
+# fraction of the image (static: it fixes the length of the pixel list); larger zones sweep densely.
+SPARSE_ZONE_FRACTION = 0.25
 
 
 def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: jax.Array, tgt_valid: jax.Array,
@@ -170,17 +183,57 @@ def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: ja
   Returns:
     `[H, W, 2]` float32 field.
   """
-  def step(_, f):
-    best_f = f
-    best_c = _patch_cost(f, src, tgt, src_valid, tgt_valid, radius)
-    for dy, dx in _PROPAGATION:
-      cand = shifted(f, dy, dx, 0, 0.0)
-      # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
-      inside = shifted(jnp.ones(f.shape[:-1] + (1,), jnp.float32), dy, dx, 0, 0.0)[..., 0] > 0
-      c = _patch_cost(cand, src, tgt, src_valid, tgt_valid, radius)
-      take = zone & inside & (c < best_c)
-      best_f = jnp.where(take[..., None], cand, best_f)
-      best_c = jnp.where(take, c, best_c)
-    return best_f
+  h, w = zone.shape
+  src_and_valid = jnp.stack([src, src_valid], -1).astype(jnp.float32)
+  zone = zone.astype(bool)
 
-  return jax.lax.fori_loop(0, iterations, step, field.astype(jnp.float32))
+  # Only zone pixels may change, and their costs only read the pixels of their windows (the ring):
+  # while the ring is small (a band along a crack: a few % of the image), costs are computed on a
+  # list of its pixels and only the window sums run over the whole image (one sample per ring pixel
+  # and candidate instead of one per image pixel).
+  ring = _box_mean(zone.astype(jnp.float32), radius) > 0
+  capacity = max(1, int(math.ceil(SPARSE_ZONE_FRACTION * h * w)))
+  n_ring = jnp.sum(ring)
+  flat = jnp.nonzero(ring.reshape(-1), size=capacity, fill_value=0)[0]
+  used = (jnp.arange(capacity) < n_ring).astype(jnp.float32)
+  ry, rx = flat // w, flat % w
+  ring_pts = jnp.stack([ry, rx], -1).astype(jnp.float32)
+  ring_tgt = tgt.reshape(-1)[flat]
+  ring_weight = tgt_valid.reshape(-1)[flat] * used  # list padding adds 0 (to pixel 0)
+
+  def dense_cost(cand, dy, dx):
+    del dy, dx
+    return _patch_cost(cand, src_and_valid, tgt, tgt_valid, radius)
+
+  def sparse_cost(f, dy, dx):
+    # The candidate at ring pixel p is f(p + (dy, dx)), 0 outside the image (as `shifted`).
+    y, x = ry + dy, rx + dx
+    inside = ((y >= 0) & (y < h) & (x >= 0) & (x < w))[:, None]
+    cand = jnp.where(inside, f.reshape(-1, 2)[jnp.clip(y, 0, h - 1) * w + jnp.clip(x, 0, w - 1)], 0.0)
+    diff = _sample_cost(_fields.sample(src_and_valid, ring_pts + cand), ring_tgt)
+    dense = jnp.zeros((h * w,), jnp.float32).at[flat].add(diff * ring_weight)
+    return _box_mean(dense.reshape(h, w), radius)
+
+  def run(cost_of):
+    def step(state):
+      i, f, _ = state
+      best_f = f
+      best_c = cost_of(f, 0, 0)
+      changed = jnp.zeros(f.shape[:-1], bool)
+      for dy, dx in _PROPAGATION:
+        cand = shifted(f, dy, dx, 0, 0.0)
+        # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
+        inside = shifted(jnp.ones(f.shape[:-1] + (1,), jnp.float32), dy, dx, 0, 0.0)[..., 0] > 0
+        c = cost_of(cand if cost_of is dense_cost else f, dy, dx)
+        take = zone & inside & (c < best_c)
+        best_f = jnp.where(take[..., None], cand, best_f)
+        best_c = jnp.where(take, c, best_c)
+        changed = changed | take
+      return i + 1, best_f, jnp.any(changed)
+
+    # A sweep that changes nothing leaves the next one the same field, so it would change nothing
+    # either: stopping there gives the result of all `iterations` sweeps.
+    state = (jnp.asarray(0, jnp.int32), field.astype(jnp.float32), jnp.asarray(True))
+    return jax.lax.while_loop(lambda s: (s[0] < iterations) & s[2], step, state)[1]
+
+  return jax.lax.cond(n_ring <= capacity, lambda: run(sparse_cost), lambda: run(dense_cost))

@@ -6,6 +6,10 @@ import pathlib
 import numpy as np
 import pytest
 
+# Commands run by the tests (in process or as subprocesses) keep no compilation cache on disk: the
+# suite stays hermetic (tests/test_compile_cache.py turns it on in its own processes).
+os.environ.setdefault("JAXALIGN_COMPILATION_CACHE", "off")
+
 EM_DATA = pathlib.Path(os.environ.get("JAXALIGN_EM_DATA",
                                       pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em")).resolve()
 

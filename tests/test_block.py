@@ -140,3 +140,21 @@ def test_bad_input_raises():
     align_block(np.full((2, 8, 8), np.nan, np.float32), config=CFG)
   with pytest.raises(InputError, match="fields"):
     render(np.ones((2, 8, 8), np.float32), np.zeros((2, 8, 9, 2), np.float32))
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", [1, 2, 3]), ("gpu", [3, 3, 3])])
+def test_batches_are_padded_only_where_the_aligner_is_vmapped(stack, monkeypatch, backend, expected):
+  """On CPU the default aligner runs pair by pair, so a padded batch row is an alignment for
+  nothing; on accelerators one vmapped program per batch size wants every batch full."""
+  from jaxalign import pair
+  monkeypatch.setattr(pair.jax, "default_backend", lambda: backend)
+  shifts, sec = stack
+  sizes = []
+
+  def counting(srcs, tgts, **kw):
+    sizes.append(len(srcs))
+    return phase_aligner(srcs, tgts, **kw)
+
+  f = align_block(sec[:4], voting_distance=3, config=BlockConfig(aligner=counting), progress=False)
+  assert sizes == expected
+  np.testing.assert_allclose(np.asarray(f), expected_fields(shifts[:4], SIZE), atol=1e-4)

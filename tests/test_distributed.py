@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from jaxalign import compile_cache
 from jaxalign import distributed as jd
 
 ROWS, ROW = 8, 16  # chunk-aligned: one task writes exactly one [ROW, 32] chunk
@@ -200,7 +201,7 @@ def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch
   config = _volume_config()
   ref_dst, dst = str(tmp_path / "ref"), str(tmp_path / "dst")
   pipeline.align_volume(src, ref_dst, config, progress=False)  # uninterrupted, no cache, this process
-  for k, v in jd.compilation_cache_env(str(tmp_path / "xla_cache")).items():
+  for k, v in compile_cache.env(tmp_path / "xla_cache", min_compile_seconds=0).items():
     monkeypatch.setenv(k, v)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   # Blocks [0, 4) and [2, 6): block 0 makes 3 pair alignments (one per section), block 1 is killed.

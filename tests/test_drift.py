@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxalign.block import BlockConfig
-from jaxalign.drift import DriftConfig, drift_weights, remove_drift, window_indices
+from jaxalign.drift import DriftConfig, drift_weights, remove_drift, section_translations, window_indices
 from jaxalign.errors import InputError
 from jaxalign.stack import StackConfig, align_stack
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
@@ -58,7 +58,7 @@ def test_linear_nonrigid_drift_is_removed_and_the_rest_kept():
   z_count = 12
   drift_shape = smooth_field(rng, (SIZE, SIZE), 8.0, 8.0)
   drift = np.stack([drift_shape * z / z_count for z in range(z_count)])
-  config = DriftConfig(sigma=2.0, degree=1)
+  config = DriftConfig(sigma=2.0, degree=1, keep_translation=False)
 
   # Pure linear drift: removed to within the inverse's accuracy, interior pixels.
   out = np.asarray(remove_drift(drift.astype(np.float32), config=config))
@@ -77,6 +77,31 @@ def test_linear_nonrigid_drift_is_removed_and_the_rest_kept():
     # What is left is the distortion minus the neighbours' average distortion, not the drift.
     left = out[z] - (distortions[z] - np.tensordot(weights[z], distortions[window_indices(z, z_count, config.radius)], axes=1))
     assert np.median(np.linalg.norm(left[10:-10, 10:-10], axis=-1)) < 0.3
+
+
+def test_translations_and_their_steps_are_kept_the_nonrigid_drift_removed():
+  """fields[z] = t_z + (z / Z) * S with S a smooth non-rigid field of zero mean and t_z a translation
+  path with a 12-px step (a section moved during acquisition). The default fit leaves each section's
+  mean translation out: the output keeps t_z exactly in the mean (so the step is not smeared over
+  the neighbours) and loses the non-rigid drift; without it, the step leaks into the neighbours."""
+  rng = np.random.default_rng(5)
+  z_count = 15
+  shape = smooth_field(rng, (SIZE, SIZE), 6.0, 8.0)
+  shape -= shape.mean(axis=(0, 1))
+  t = np.zeros((z_count, 2))
+  t[:, 1] = 0.3 * np.arange(z_count)
+  t[8:, 0] += 12.0
+  fields = np.stack([t[z] + shape * z / z_count for z in range(z_count)]).astype(np.float32)
+  out = np.asarray(remove_drift(fields, config=DriftConfig(sigma=2.0)))
+  inner = (slice(None), slice(10, -10), slice(10, -10))
+  # The non-rigid part: a linear drift is removed exactly, what is left is the translation.
+  np.testing.assert_allclose(out[inner], np.broadcast_to(t[:, None, None], out[inner].shape), atol=0.05)
+  # Without keep_translation the local-linear fit smears the step: sections 7 and 8 end up 2.4 px
+  # off their (exact) relative translation.
+  plain = np.asarray(remove_drift(fields, config=DriftConfig(sigma=2.0, keep_translation=False)))
+  step = (plain[8] - plain[7])[inner[1:]].mean(axis=(0, 1))[0]
+  assert abs(step - 12.0) > 1.5, step
+  np.testing.assert_allclose(section_translations(fields), t, atol=1e-4)
 
 
 def test_blank_sections_do_not_enter_the_estimate():
@@ -130,7 +155,8 @@ def test_align_stack_drift_removal_makes_blocks_match_a_single_block():
   sec = texture_stack(shifts, size, seed=5, margin=48)
   # Integer, so every rendering stays exact and the chain's drift is exactly linear.
   bias = np.array([1.0, 0.0])
-  drift_cfg = DriftConfig(sigma=1.0, degree=1)
+  # The drift here is a translation, which the default keeps (`keep_translation`).
+  drift_cfg = DriftConfig(sigma=1.0, degree=1, keep_translation=False)
 
   def run(block, drift, decay=1e6):
     cfg = StackConfig(neighbour_refine=None, block=BlockConfig(aligner=_biased(bias)), drift=drift)
@@ -167,14 +193,16 @@ def test_chunked_removal_matches_the_whole_section():
   rng = np.random.default_rng(3)
   z_count, h, w = 7, 150, 130
   fields = np.stack([smooth_field(rng, (h, w), 4.0 + 3.0 * z, 20.0) for z in range(z_count)]).astype(np.float32)
-  config = DriftConfig(sigma=1.0)
-  whole = np.asarray(remove_drift(fields, config=config))
-  weights = drift_weights(z_count, config)
-  for z in (0, 3, 6):
-    idx = window_indices(z, z_count, config.radius)
-    out = remove_drift_chunked(fields[z], [fields[k] for k in idx], weights[z],
-                               config=ChunkConfig(chunk=48, overlap=8, render_margin=4))
-    np.testing.assert_allclose(out, whole[z], atol=1e-3)
+  for config in (DriftConfig(sigma=1.0), DriftConfig(sigma=1.0, keep_translation=False)):
+    whole = np.asarray(remove_drift(fields, config=config))
+    weights = drift_weights(z_count, config)
+    shifts = section_translations(fields) if config.keep_translation else None
+    for z in (0, 3, 6):
+      idx = window_indices(z, z_count, config.radius)
+      out = remove_drift_chunked(fields[z], [fields[k] for k in idx], weights[z],
+                                 translations=None if shifts is None else shifts[idx],
+                                 config=ChunkConfig(chunk=48, overlap=8, render_margin=4))
+      np.testing.assert_allclose(out, whole[z], atol=1e-3)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -191,7 +219,8 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   sections = texture_stack(shifts, size=size)
   src = str(tmp_path / "src")
   io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
-  drift_cfg = DriftConfig(sigma=1.0, degree=1)  # its 7-section window fits the 10 sections
+  # Its 7-section window fits the 10 sections; translations (all there is here) are not kept.
+  drift_cfg = DriftConfig(sigma=1.0, degree=1, keep_translation=False)
   chunk = ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None
   config = pipeline.VolumeConfig(block_size=5, overlap=2, decay_distance=1e6, pyramid_levels=1, starters=(0, 3, 6),
                                  chunk=chunk,

@@ -258,3 +258,39 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
   stats = jd.RunStats()
   pipeline.align_volume(src, dst, config, progress=False, stats=stats)
   assert stats.executed == 0
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", [3]), ("gpu", [8])])
+def test_refinement_batch_is_padded_only_where_the_aligner_is_vmapped(monkeypatch, backend, expected):
+  """Three sections in batches of 8: three alignments on CPU (pair by pair), one full batch of 8 on
+  accelerators (one vmapped compile); the results are the same."""
+  from jaxalign import pair
+  monkeypatch.setattr(pair.jax, "default_backend", lambda: backend)
+  sections, fields, exact = (a[:3] for a in _translation_case(outlier=1, error=(0, 0)))
+  sizes = []
+
+  def counting(srcs, tgts, **kw):
+    sizes.append(len(srcs))
+    return phase_aligner(srcs, tgts, **kw)
+
+  out = np.asarray(refine_to_neighbours(sections, fields, aligner=counting, config=RefineConfig(batch=8)))
+  assert sizes == expected
+  np.testing.assert_allclose(out, exact, atol=1e-4)
+
+
+def test_two_section_stack_is_not_refined():
+  """With two sections each one's template is the other: a Jacobi sweep would swap their
+  misregistration. align_stack skips it: one pair alignment (the block's), exact fields."""
+  assert not RefineConfig().applies_to(2) and RefineConfig().applies_to(3)
+  shifts = random_shifts(2, seed=5, step=2, limit=6)
+  sections = texture_stack(shifts, 48, seed=6)
+  calls = []
+
+  def counting(srcs, tgts, **kw):
+    calls.append(len(srcs))
+    return phase_aligner(srcs, tgts, **kw)
+
+  cfg = StackConfig(drift=None, block=BlockConfig(aligner=counting), neighbour_refine=RefineConfig())
+  out = np.asarray(align_stack(sections, config=cfg, progress=False))
+  assert sum(calls) == 1
+  np.testing.assert_allclose(out, expected_fields(shifts, 48), atol=1e-4)

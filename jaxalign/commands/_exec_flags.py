@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from jaxalign import compile_cache
 from jaxalign import distributed as jd
 
 
@@ -27,7 +28,8 @@ def executor() -> jd.Executor:
   if f.workers is not None and f.workers < 1:
     from jaxalign.errors import InputError
     raise InputError(f"--workers must be >= 1, got {f.workers}")
-  jd.enable_compilation_cache(f.compilation_cache)
+  if f.compilation_cache:
+    compile_cache.enable(f.compilation_cache, min_compile_seconds=0)
   return jd.make_executor(f.executor, f.workers, f.scheduler)
 
 

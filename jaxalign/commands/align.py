@@ -4,6 +4,16 @@ decay) into DST/fields and DST/aligned (with its MIP pyramid); resumable per sec
 Tasks run inline, on local processes or on Dask (`--executor`); the output is identical whichever
 runs it. Re-running the same command skips finished work (completion records in DST/_done).
 See docs/distributed.md.
+
+Progress (--progress): a bar per stage and, inside each block, per section with an ETA: a tqdm bar
+named after the block with --executor=inline; with processes / Dask the workers log one line per
+section (at most every few seconds) instead, to this terminal for local workers and to the worker
+logs on a cluster.
+
+Unreadable input (a corrupt or truncated chunk of SRC) is found before anything is written: by
+default the run stops with one line naming the volume, section and chunk (exit status 2);
+--on_read_error=missing treats such chunks as missing data (zeros, like a blank section) and lists
+them in the summary.
 """
 
 from __future__ import annotations
@@ -41,6 +51,12 @@ flags.DEFINE_integer("neighbour_refine", 1, "sweeps re-aligning each section to 
 flags.DEFINE_float("refine_stiffness", 4.0, "elastic weights of the neighbour refinement relative to pair "
                    "alignment's (jaxalign.refine.RefineConfig.stiffness; thicker sections in pixels need more)")
 flags.DEFINE_boolean("restart", False, "discard DST's completion records and recompute everything")
+flags.DEFINE_enum("on_read_error", "stop", ["stop", "missing"], "a chunk of SRC that cannot be read (corrupt, "
+                  "truncated): stop before writing anything, or treat it as missing data (no data, like a "
+                  "blank section) and list it in the summary")
+
+# Unreadable chunks printed one per line in the summary at most (all are logged as warnings).
+PRINT_UNREADABLE = 20
 
 
 def main(argv):
@@ -78,8 +94,17 @@ def main(argv):
   t0 = time.time()
   with _exec_flags.executor() as ex:
     plan = pipeline.align_volume(argv[1], argv[2], config, executor=ex, progress=FLAGS.progress, stats=stats,
-                                 restart=FLAGS.restart)
+                                 restart=FLAGS.restart, on_read_error=FLAGS.on_read_error)
   print(plan.describe())
   print(_exec_flags.summary("align", stats, ex, time.time() - t0))
+  unreadable = pipeline.read_errors(argv[2])
+  if unreadable:
+    sections = sorted({u.z for u in unreadable})
+    print(f"unreadable input treated as missing data (--on_read_error=missing): {len(unreadable)} chunk(s) in "
+          f"section(s) {', '.join(map(str, sections))}")
+    for u in unreadable[:PRINT_UNREADABLE]:
+      print(f"  {u.describe()}")
+    if len(unreadable) > PRINT_UNREADABLE:
+      print(f"  ... and {len(unreadable) - PRINT_UNREADABLE} more (all in the log)")
   print(f"fields:  {pipeline._url(argv[2], pipeline.FIELDS)}\naligned: {pipeline._url(argv[2], pipeline.ALIGNED)}")
   return 0

@@ -5,6 +5,12 @@ and pooled. The default scale is the paper's: 64-px chunks at the MIP level near
 chunks, then a finer level, when sections are too small for that); --level / --chunk override it.
 A PNG of the maps and a JSON summary go to --output.
 
+For proofreading, the --worst_chunks chunks with the lowest CPC are listed worst first in
+worst_chunks.json (level-0 voxel (z, y, x) of each chunk centre, z the later section of the pair
+compared, its CPC, and the level / chunk size used) and as a neuroglancer point-annotation layer in
+worst_chunks_layer.json (a viewer state in the volume's voxel space, dimensions in metres as
+`jaxalign view` writes them; its layer can be added to a `jaxalign view` state.json).
+
 Given the fields that produced VOLUME (--fields, or VOLUME/../fields when VOLUME is a `jaxalign
 align` output; at VOLUME's level 0 or any coarser MIP level, found from their shape): how much they
 deform the tissue (`jaxalign.metrics.deformation`: local area change of each section's non-affine
@@ -32,7 +38,7 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.evaluation import cpc_scale
+from jaxalign.evaluation import WORST_CHUNKS, cpc_scale
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ground_truth", None, "ground-truth case directory (case.json + arrays.npz)")
@@ -43,12 +49,16 @@ flags.DEFINE_integer("level", None, "CPC after 2**level downsampling of level-0 
 flags.DEFINE_integer("chunk", None, "CPC chunk side in px at --level (default: 64, the paper's)")
 flags.DEFINE_string("output", None, "directory for cpc_maps.png and eval.json (default: ./<VOLUME name>_eval)")
 flags.DEFINE_boolean("progress", True, "show progress bars")
+flags.DEFINE_integer("worst_chunks", WORST_CHUNKS, "chunks with the lowest CPC listed for proofreading in "
+                     "worst_chunks.json and worst_chunks_layer.json (neuroglancer annotations); 0 = none")
 
 
 # Fields may be this many MIP levels coarser than VOLUME's level 0.
 MAX_FIELD_LEVEL = 12
 # Per-section deformation rows printed at most (the sections farthest from 1).
 PRINT_SECTIONS = 40
+WORST_CHUNKS_FILE = "worst_chunks.json"
+WORST_CHUNKS_LAYER_FILE = "worst_chunks_layer.json"
 
 
 def neighbour_cpc(stack, *, level: int, chunk: int, progress: bool = False, desc: str = "cpc"):
@@ -186,6 +196,8 @@ def main(argv):
   from jaxalign import io
   if (FLAGS.level is not None and FLAGS.level < 0) or (FLAGS.chunk is not None and FLAGS.chunk < 2):
     raise InputError(f"--level must be >= 0 and --chunk >= 2 (got {FLAGS.level}, {FLAGS.chunk})")
+  if FLAGS.worst_chunks < 0:
+    raise InputError(f"--worst_chunks must be >= 0 (0 = no list), got {FLAGS.worst_chunks}")
   url = argv[1]
   if "://" not in url and not pathlib.Path(url).exists():
     raise InputError(f"missing path: {url}")
@@ -220,6 +232,7 @@ def main(argv):
   summary: dict = dict(volume=url, shape=list(shape), resolution_nm=list(vol.resolution), level=level,
                        chunk=chunk, cpc_nm_per_px=cpc_nm, threshold=threshold,
                        low_cpc=ev._fraction(ev.low_cpc_counts(maps, threshold)), low_cpc_per_pair=fracs)
+  worst = ev.worst_chunks(maps, level=level, chunk=chunk, count=FLAGS.worst_chunks)
   rows = [("volume", summary["low_cpc"])]
   all_maps = {"volume": maps}
   if case is not None:
@@ -251,6 +264,16 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   _plot(all_maps, out / "cpc_maps.png", threshold)
   written = [out / "cpc_maps.png"]
+  if FLAGS.worst_chunks:
+    listing = dict(volume=url, resolution_nm=list(vol.resolution), level=level, chunk=chunk,
+                   chunk_level0_px=chunk * 2 ** level, cpc_nm_per_px=cpc_nm, threshold=threshold,
+                   coordinates="level-0 voxel indices (z, y, x) of each chunk's centre; z is the later "
+                               "section of the pair compared; y_range / x_range: level-0 voxels covered",
+                   chunks=worst)
+    (out / WORST_CHUNKS_FILE).write_text(json.dumps(listing, indent=1))
+    (out / WORST_CHUNKS_LAYER_FILE).write_text(json.dumps(ev.worst_chunks_state(worst, vol.resolution), indent=1))
+    summary["worst_chunks"] = dict(count=len(worst), file=WORST_CHUNKS_FILE, layer_file=WORST_CHUNKS_LAYER_FILE)
+    written += [out / WORST_CHUNKS_FILE, out / WORST_CHUNKS_LAYER_FILE]
   if deform is not None:
     from jaxalign import report
     report.draw_deformation(deform, out / "deformation.png", resolution_nm=field_res)
@@ -267,6 +290,10 @@ def main(argv):
     print(f"EPE over valid tissue: median {e['epe_median']:.3f} px, p95 {e['epe_p95']:.3f}, p99 {e['epe_p99']:.3f}, "
           f">2 px {e['epe_frac_over']:.4f}; within 20 px of cracks/folds: median {e['near_median']:.3f}, "
           f"p95 {e['near_p95']:.3f}")
+  if worst:
+    w = worst[0]
+    print(f"worst chunk: z={w['z']} y={w['y']} x={w['x']} (sections {w['pair'][0]}-{w['pair'][1]}), "
+          f"CPC {w['cpc']:.3f}; {len(worst)} worst chunks listed in {out / WORST_CHUNKS_FILE}")
   if deform is not None:
     print(_deformation_text(deform, first.sigma_px, field_res, field_level))
   print(f"wrote {', '.join(str(p) for p in written)} and {out / 'eval.json'}")
