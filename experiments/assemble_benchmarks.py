@@ -12,7 +12,7 @@ from absl import app
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # real_stacks: jaxalign and SOFIMA side by side on the shared real stacks (experiments/real_stacks.py).
-PAGES = ["kernels", "io", "groundtruth", "pair", "generalise", "models", "detector", "stack", "real_stacks_summary",
+PAGES = ["kernels", "io", "groundtruth", "pair", "generalise", "models", "encoder", "detector", "stack", "real_stacks_summary",
          "real_stacks", "scale", "demo"]
 HEADER = """# jaxalign benchmarks
 

@@ -101,8 +101,6 @@ def _block_config():
 def throughput(work: pathlib.Path) -> None:
   from jaxalign import distributed as jd
   from jaxalign import compile_cache, io, pipeline
-  from jaxalign.block import BlockConfig
-  from jaxalign.pair import PairConfig
   from jaxalign.stack import StackConfig
   from tests.stack_helpers import random_shifts, texture_stack
   sections = texture_stack(random_shifts(FLAGS.sections, limit=6), size=FLAGS.size)
@@ -383,7 +381,7 @@ def projection(work: pathlib.Path) -> None:
   # The measured align_pair time already includes its coarser MIP levels (5 levels: 32..512 nm).
   px = pairs * FAFB_PX_PER_SECTION_32NM * chunk_overhead
   core_hours = px * per_px / 3600
-  print(f"\n### FAFB-scale projection from the measured per-chunk cost\n")
+  print("\n### FAFB-scale projection from the measured per-chunk cost\n")
   print(f"Measured: `align_pair` (default PairConfig: Online Field Finetuner, no model), one pair "
         f"of {c}^2 px on this 2-core CPU: {per_pair:.2f} s per pair = {per_px * 1e6:.2f} us/px "
         f"(median of {FLAGS.repeat}; compile + first run {compile_s:.1f} s).\n")
@@ -408,7 +406,7 @@ def seams(work: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from PIL import Image
-  from jaxalign.block import BlockConfig, align_block
+  from jaxalign.block import align_block
   from jaxalign.chunked import ChunkConfig, align_block_chunked
   from jaxalign.fields import warp
   folder = REPO / ".." / "shared" / "data" / "em" / "isbi2012_train"

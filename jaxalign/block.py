@@ -109,12 +109,9 @@ def nearest_valid_voters(valid: jax.Array, n: int) -> jax.Array:
 
 
 @jax.jit
-def _aligned_data(data: jax.Array, field: jax.Array) -> jax.Array:
+def aligned_data(data: jax.Array, field: jax.Array) -> jax.Array:
   """`[H, W]` float in [0, 1]: the data mask of a section carried into the block frame."""
   return warp(data.astype(jnp.float32), field)
-
-
-_vote = vector_vote  # jitted in jaxalign.voting (blur_sigma static)
 
 
 # --------------------------------------------------------------------------- host side
@@ -241,7 +238,7 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
       voter = np.asarray(nearest_valid_voters(jnp.asarray(cand_valid), n))[: len(cands)]
       # Align only to candidates that are voters somewhere the source has data (estimated with the
       # nearest target's field), so thin border strips outside the source do not cost alignments.
-      relevant = np.asarray(_aligned_data(jnp.asarray(data[z]), jnp.asarray(fields[cands[0]]))) > \
+      relevant = np.asarray(aligned_data(jnp.asarray(data[z]), jnp.asarray(fields[cands[0]]))) > \
           config.valid_threshold
       counts = (voter & relevant[None]).reshape(len(cands), -1).sum(axis=1)
       use = [m for m in range(len(cands)) if m == 0 or counts[m] >= min_pixels]
@@ -263,14 +260,14 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
         slots = max(n, len(use))
         pad = np.arange(slots).clip(max=len(use) - 1) * (np.arange(slots) < len(use))
         valid = voter[use][pad] & (np.arange(slots) < len(use))[:, None, None]
-        fields[z] = np.asarray(_vote(jnp.asarray(cand_fields[pad]), temperature=config.temperature,
+        fields[z] = np.asarray(vector_vote(jnp.asarray(cand_fields[pad]), temperature=config.temperature,
                                      blur_sigma=config.blur_sigma, valid=jnp.asarray(valid)))
       infos.append(SectionInfo(tuple(tgt_idx), "aligned"))
     has_data[z] = True
-    aligned_valid[z] = np.asarray(_aligned_data(jnp.asarray(data[z]), jnp.asarray(fields[z]))) > \
+    aligned_valid[z] = np.asarray(aligned_data(jnp.asarray(data[z]), jnp.asarray(fields[z]))) > \
         config.valid_threshold
     if dfx[z].any():
-      aligned_defects[z] = np.asarray(_aligned_data(jnp.asarray(dfx[z]), jnp.asarray(fields[z]))) > \
+      aligned_defects[z] = np.asarray(aligned_data(jnp.asarray(dfx[z]), jnp.asarray(fields[z]))) > \
           config.valid_threshold
     if on_section is not None:
       on_section(z)

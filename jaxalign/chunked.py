@@ -266,7 +266,7 @@ def render_chunked(image, field, *, config: ChunkConfig = ChunkConfig(),
 # --------------------------------------------------------------------------- block alignment
 
 
-def _downsample_to(x: np.ndarray, levels: int) -> np.ndarray:
+def downsample_to(x: np.ndarray, levels: int) -> np.ndarray:
   """`[Z, H, W]` -> `[Z, ceil(H/2^k), ceil(W/2^k)]` by 2x2 means, odd edges replicated (as io)."""
   a = jnp.asarray(x, jnp.float32)
   for _ in range(levels):

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "render": ("jaxalign.commands.render", "warp a volume by a field volume"),
   "eval": ("jaxalign.commands.eval", "evaluate alignment (CPC; tissue deformation of fields; EPE with ground truth)"),
   "train": ("jaxalign.commands.train", "train a SEAMLeSS pyramid"),
-  "view": ("jaxalign.commands.view", "write neuroglancer output and print a link"),
+  "view": ("jaxalign.commands.view", "write neuroglancer layers; --serve opens an offline viewer"),
   "detect": ("jaxalign.commands.detect", "detect cracks, folds and tissue"),
   "train-detector": ("jaxalign.commands.train_detector", "train the defect/tissue detector"),
 }

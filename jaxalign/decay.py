@@ -9,7 +9,6 @@ between levels, i.e. trilinear in (y, x, level).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax

@@ -320,7 +320,7 @@ def low_cpc_counts(maps, threshold: float = LOW_CPC_THRESHOLD) -> tuple[int, int
   return int(np.sum(c[scored] < threshold)), int(scored.sum())
 
 
-def _fraction(counts: tuple[int, int]) -> float:
+def count_fraction(counts: tuple[int, int]) -> float:
   low, n = counts
   return low / n if n else float("nan")
 
@@ -480,9 +480,9 @@ def score_fields(fields, case: Case, ran=None, *, config: EvalConfig | None = No
     epe_median=s["median"], epe_p95=s["p95"], epe_p99=s["p99"], epe_frac_over=s["frac_over"], epe_n=s["n"],
     near_median=sn["median"], near_p95=sn["p95"], near_frac_over=sn["frac_over"], near_n=sn["n"],
     shift_corrected_median=ss["median"], shift_corrected_p95=ss["p95"],
-    low_cpc=_fraction(low_cpc_counts(maps, config.cpc_threshold)),
-    low_cpc_gt=_fraction(low_cpc_counts(maps_gt, config.cpc_threshold)),
-    low_cpc_undistorted=_fraction(low_cpc_counts(maps_ref, config.cpc_threshold)),
+    low_cpc=count_fraction(low_cpc_counts(maps, config.cpc_threshold)),
+    low_cpc_gt=count_fraction(low_cpc_counts(maps_gt, config.cpc_threshold)),
+    low_cpc_undistorted=count_fraction(low_cpc_counts(maps_ref, config.cpc_threshold)),
   )
 
 
@@ -604,8 +604,6 @@ def cpc_scale(shape, resolution_nm, level: int | None = None, chunk: int | None 
 
 # Chunks listed by default (`jaxalign eval --worst_chunks`).
 WORST_CHUNKS = 100
-# neuroglancer coordinate spaces are in metres; volumes carry nm (as `jaxalign view` writes them).
-NM_PER_M = 1e9
 WORST_CHUNKS_LAYER = "worst chunks"
 
 
@@ -653,8 +651,8 @@ def worst_chunks_state(chunks: list[dict[str, Any]], resolution_nm, *,
   Each point carries its CPC as the annotation property `cpc`; the layer (`state["layers"][0]`) can
   be added to the layers of a `jaxalign view` state.json. Returns a JSON-able dict.
   """
-  dims = {"x": [float(resolution_nm[2]) / NM_PER_M, "m"], "y": [float(resolution_nm[1]) / NM_PER_M, "m"],
-          "z": [float(resolution_nm[0]) / NM_PER_M, "m"]}
+  from jaxalign.io import neuroglancer_dimensions  # deferred: io pulls in tensorstore
+  dims = neuroglancer_dimensions(resolution_nm)
   points = [dict(type="point", id=f"worst-{c['rank']:06d}",
                  point=[c["x"] + 0.5, c["y"] + 0.5, c["z"] + 0.5], props=[float(c["cpc"])],
                  description=f"#{c['rank']} CPC {c['cpc']:.3f}, sections {c['pair'][0]}-{c['pair'][1]}")

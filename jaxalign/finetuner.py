@@ -169,7 +169,7 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
   return springs * _tears.spring_pairs(tgt_ok)
 
 
-def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
+def finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_defects,
                    config: FinetuneConfig, *, src_nearest=None, has_src_defects=None, scale: int = 1,
                    upsample: int = 0, gamma_scale=1.0):
   """Unbatched, traceable finetuner. Masks are float `[H, W]` in {0, 1}. Returns (field, stats).
@@ -230,11 +230,11 @@ def _finetune_core(src, tgt, init_field, src_valid, tgt_valid, src_defects, tgt_
 
 def _finetune_batch(srcs, tgts, init_fields, src_valid, tgt_valid, src_defects, tgt_defects, *,
                     config: FinetuneConfig):
-  return jax.vmap(functools.partial(_finetune_core, config=config))(
+  return jax.vmap(functools.partial(finetune_core, config=config))(
       srcs, tgts, init_fields, src_valid, tgt_valid, src_defects, tgt_defects)
 
 
-_finetune_jit = jax.jit(_finetune_core, static_argnames=("config",))
+_finetune_jit = jax.jit(finetune_core, static_argnames=("config",))
 _finetune_batch_jit = jax.jit(_finetune_batch, static_argnames=("config",))
 
 

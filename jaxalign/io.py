@@ -164,6 +164,17 @@ def _detect_format(url: str) -> str | None:
 # Validation helpers
 
 
+# neuroglancer coordinate spaces are in metres; volumes carry nm.
+NM_PER_M = 1e9
+
+
+def neuroglancer_dimensions(resolution_nm) -> dict[str, list]:
+  """neuroglancer's `dimensions` (x, y, z in metres per voxel) of a volume with `resolution_nm`
+  (z, y, x) nm per pixel: the coordinate space of `jaxalign view` states and eval's annotations."""
+  z, y, x = (float(r) for r in resolution_nm)
+  return {"x": [x / NM_PER_M, "m"], "y": [y / NM_PER_M, "m"], "z": [z / NM_PER_M, "m"]}
+
+
 def parse_resolution(text: str) -> tuple[float, float, float]:
   """Parses 'z,y,x' (nm) as used on the command line."""
   parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]

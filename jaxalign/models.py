@@ -10,7 +10,11 @@ Paper: Popovych et al., Nat. Commun. 2024, Methods "Image pair alignment" / Resu
   is internally multi-scale: an internal pyramid of `scales` levels (each 2x coarser), coarse to fine,
   each predicting a residual that is composed with the upsampled coarser estimate, so one level
   corrects displacements of several tens of its own pixels.
-* `Level`: Encoder + Aligner + its MIP (resolution) + its Online Field Finetuner settings.
+* `Level`: Encoder + Aligner + its MIP (resolution) + its Online Field Finetuner settings. An
+  *encoder-only* level (`LevelConfig.aligner=None`, as the paper's FAFB coarse alignment) has no
+  Aligner: the Online Field Finetuner aligns its encodings directly, coarse to fine over
+  `encoding_levels` 2x2-mean reductions of the encodings. A level may be placed in physical units
+  (`LevelConfig.nm`): given the images' `resolution_nm`, it runs at the MIP whose pixel is nearest.
 * `Pyramid`: levels coarse -> fine; implements the team's pluggable aligner protocol
   `pyramid(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> field [H, W, 2]`
   with `warp(src, field) ≈ tgt`, so `ja.align_pair(src, tgt, model=pyramid)` just calls it.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 from typing import Any, Sequence
 
@@ -56,10 +61,14 @@ class EncoderConfig:
     channels: width of the residual blocks.
     blocks: number of residual blocks (two 3x3 convs each).
     out_channels: C of the encoding `[B, H, W, C]`.
+    dilations: dilation of the two convs of each residual block (one entry per block; () = all 1).
+      Growing dilations widen the receptive field cheaply (1, 2, 4: 31 px instead of 15 px), which
+      an encoder needs to tell a periodic artifact spanning a few periods from tissue.
   """
   channels: int = 12
   blocks: int = 2
   out_channels: int = 6
+  dilations: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +100,19 @@ class LevelConfig:
     aligner: Aligner architecture.
     finetune: overrides of `jaxalign.finetuner.FinetuneConfig` for this level (JSON-able dict, as a
       tuple of (name, value) pairs so the config stays hashable); `None` disables the finetuner.
+    nm: pixel size (nm) this level was trained at; when > 0 and the caller gives the images'
+      `resolution_nm`, the level runs at the MIP whose pixel is nearest (`fields.level_nearest`)
+      instead of `mip` (DESIGN.md §1: levels in physical units). 0 = always `mip`.
+    encoding_levels: encoder-only levels: the finetuner first aligns up to this many 2x2-mean
+      reductions of the encodings (coarse to fine, `ENCODING_GAMMAS` etc.), which extends its capture
+      range by 2**encoding_levels; fewer where the image is too small (`MIN_ENCODING_SIZE`).
   """
   mip: int = 0
   encoder: EncoderConfig = EncoderConfig()
-  aligner: AlignerConfig = AlignerConfig()
+  aligner: AlignerConfig | None = AlignerConfig()
   finetune: tuple[tuple[str, Any], ...] | None = ()
+  nm: float = 0.0
+  encoding_levels: int = 0
 
 
 # Finetuner settings per MIP (index = mip; the last entry repeats): coarse levels get a stronger
@@ -104,6 +121,24 @@ class LevelConfig:
 FINETUNE_GAMMAS = (5.0, 8.0, 12.0, 18.0)
 FINETUNE_LEARNING_RATES = (0.05, 0.1, 0.15, 0.2)
 FINETUNE_ITERATIONS = (100, 150, 200, 250)
+
+
+# Encoder-only levels: finetuner settings at the level itself (index 0) and at each coarser 2x2-mean
+# reduction of its encodings (the last entry repeats). As the raw finetuner's physical defaults
+# (pair.COARSE_GAMMAS): the paper's strong prior, stiffer at coarser levels.
+ENCODING_GAMMAS = (5.0, 10.0, 20.0, 25.0)
+ENCODING_LEARNING_RATES = (0.1, 0.15, 0.2, 0.2)
+ENCODING_ITERATIONS = (150, 150, 200, 250)
+# The coarsest encoding reduction keeps at least this many pixels per side.
+MIN_ENCODING_SIZE = 16
+
+
+def encoding_finetune(k: int):
+  """`FinetuneConfig` of an encoder-only level at its k-th coarser encoding reduction (0 = itself)."""
+  from jaxalign import finetuner
+  pick = lambda seq: seq[min(k, len(seq) - 1)]
+  return finetuner.FinetuneConfig(gamma=pick(ENCODING_GAMMAS), learning_rate=pick(ENCODING_LEARNING_RATES),
+                                  iterations=pick(ENCODING_ITERATIONS))
 
 
 def default_finetune(mip: int) -> tuple[tuple[str, Any], ...]:
@@ -129,13 +164,18 @@ def pyramid_config_from_dict(d: dict) -> PyramidConfig:
   try:
     levels = []
     for i, lv in enumerate(d["levels"]):
-      enc = EncoderConfig(**lv.get("encoder", {}))
-      al = dict(lv.get("aligner", {}))
+      enc = dict(lv.get("encoder", {}))
+      if "dilations" in enc:
+        enc["dilations"] = tuple(int(x) for x in enc["dilations"])
+      enc = EncoderConfig(**enc)
+      al = dict(lv.get("aligner") or {})
       if "dilations" in al:
         al["dilations"] = tuple(int(x) for x in al["dilations"])
       ft = lv.get("finetune", ())
       ft = None if ft is None else tuple((str(k), v) for k, v in (ft.items() if isinstance(ft, dict) else ft))
-      levels.append(LevelConfig(mip=int(lv["mip"]), encoder=enc, aligner=AlignerConfig(**al), finetune=ft))
+      aligner = None if lv.get("aligner", {}) is None else AlignerConfig(**al)
+      levels.append(LevelConfig(mip=int(lv["mip"]), encoder=enc, aligner=aligner, finetune=ft,
+                                nm=float(lv.get("nm", 0.0)), encoding_levels=int(lv.get("encoding_levels", 0))))
     cfg = PyramidConfig(levels=tuple(levels))
   except (KeyError, TypeError, ValueError) as e:
     raise InputError(f"malformed pyramid config ({type(e).__name__}: {e})") from None
@@ -152,12 +192,23 @@ def validate_pyramid_config(cfg: PyramidConfig) -> None:
     raise InputError(f"pyramid levels must go coarse to fine with strictly decreasing mip >= 0, got mips {mips}")
   for i, lv in enumerate(cfg.levels):
     e, a = lv.encoder, lv.aligner
-    for name, v in (("encoder.channels", e.channels), ("encoder.out_channels", e.out_channels),
-                    ("aligner.scales", a.scales), ("aligner.channels", a.channels)):
+    for name, v in (("encoder.channels", e.channels), ("encoder.out_channels", e.out_channels)):
       if not isinstance(v, int) or v < 1:
         raise InputError(f"level {i}: {name} must be a positive integer, got {v!r}")
     if e.blocks < 0:
       raise InputError(f"level {i}: encoder.blocks must be >= 0, got {e.blocks}")
+    if e.dilations and (len(e.dilations) != e.blocks or any(int(d) < 1 for d in e.dilations)):
+      raise InputError(f"level {i}: encoder.dilations must have one positive entry per block, got {e.dilations}")
+    if not (lv.nm >= 0) or not isinstance(lv.encoding_levels, int) or lv.encoding_levels < 0:
+      raise InputError(f"level {i}: nm must be >= 0 and encoding_levels a non-negative integer, got "
+                       f"{lv.nm!r}, {lv.encoding_levels!r}")
+    if a is None:
+      if lv.finetune is None:
+        raise InputError(f"level {i}: an encoder-only level (aligner None) needs the finetuner (finetune not None)")
+      continue
+    for name, v in (("aligner.scales", a.scales), ("aligner.channels", a.channels)):
+      if not isinstance(v, int) or v < 1:
+        raise InputError(f"level {i}: {name} must be a positive integer, got {v!r}")
     if not isinstance(a.radius, int) or a.radius < 1:
       raise InputError(f"level {i}: aligner.radius must be a positive integer, got {a.radius!r}")
     if not a.dilations or any(int(d) < 1 for d in a.dilations):
@@ -171,9 +222,9 @@ def validate_pyramid_config(cfg: PyramidConfig) -> None:
 class ResBlock(nnx.Module):
   """x + conv(gelu(conv(gelu(x)))), 3x3, channels-last `[B, H, W, C]`."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+  def __init__(self, channels: int, *, dilation: int = 1, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(channels, channels, (3, 3), kernel_dilation=dilation, rngs=rngs)
+    self.conv2 = nnx.Conv(channels, channels, (3, 3), kernel_dilation=dilation, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.conv2(jax.nn.gelu(self.conv1(jax.nn.gelu(x))))
@@ -196,7 +247,8 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.stem = nnx.Conv(1, cfg.channels, (3, 3), rngs=rngs)
-    self.blocks = nnx.List([ResBlock(cfg.channels, rngs=rngs) for _ in range(cfg.blocks)])
+    dil = tuple(cfg.dilations) or (1,) * cfg.blocks
+    self.blocks = nnx.List([ResBlock(cfg.channels, dilation=int(d), rngs=rngs) for d in dil])
     self.head = nnx.Conv(cfg.channels, cfg.out_channels, (1, 1), rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -214,7 +266,7 @@ class Encoder(nnx.Module):
     return e * tissue
 
 
-def _down_channels_last(x: jax.Array) -> jax.Array:
+def down_channels_last(x: jax.Array) -> jax.Array:
   """One MIP level down (2x2 mean) of a channels-last `[B, H, W, C]` array."""
   return jnp.moveaxis(fields.downsample_image(jnp.moveaxis(x, -1, -3), reduce="mean"), -3, -1)
 
@@ -298,8 +350,8 @@ class Aligner(nnx.Module):
   def __call__(self, src: jax.Array, tgt: jax.Array) -> jax.Array:
     srcs, tgts = [src], [tgt]
     for _ in range(self.cfg.scales - 1):
-      srcs.append(_down_channels_last(srcs[-1]))
-      tgts.append(_down_channels_last(tgts[-1]))
+      srcs.append(down_channels_last(srcs[-1]))
+      tgts.append(down_channels_last(tgts[-1]))
     field = jnp.zeros(srcs[-1].shape[:-1] + (2,), jnp.float32)
     for s in reversed(range(self.cfg.scales)):
       if s < self.cfg.scales - 1:
@@ -315,11 +367,15 @@ class Level(nnx.Module):
   def __init__(self, cfg: LevelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.encoder = Encoder(cfg.encoder, rngs=rngs)
-    self.aligner = Aligner(cfg.encoder.out_channels, cfg.aligner, rngs=rngs)
+    # Encoder-only level: the finetuner aligns the encodings (no network field).
+    self.aligner = None if cfg.aligner is None else Aligner(cfg.encoder.out_channels, cfg.aligner, rngs=rngs)
 
   @property
   def multiple(self) -> int:
-    """H, W at this level must be divisible by this (the aligner's internal pyramid)."""
+    """H, W at this level must be divisible by this (the aligner's internal pyramid, or the
+    encoding reductions of an encoder-only level)."""
+    if self.cfg.aligner is None:
+      return 2 ** self.cfg.encoding_levels
     return 2 ** (self.cfg.aligner.scales - 1)
 
   def encode(self, images: jax.Array) -> jax.Array:
@@ -335,6 +391,8 @@ class Level(nnx.Module):
     Returns:
       `[B, H, W, 2]` float32, px of this level, with `warp(src, field) ≈ tgt`.
     """
+    if self.aligner is None:
+      return init_field
     warped = fields.warp(src_enc, init_field)
     return fields.compose(init_field, self.aligner(warped, tgt_enc))
 
@@ -351,7 +409,7 @@ def finetune_config(level_cfg: LevelConfig):
   return finetuner.FinetuneConfig(**dict(level_cfg.finetune))
 
 
-def _field_to_mip(field: jax.Array, from_mip: int, to_mip: int) -> jax.Array:
+def field_to_mip(field: jax.Array, from_mip: int, to_mip: int) -> jax.Array:
   """Moves a field `[..., H, W, 2]` between MIP levels (px rescaled)."""
   for _ in range(max(0, from_mip - to_mip)):
     field = fields.upsample_field(field)
@@ -361,7 +419,7 @@ def _field_to_mip(field: jax.Array, from_mip: int, to_mip: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _level_forward(graphdef, state, src, tgt, init_field):
+def level_forward(graphdef, state, src, tgt, init_field):
   """Jitted network pass of one level: returns (field, src enc, tgt enc), batch of one."""
   level = nnx.merge(graphdef, state)
   src_enc = level.encode(src[None])
@@ -385,13 +443,32 @@ class Pyramid(nnx.Module):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.levels = nnx.List([Level(lv, rngs=rngs) for lv in cfg.levels])
 
+  def level_mips(self, resolution_nm=None) -> list[int]:
+    """MIP of each level: `LevelConfig.mip`, or, for levels placed in nm (`LevelConfig.nm` > 0) when
+    `resolution_nm` ((z, y, x) nm per pixel, or one y/x value) is given, the MIP whose pixel is
+    nearest `nm`. Levels stay coarse to fine (a level never runs finer than the next one)."""
+    from jaxalign import errors
+    res = errors.check_resolution(resolution_nm)
+    mips = []
+    for lv in self.cfg.levels:
+      if lv.nm > 0 and res is not None:
+        mips.append(fields.level_nearest(0.5 * (res[1] + res[2]), lv.nm))
+      else:
+        mips.append(lv.mip)
+    for i in range(len(mips) - 2, -1, -1):
+      mips[i] = max(mips[i], mips[i + 1])
+    return mips
+
+  def _multiple(self, mips: Sequence[int]) -> int:
+    return max(2 ** m * lv.multiple for m, lv in zip(mips, self.levels))
+
   @property
   def multiple(self) -> int:
-    """Input H, W are zero-padded (no data) up to a multiple of this."""
-    return max(2 ** lv.cfg.mip * lv.multiple for lv in self.levels)
+    """Input H, W are zero-padded (no data) up to a multiple of this (at the configured MIPs)."""
+    return self._multiple([lv.cfg.mip for lv in self.levels])
 
   def __call__(self, src, tgt, *, init_field=None, src_defects=None, tgt_defects=None,
-               use_finetuner: bool = True) -> jax.Array:
+               use_finetuner: bool = True, resolution_nm=None) -> jax.Array:
     """Aligns `src` to `tgt`.
 
     Args:
@@ -399,7 +476,10 @@ class Pyramid(nnx.Module):
       init_field: optional `[H, W, 2]` float32, pixels, (dy, dx): starting estimate.
       src_defects, tgt_defects: optional `[H, W]` bool masks of cracks/folds (True = defect); defect
         pixels are zeroed (no data), and the finetuner's elastic weight is zeroed on src defects.
-      use_finetuner: run each level's Online Field Finetuner (if configured).
+      use_finetuner: run each level's Online Field Finetuner (if configured; encoder-only levels
+        always run it, since it is their only way to produce a field).
+      resolution_nm: optional nm per pixel of the images ((z, y, x) or one value): levels with
+        `LevelConfig.nm` then run at the MIP nearest their trained pixel size (`level_mips`).
     Returns:
       `[H, W, 2]` float32 field, pixels, (dy, dx), with `warp(src, field) ≈ tgt`.
     """
@@ -411,7 +491,8 @@ class Pyramid(nnx.Module):
     src = np.where(src_def, 0.0, src).astype(np.float32)
     tgt = np.where(tgt_def, 0.0, tgt).astype(np.float32)
 
-    m = self.multiple
+    mips = self.level_mips(resolution_nm)
+    m = self._multiple(mips)
     ph, pw = -h % m, -w % m
     pad2 = ((0, ph), (0, pw))
     src_p = jnp.asarray(np.pad(src, pad2))
@@ -420,19 +501,24 @@ class Pyramid(nnx.Module):
     tdef_p = jnp.asarray(np.pad(tgt_def, pad2))
     init_p = jnp.asarray(np.pad(init, pad2 + ((0, 0),)))
 
-    n_mips = self.cfg.levels[0].mip + 1
+    n_mips = mips[0] + 1
     src_mips = fields.pyramid(src_p, n_mips, "mean")
     tgt_mips = fields.pyramid(tgt_p, n_mips, "mean")
     sdef_mips = fields.pyramid(sdef_p.astype(jnp.float32), n_mips, "max")
     tdef_mips = fields.pyramid(tdef_p.astype(jnp.float32), n_mips, "max")
 
     field, field_mip = init_p, 0
-    for level in self.levels:
-      mip = level.cfg.mip
-      field = _field_to_mip(field, field_mip, mip)
+    for level, mip in zip(self.levels, mips):
+      field = field_to_mip(field, field_mip, mip)
       field_mip = mip
       graphdef, state = nnx.split(level)
-      field, src_enc, tgt_enc = _level_forward(graphdef, state, src_mips[mip], tgt_mips[mip], field)
+      field, src_enc, tgt_enc = level_forward(graphdef, state, src_mips[mip], tgt_mips[mip], field)
+      if level.cfg.aligner is None:
+        field = finetune_encodings(src_enc, tgt_enc, field, src_mask=src_mips[mip] != 0,
+                                   tgt_mask=tgt_mips[mip] != 0, src_defects=sdef_mips[mip] > 0,
+                                   tgt_defects=tdef_mips[mip] > 0, levels=level.cfg.encoding_levels,
+                                   config=finetune_config(level.cfg))
+        continue
       ft_cfg = finetune_config(level.cfg) if use_finetuner else None
       if ft_cfg is not None:
         from jaxalign import finetuner
@@ -441,19 +527,73 @@ class Pyramid(nnx.Module):
             src_mask=src_mips[mip] != 0, tgt_mask=tgt_mips[mip] != 0,
             src_defects=sdef_mips[mip] > 0, config=ft_cfg)
       logging.debug("pyramid level mip %d done", mip)
-    field = _field_to_mip(jnp.asarray(field), field_mip, 0)
+    field = field_to_mip(jnp.asarray(field), field_mip, 0)
     return field[:h, :w]
 
-  def encode(self, image, level: int = -1) -> jax.Array:
-    """Encoding `[H', W', C]` of a MIP-0 image `[H, W]` by `levels[level]` at that level's MIP."""
+  def encode(self, image, level: int = -1, *, resolution_nm=None) -> jax.Array:
+    """Encoding `[H', W', C]` of a MIP-0 image `[H, W]` by `levels[level]` at that level's MIP
+    (`level_mips(resolution_nm)`)."""
     image = check_image(image, "image")
     lv = self.levels[level]
-    m = self.multiple
+    mips = self.level_mips(resolution_nm)
+    mip = mips[level]
+    m = self._multiple(mips)
     img = jnp.asarray(np.pad(image, ((0, -image.shape[0] % m), (0, -image.shape[1] % m))))
-    img = fields.pyramid(img, lv.cfg.mip + 1, "mean")[lv.cfg.mip]
+    img = fields.pyramid(img, mip + 1, "mean")[mip]
     enc = lv.encode(img[None])[0]
-    sh, sw = -(-image.shape[0] // 2 ** lv.cfg.mip), -(-image.shape[1] // 2 ** lv.cfg.mip)
+    sh, sw = -(-image.shape[0] // 2 ** mip), -(-image.shape[1] // 2 ** mip)
     return enc[:sh, :sw]
+
+
+def finetune_encodings(src_enc, tgt_enc, init_field, *, src_mask, tgt_mask, src_defects=None,
+                     tgt_defects=None, levels: int = 0, config=None) -> jax.Array:
+  """Online Field Finetuner on encodings, coarse to fine over 2x2-mean reductions of them.
+
+  Encoder-only levels (paper: FAFB coarse alignment) produce their field this way. The encodings
+  and the field are reduced `levels` times (fewer where a side would drop below
+  `MIN_ENCODING_SIZE`); at each reduction k (coarsest first) the finetuner runs with
+  `encoding_finetune(k)`, and its correction is upsampled to the next finer one (as
+  `jaxalign.pair`: init_k + up(f_{k+1} - init_{k+1})). `config` (this level's own finetuner
+  settings) replaces `encoding_finetune(0)` at the level itself.
+
+  Args:
+    src_enc, tgt_enc: `[H, W, C]` float32 encodings (0 = no data).
+    init_field: `[H, W, 2]` float32, px of this level, (dy, dx).
+    src_mask, tgt_mask: `[H, W]` bool, where the images have data.
+    src_defects, tgt_defects: optional `[H, W]` bool.
+    levels: number of coarser encoding reductions.
+    config: optional `FinetuneConfig` for the level itself.
+  Returns:
+    `[H, W, 2]` float32 field, px of this level, with `warp(src_enc, field) ≈ tgt_enc`.
+  """
+  from jaxalign import finetuner
+  h, w = src_enc.shape[:2]
+  levels = max(0, min(int(levels), int(math.floor(math.log2(max(min(h, w) / MIN_ENCODING_SIZE, 1))))))
+  while levels and (h % 2 ** levels or w % 2 ** levels):
+    levels -= 1
+  zeros = jnp.zeros((h, w), jnp.float32)
+  sd = zeros if src_defects is None else jnp.asarray(src_defects, jnp.float32)
+  td = zeros if tgt_defects is None else jnp.asarray(tgt_defects, jnp.float32)
+  se, te = [jnp.asarray(src_enc)], [jnp.asarray(tgt_enc)]
+  sm, tm = [jnp.asarray(src_mask, jnp.float32)], [jnp.asarray(tgt_mask, jnp.float32)]
+  sdp, tdp, init = [sd], [td], [jnp.asarray(init_field, jnp.float32)]
+  for _ in range(levels):
+    # Tissue masks by min (DESIGN.md §1), encodings averaged and zeroed off tissue.
+    sm.append(fields.downsample_image(sm[-1], "min"))
+    tm.append(fields.downsample_image(tm[-1], "min"))
+    se.append(down_channels_last(se[-1][None])[0] * sm[-1][..., None])
+    te.append(down_channels_last(te[-1][None])[0] * tm[-1][..., None])
+    sdp.append(fields.downsample_image(sdp[-1], "max"))
+    tdp.append(fields.downsample_image(tdp[-1], "max"))
+    init.append(fields.downsample_field(init[-1]))
+  field = init[-1]
+  for k in range(levels, -1, -1):
+    if k < levels:
+      field = init[k] + fields.upsample_field(field - init[k + 1])
+    cfg = config if (k == 0 and config is not None) else encoding_finetune(k)
+    field = finetuner.finetune(se[k], te[k], field, src_mask=sm[k] > 0, tgt_mask=tm[k] > 0,
+                               src_defects=sdp[k] > 0, tgt_defects=tdp[k] > 0, config=cfg)
+  return field
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -42,7 +43,7 @@ from jaxalign import fields as _fields
 from jaxalign import losses as _losses
 from jaxalign import preprocess as _preprocess
 from jaxalign import tears as _tears
-from jaxalign.finetuner import FinetuneConfig, FinetuneStats, _finetune_core
+from jaxalign.finetuner import FinetuneConfig, FinetuneStats, finetune_core
 
 # Per-level defaults, level 0 (full resolution) first. Coarse levels are cheap, so they get many
 # steps and a strong elastic prior (paper: gamma 5-25, larger at coarser levels); full resolution gets
@@ -451,7 +452,7 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
     if m < k:
       s = _smoothed(src_p[m], sv_p[m], sigma)
       t = _smoothed(tgt_p[m], tv_p[m], sigma)
-    field, st = _finetune_core(s, t, field, sv_p[m], tv_p[m], sd_p[k].astype(jnp.float32),
+    field, st = finetune_core(s, t, field, sv_p[m], tv_p[m], sd_p[k].astype(jnp.float32),
                                td_p[k].astype(jnp.float32), config.level_config(k, finest),
                                src_nearest=src_nearest, has_src_defects=has_src_defects, scale=2 ** k,
                                upsample=k - m, gamma_scale=gamma_scale)
@@ -552,11 +553,24 @@ def _prepare_batch(srcs, tgts, sd, td, *, destripe: bool):
   return jax.vmap(functools.partial(_prepare_images, destripe=destripe))(srcs, tgts, sd, td)
 
 
+def _accepts(fn, name: str) -> bool:
+  """Whether callable `fn` takes a keyword argument `name` (or **kwargs)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _initial_field(s, t, sd, td, init_field, model, config):
   """The field the finetuner starts from (or the final field for a model without refinement)."""
   if model is not None:
+    extra = {}
+    if config.resolution_nm is not None and _accepts(model, "resolution_nm"):
+      # Models whose levels are set in nm (`jaxalign.models.Pyramid`) place them by the resolution.
+      extra["resolution_nm"] = config.resolution_nm
     out = model(s, t, init_field=None if init_field is None else jnp.asarray(init_field),
-                src_defects=jnp.asarray(sd), tgt_defects=jnp.asarray(td))
+                src_defects=jnp.asarray(sd), tgt_defects=jnp.asarray(td), **extra)
     return errors.check_field(np.asarray(out), "model output", shape=s.shape)
   if init_field is not None:
     return init_field

@@ -129,7 +129,7 @@ class VolumeConfig:
       raise InputError(f"pyramid_levels must be >= 1, got {self.pyramid_levels}")
 
 
-def _url(dst: str, *parts: str) -> str:
+def output_url(dst: str, *parts: str) -> str:
   return "/".join([dst.rstrip("/"), *parts])
 
 
@@ -391,23 +391,23 @@ def _tiles(h: int, w: int, tile: int):
 def _stream_pyramid(vol: io.Volume, z: int, tile: int) -> None:
   """MIP levels 1.. of section z from the level below, tile by tile (2x2 mean, odd edges
   replicated like `io.build_pyramid`): memory ~ (2 tile)^2 px whatever the section size."""
-  from jaxalign.chunked import _downsample_to
+  from jaxalign.chunked import downsample_to
   for k in range(1, vol.levels):
     hk, wk = vol.shape(k)[1:3]
     hb, wb = vol.shape(k - 1)[1:3]
     for (y0, y1), (x0, x1) in _tiles(hk, wk, tile):
       a = vol.read(z, k - 1, ((2 * y0, min(2 * y1, hb)), (2 * x0, min(2 * x1, wb)))).astype(np.float32)
-      vol.write(_to_dtype(_downsample_to(a[None], 1)[0], vol.dtype), z, k, ((y0, y1), (x0, x1)))
+      vol.write(_to_dtype(downsample_to(a[None], 1)[0], vol.dtype), z, k, ((y0, y1), (x0, x1)))
 
 
 def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> None:
   """Writes section z at level 0 and its MIP levels 1.. (2x2 mean, odd edges replicated like
   `io.build_pyramid`), all chunk-aligned (one section per chunk in z)."""
-  from jaxalign.chunked import _downsample_to
+  from jaxalign.chunked import downsample_to
   a = image.astype(np.float32)
   vol.write(_to_dtype(a, vol.dtype), z, 0)
   for k in range(1, levels):
-    a = _downsample_to(a[None], 1)[0]
+    a = downsample_to(a[None], 1)[0]
     vol.write(_to_dtype(a, vol.dtype), z, k)
 
 
@@ -447,7 +447,7 @@ def block_task(src_url: str, dst: str, block: BlockPlan, config: VolumeConfig, p
   Returns {"sections": n, "seconds": wall time of the task} (kept in its completion record)."""
   t0 = time.perf_counter()
   src = _source(src_url, config)
-  out = _open(_url(dst, WORK, f"block_{block.index:05d}"))
+  out = _open(output_url(dst, WORK, f"block_{block.index:05d}"))
   h, w = src.shape(config.level)[1:3]
   desc = f"block {block.index} (z {block.start}-{block.stop - 1})"
   with SectionProgress(desc, progress) as bar:
@@ -470,9 +470,9 @@ def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeC
   ov = np.arange(b.start, b.own_start)
   h, w = src.shape(config.level)[1:3]
   if _chunked(config, h, w):
-    prev_vol = _open(_url(dst, WORK, f"block_{prev_b.index:05d}"))
-    next_vol = _open(_url(dst, WORK, f"block_{b.index:05d}"))
-    stitches = _open(_url(dst, WORK, "stitches"))
+    prev_vol = _open(output_url(dst, WORK, f"block_{prev_b.index:05d}"))
+    next_vol = _open(output_url(dst, WORK, f"block_{b.index:05d}"))
+    stitches = _open(output_url(dst, WORK, "stitches"))
     stitch_field_chunked([VolumeSource(src, int(z), config.level) for z in ov],
                          [VolumeSource(prev_vol, int(z - prev_b.start)) for z in ov],
                          [VolumeSource(next_vol, int(z - b.start)) for z in ov], config=config.chunk,
@@ -480,11 +480,11 @@ def stitch_task(src_url: str, dst: str, plan: StackPlan, k: int, config: VolumeC
                          sink=lambda core, t: stitches.write(t, k, 0, core))
     return
   sections = src.read(slice(int(ov[0]), int(ov[-1]) + 1), config.level).astype(np.float32)
-  prev = _open(_url(dst, WORK, f"block_{prev_b.index:05d}")).read(
+  prev = _open(output_url(dst, WORK, f"block_{prev_b.index:05d}")).read(
     slice(int(ov[0] - prev_b.start), int(ov[-1] - prev_b.start) + 1))
-  nxt = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(slice(int(ov[0] - b.start), int(ov[-1] - b.start) + 1))
+  nxt = _open(output_url(dst, WORK, f"block_{b.index:05d}")).read(slice(int(ov[0] - b.start), int(ov[-1] - b.start) + 1))
   t = stitch_field(sections, prev, nxt, config=_block_config(config, src), refine=config.stack.stitch_refine)
-  _open(_url(dst, WORK, "stitches")).write(np.asarray(t, np.float32), k)
+  _open(output_url(dst, WORK, "stitches")).write(np.asarray(t, np.float32), k)
 
 
 def _max_chain(plan: StackPlan, decay_distance: float) -> int:
@@ -501,30 +501,30 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
   h, w = src.shape(config.level)[1:3]
   # With drift removal or refinement the composed field is an intermediate: a later stage writes DST/fields.
   later = config.stack.drift is not None or config.stack.neighbour_refine is not None
-  target = _url(dst, WORK, "composed") if later else _url(dst, FIELDS)
+  target = output_url(dst, WORK, "composed") if later else output_url(dst, FIELDS)
   if _chunked(config, h, w):
     fields = _open(target)
-    stitches = _open(_url(dst, WORK, "stitches"))
+    stitches = _open(output_url(dst, WORK, "stitches"))
     total = np.zeros(2, np.float64)
 
     def sink(core, f):
       fields.write(f, z, 0, core)
       total[:] += np.asarray(f, np.float64).sum(axis=(0, 1))
 
-    compose_with_decay_chunked(VolumeSource(_open(_url(dst, WORK, f"block_{b.index:05d}")), z - b.start),
+    compose_with_decay_chunked(VolumeSource(_open(output_url(dst, WORK, f"block_{b.index:05d}")), z - b.start),
                                [VolumeSource(stitches, k) for k in ks], ds,
                                decay_distance=float(config.decay_distance), blur_rate=float(config.stack.blur_rate),
                                config=config.chunk, sink=sink)
     if not later:
-      _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
+      _render_section(src, fields, _open(output_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0, "translation": (total / (h * w)).tolist()}
-  field = _open(_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
+  field = _open(output_url(dst, WORK, f"block_{b.index:05d}")).read(z - b.start)
   k_max = _max_chain(plan, config.decay_distance)
   if k_max:
     # Neutral padding (zero stitches at decay_distance) keeps one compiled shape for all sections.
     st = np.zeros((k_max,) + field.shape, np.float32)
     dist = np.full(k_max, float(config.decay_distance), np.float32)
-    stitches = _open(_url(dst, WORK, "stitches"))
+    stitches = _open(output_url(dst, WORK, "stitches"))
     for i, (k, d) in enumerate(zip(ks, ds)):
       st[i], dist[i] = stitches.read(k), d
     field = np.asarray(compose_with_decay(jnp.asarray(field), jnp.asarray(st), jnp.asarray(dist),
@@ -532,7 +532,7 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
                                           blur_rate=float(config.stack.blur_rate)))
   _open(target).write(field, z)
   if not later:
-    _render_section(src, _open(_url(dst, FIELDS)), _open(_url(dst, ALIGNED)), z, config, field)
+    _render_section(src, _open(output_url(dst, FIELDS)), _open(output_url(dst, ALIGNED)), z, config, field)
   # The drift stage leaves each section's mean translation out of its fit (`DriftConfig.keep_translation`).
   return {"seconds": time.perf_counter() - t0, "translation": section_translations(field).tolist()}
 
@@ -544,16 +544,16 @@ def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights:
   mean translation, or zeros); written with its rendering and pyramid. Returns {"seconds"}."""
   t0 = time.perf_counter()
   src = _source(src_url, config)
-  composed = _open(_url(dst, WORK, "composed"))
+  composed = _open(output_url(dst, WORK, "composed"))
   final = config.stack.neighbour_refine is None
-  fields = _open(_url(dst, FIELDS) if final else _url(dst, WORK, "drifted"))
+  fields = _open(output_url(dst, FIELDS) if final else output_url(dst, WORK, "drifted"))
   h, w = src.shape(config.level)[1:3]
   if _chunked(config, h, w):
     remove_drift_chunked(VolumeSource(composed, z), [VolumeSource(composed, k) for k in sections], weights,
                          translations=translations, config=config.chunk,
                          sink=lambda core, f: fields.write(f, z, 0, core))
     if final:
-      _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config)
+      _render_section(src, fields, _open(output_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
   # Each section once, and none that carries no weight (clipped repeats at the stack's ends, blanks);
   # the window keeps its K slots so the removal compiles once.
@@ -565,7 +565,7 @@ def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights:
                                 jnp.asarray(np.asarray(translations, np.float32))))
   fields.write(field, z)
   if final:
-    _render_section(src, fields, _open(_url(dst, ALIGNED)), z, config, field)
+    _render_section(src, fields, _open(output_url(dst, ALIGNED)), z, config, field)
   return {"seconds": time.perf_counter() - t0}
 
 
@@ -574,8 +574,8 @@ def _refine_volumes(dst: str, config: VolumeConfig) -> list[str]:
   the last is DST/fields."""
   refine = config.stack.neighbour_refine
   first = "drifted" if config.stack.drift is not None else "composed"
-  return ([_url(dst, WORK, first)] + [_url(dst, WORK, f"refined_{i}") for i in range(1, refine.iterations)]
-          + [_url(dst, FIELDS)])
+  return ([output_url(dst, WORK, first)] + [output_url(dst, WORK, f"refined_{i}") for i in range(1, refine.iterations)]
+          + [output_url(dst, FIELDS)])
 
 
 def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[int], weights: Sequence[float],
@@ -599,7 +599,7 @@ def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[i
                            valid_threshold=refine.valid_threshold, config=config.chunk,
                            sink=lambda core, f: after.write(f, z, 0, core))
     if final:
-      _render_section(src, after, _open(_url(dst, ALIGNED)), z, config)
+      _render_section(src, after, _open(output_url(dst, ALIGNED)), z, config)
     return {"seconds": time.perf_counter() - t0}
   # Sections without weight (clipped repeats at the stack's ends, blanks) are not read.
   used = {z} | {k for k, wt in zip(sections, weights) if wt != 0}
@@ -611,7 +611,7 @@ def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[i
                          refine.valid_threshold)
   after.write(field, z)
   if final:
-    _render_section(src, after, _open(_url(dst, ALIGNED)), z, config, field)
+    _render_section(src, after, _open(output_url(dst, ALIGNED)), z, config, field)
   return {"seconds": time.perf_counter() - t0}
 
 
@@ -714,8 +714,8 @@ def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.Com
     raise InputError(f"{src_url}: need at least 2 sections to align, got {shape[0]}")
   _check_params(records, _params(src_url, config), dst)
   res = src.resolution_at(config.level)
-  io.create_volume(_url(dst, FIELDS), shape + (2,), "float32", res, kind="field")
-  io.create_volume(_url(dst, ALIGNED), shape, src.dtype.name, res, levels=pyramid_levels_for(shape, config),
+  io.create_volume(output_url(dst, FIELDS), shape + (2,), "float32", res, kind="field")
+  io.create_volume(output_url(dst, ALIGNED), shape, src.dtype.name, res, levels=pyramid_levels_for(shape, config),
                    kind="image")
   return src
 
@@ -743,11 +743,11 @@ def align_job(src_url: str, dst: str, config: VolumeConfig, *, progress: str = "
   logging.info("align_volume plan: %s", plan.describe())
   res = src.resolution_at(config.level)
   for b in plan.blocks:
-    io.create_volume(_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
+    io.create_volume(output_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
                      kind="field")
-  io.create_volume(_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
+  io.create_volume(output_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
   if drift is not None or refine is not None:
-    io.create_volume(_url(dst, WORK, "composed"), (z_count, h, w, 2), "float32", res, kind="field")
+    io.create_volume(output_url(dst, WORK, "composed"), (z_count, h, w, 2), "float32", res, kind="field")
   if refine is not None:
     for url in _refine_volumes(dst, config)[:-1]:
       if not url.endswith("composed"):

@@ -37,13 +37,14 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxalign import errors
-from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, _aligned_data, _vote,
+from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, aligned_data,
                             align_block, batch_rows, check_stack, default_aligner)
 from jaxalign.block import with_resolution as block_with_resolution
 from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
 from jaxalign.drift import DriftConfig, remove_drift
 from jaxalign.fields import compose, invert, warp
 from jaxalign.refine import RefineConfig, refine_to_neighbours
+from jaxalign.voting import vector_vote
 
 # Paper (FAFB): 25-section blocks overlapping by 3 sections.
 DEFAULT_BLOCK_SIZE = 25
@@ -346,16 +347,16 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     return jnp.zeros((h, w, 2), jnp.float32)
   inits = _algebraic_stitch(jnp.asarray(nxt), jnp.asarray(prev))
   inside = np.ones((h, w), bool) if next_inside is None else np.asarray(next_inside, bool)
-  src_valid = (np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold) & inside
-  tgt_valid = np.asarray(_aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
+  src_valid = (np.asarray(aligned_data_batch(jnp.asarray(data), jnp.asarray(nxt))) > config.valid_threshold) & inside
+  tgt_valid = np.asarray(aligned_data_batch(jnp.asarray(data), jnp.asarray(prev))) > config.valid_threshold
   if refine:
     aligner = config.aligner or default_aligner(model, config.pair)
     src = np.asarray(warp(jnp.asarray(sec), jnp.asarray(nxt))) * inside
     tgt = np.asarray(warp(jnp.asarray(sec), jnp.asarray(prev)))
     # All overlap pairs in one batch (padded to O on accelerators: one compile per overlap size).
     idx = np.asarray(keep)[batch_rows(0, len(keep), o)]
-    src_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(nxt))) > config.valid_threshold
-    tgt_def = np.asarray(_aligned_data_batch(jnp.asarray(dfx), jnp.asarray(prev))) > config.valid_threshold
+    src_def = np.asarray(aligned_data_batch(jnp.asarray(dfx), jnp.asarray(nxt))) > config.valid_threshold
+    tgt_def = np.asarray(aligned_data_batch(jnp.asarray(dfx), jnp.asarray(prev))) > config.valid_threshold
     cands = aligner(src[idx], tgt[idx], src_defects=src_def[idx], tgt_defects=tgt_def[idx],
                     init_fields=np.asarray(inits)[idx])
     cands = jnp.asarray(np.asarray(cands, np.float32)[: len(keep)])
@@ -363,7 +364,7 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     cands = inits[np.array(keep)]
   if len(keep) == 1:
     return cands[0]
-  return _vote(cands, temperature=config.temperature, blur_sigma=config.blur_sigma,
+  return vector_vote(cands, temperature=config.temperature, blur_sigma=config.blur_sigma,
                valid=jnp.asarray(tgt_valid[keep] & src_valid[keep]))
 
 
@@ -373,7 +374,7 @@ def _algebraic_stitch(next_fields: jax.Array, prev_fields: jax.Array) -> jax.Arr
   return jax.vmap(lambda n, p: compose(invert(n), p))(next_fields, prev_fields)
 
 
-_aligned_data_batch = jax.jit(jax.vmap(_aligned_data))
+aligned_data_batch = jax.jit(jax.vmap(aligned_data))
 
 
 @jax.jit

@@ -157,6 +157,7 @@ def test_eval_bad_fields_exits_2(runs, name, out, words):
     ((40.0, 4.0, 4.0), (3, 4096, 4096), (None, None), (3, 64)),    # 4 nm: level 3 = 32 nm
     ((50.0, 6.0, 6.0), (3, 2048, 2048), (None, None), (2, 64)),    # 6 nm: 24 nm is nearer 32 than 48
     ((10.0, 10.0, 10.0), (3, 1024, 1024), (None, None), (2, 64)),  # 10 nm: 40 nm
+    ((50.0, 50.0, 50.0), (3, 1024, 1024), (None, None), (0, 64)),  # 50 nm: already coarser than 32 nm
     ((40.0, 4.0, 4.0), (3, 128, 128), (None, None), (3, 16)),      # small: chunks shrink to 16 px
     ((40.0, 4.0, 4.0), (3, 64, 64), (None, None), (2, 16)),        # smaller: then a finer level
     ((40.0, 4.0, 4.0), (3, 64, 64), (1, 32), (1, 32)),             # given values are kept

@@ -222,7 +222,6 @@ def _cli(*args):
 
 
 def test_cli_import_pyramid_on_real_sections(tmp_path):
-  from PIL import Image
   sections = (load_sections("isbi2012_train", [0, 1, 2], crop=128) * 255).round().astype(np.uint8)
   _png_stack(tmp_path / "src", sections)
   url = str(tmp_path / "vol.zarr")

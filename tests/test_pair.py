@@ -362,3 +362,25 @@ def test_real_fold_pair_cpc():
   identity = np.asarray(metrics.cpc(jnp.asarray(np.where(fold, 0, src)), jnp.asarray(tgt), chunk=50))
   assert metrics.low_cpc_fraction(identity) > 0.9  # the pair is far from aligned to begin with
   assert metrics.low_cpc_fraction(c) == 0.0 and np.nanmedian(c) >= 0.45
+
+
+def test_model_is_told_the_resolution_when_it_takes_one():
+  """A model whose levels are set in nm gets `resolution_nm` from the pair config; a model without
+  that argument is called as before. Both are plain translations (refine_model off): exact output."""
+  seen = []
+
+  def nm_model(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None, resolution_nm=None):
+    seen.append(resolution_nm)
+    return np.full(np.shape(src) + (2,), 1.5, np.float32)
+
+  def plain_model(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
+    seen.append("plain")
+    return np.full(np.shape(src) + (2,), -2.0, np.float32)
+
+  img = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+  cfg = PairConfig(refine_model=False)
+  f = np.asarray(align_pair(img, img, model=nm_model, resolution_nm=(40, 8, 8), config=cfg))
+  np.testing.assert_array_equal(f, 1.5)
+  f = np.asarray(align_pair(img, img, model=plain_model, resolution_nm=(40, 8, 8), config=cfg))
+  np.testing.assert_array_equal(f, -2.0)
+  assert seen == [(40.0, 8.0, 8.0), "plain"]

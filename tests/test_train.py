@@ -329,3 +329,140 @@ def test_blur_masked_matches_scipy_and_keeps_no_data():
   enc = np.stack([x, 2 * x], -1)
   got_e = np.asarray(train.blur_masked(jnp.asarray(enc), 1.5))
   np.testing.assert_allclose(got_e[..., 1], 2 * got, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder-only level (issue 19): known-warp loss, stripe energy, training/resume and errors
+# ------------------------------------------------------------------------------------------------
+
+def test_shift_offsets_and_integer_shift_match_numpy():
+  offs = train._shift_offsets(train.EncoderTrainConfig())
+  assert offs.dtype.kind == "i" and len(offs) == len({tuple(o) for o in offs}) and not np.any(np.all(offs == 0, -1))
+  x = np.random.default_rng(0).normal(size=(2, 9, 11, 3)).astype(np.float32)
+  for dy, dx in ((1, -2), (-3, 0), (2, 2)):
+    got = np.asarray(train._shifted(jnp.asarray(x), dy, dx))
+    ref = np.zeros_like(x)  # ref[y, x] = x[y + dy, x + dx], zeros outside
+    for y in range(9):
+      for xx in range(11):
+        if 0 <= y + dy < 9 and 0 <= xx + dx < 11:
+          ref[:, y, xx] = x[:, y + dy, xx + dx]
+    np.testing.assert_array_equal(got, ref)
+
+
+def _smooth_encodings(shift=(1.5, -2.0), size=48, seed=0):
+  rng = np.random.default_rng(seed)
+  base = ndimage.gaussian_filter(rng.normal(size=(1, size + 16, size + 16, 4)), (0, 1.5, 1.5, 0))
+  base /= base.std()
+  from jaxalign import fields
+  tgt = base[:, 8:8 + size, 8:8 + size].astype(np.float32)
+  field = np.broadcast_to(np.array(shift, np.float32), (1, size, size, 2)).copy()
+  # src such that warp(src, field) == tgt: src(r + shift) = tgt(r)
+  src = np.asarray(fields.warp(jnp.asarray(base), jnp.asarray(np.broadcast_to(
+      -np.array(shift, np.float32), base.shape[:3] + (2,)).copy())))[:, 8:8 + size, 8:8 + size]
+  return jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field)
+
+
+def test_encoder_loss_prefers_the_true_alignment_and_matches_reference():
+  src, tgt, field = _smooth_encodings()
+  offs = train._shift_offsets(train.EncoderTrainConfig())
+  kw = dict(margin=6, chunk=16, temperature=0.1, nce_weight=1.0)
+  loss, t = train.encoder_loss(src, tgt, field, offs, **kw)
+  # aligned MSE equals the kernel's masked MSE on the same mask (float64 reference of the inner part)
+  from jaxalign import fields
+  warped = np.asarray(fields.warp(src, field), np.float64)
+  inner = np.zeros((48, 48), bool)
+  inner[6:-6, 6:-6] = True
+  support = np.asarray(fields.warp((src != 0).any(-1).astype(jnp.float32), field))[0] > train.FULL_SUPPORT
+  m = inner & support
+  ref = np.mean(((warped[0] - np.asarray(tgt[0], np.float64)) ** 2)[m])
+  np.testing.assert_allclose(float(t["mse"]), ref, rtol=1e-4, atol=1e-6)
+  assert float(t["acc"]) > 0.9 and float(t["mse_wrong"]) > 5 * float(t["mse"])
+  wrong, tw = train.encoder_loss(src, tgt, field + 2.0, offs, **kw)
+  assert float(wrong) > float(loss) + 1.0 and float(tw["acc"]) < 0.5
+  g = jax.grad(lambda s: train.encoder_loss(s, tgt, field, offs, **kw)[0])(src)
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_stripe_power_fraction_closed_form():
+  rng = np.random.default_rng(1)
+  img = ndimage.gaussian_filter(rng.normal(size=(64, 64)), 1.0)
+  period, theta = 8.0, 0.0  # along y: frequency bin 64 / 8 = 8 exactly
+  yy = np.arange(64)[:, None] * np.ones((1, 64))
+  stripe = 0.5 * np.sin(2 * np.pi * yy / period)
+  f = train.stripe_power_fraction(img, img + stripe, period, theta)
+  win = np.outer(np.hanning(64), np.hanning(64))
+  total = np.sum(np.abs(np.fft.fft2((img - img.mean()) * win)) ** 2)
+  stripe_power = np.sum(np.abs(np.fft.fft2((stripe - stripe.mean()) * win)) ** 2)  # all near ±bin 8
+  np.testing.assert_allclose(f, stripe_power / total, rtol=0.02)
+  assert train.stripe_power_fraction(img, img, period, theta) == 0.0
+  # an "encoding" that passes the image through unchanged has ratio 1; channels add up
+  enc = np.stack([img, img], -1)
+  np.testing.assert_allclose(train.stripe_power_fraction(enc, enc + stripe[..., None], period, theta), f, rtol=1e-6)
+
+
+def tiny_encoder_cfg(**kw):
+  base = dict(encoder=models.EncoderConfig(channels=4, blocks=1, out_channels=3), encoding_levels=0, crop=32,
+              margin=4, chunk=8, batch_size=2, steps=4, eval_every=2, checkpoint_every=2, keep_last=2,
+              val_pairs=1, shift_radii=(1.0,), shift_directions=4, learning_rate=3e-3)
+  base.update(kw)
+  return train.EncoderTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_level_stacks():
+  rng = np.random.default_rng(5)
+  base = ndimage.gaussian_filter(rng.uniform(size=(3, 40, 40)), (0, 1.2, 1.2))
+  imgs = (0.2 + 0.6 * (base - base.min()) / (base.max() - base.min())).astype(np.float32)
+  return [train.LevelStack("tiny", imgs, 32.0)]
+
+
+def _params(pyramid):
+  return {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(pyramid, nnx.Param))}
+
+
+def test_encoder_training_resumes_at_the_right_step(tmp_path, tiny_level_stacks):
+  cfg = tiny_encoder_cfg()
+  st = tiny_level_stacks
+  full = train.train_encoder(cfg, tmp_path / "a", stacks=st, val_stacks=st, progress=False)
+  assert full.step == 4 and full.weights_path.is_file()
+  part = train.train_encoder(cfg, tmp_path / "b", stacks=st, val_stacks=st, max_steps=2, progress=False)
+  assert part.step == 2 and not part.weights_path.exists()
+  resumed = train.train_encoder(cfg, tmp_path / "b", stacks=st, val_stacks=st, progress=False)
+  assert resumed.step == 4
+  a, b = _params(full.pyramid), _params(resumed.pyramid)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+  rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+  assert rows[0]["event"] == "start" and "val_epe_raw" in rows[0] and all("val_epe" in r for r in rows if "loss" in r)
+  back = models.load_weights(tmp_path / "a" / "encoder")
+  assert back.cfg.levels[0].aligner is None and back.cfg.levels[0].nm == 32.0
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(crop=30), "multiple of chunk"),
+    (dict(steps=0), "steps"),
+    (dict(nm=0.0), "nm must be"),
+    (dict(stacks=()), "no training stacks"),
+    (dict(stacks=(("isbi2012_train", 4.0, 5, 5, 1),)), "first < stop"),
+])
+def test_malformed_encoder_config_is_input_error(kw, msg):
+  with pytest.raises(InputError, match=msg):
+    train.validate_encoder_config(tiny_encoder_cfg(**kw))
+
+
+def test_empty_or_missing_encoder_dataset_is_input_error(tmp_path, tiny_level_stacks):
+  cfg = tiny_encoder_cfg()
+  with pytest.raises(InputError, match="empty"):
+    train.train_encoder(cfg, tmp_path / "e", stacks=[], val_stacks=tiny_level_stacks, progress=False)
+  small = [train.LevelStack("small", np.ones((2, 16, 16), np.float32), 32.0)]
+  with pytest.raises(InputError, match="crop"):
+    train.train_encoder(cfg, tmp_path / "e", stacks=small, val_stacks=tiny_level_stacks, progress=False)
+  assert not (tmp_path / "e").exists()  # nothing half-written
+  with pytest.raises(InputError, match="does not exist"):
+    train.load_level_stacks(tiny_encoder_cfg(data_root=str(tmp_path / "nowhere")))
+  import pathlib
+  if (pathlib.Path(train.DEFAULT_DATA_ROOT) / "isbi2012_train").is_dir():
+    with pytest.raises(InputError, match="at least 2"):
+      train.load_level_stacks(tiny_encoder_cfg(stacks=(("isbi2012_train", 4.0, 0, 1, 1),),
+                                               data_root=train.DEFAULT_DATA_ROOT))

@@ -4,7 +4,6 @@ import itertools
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 import jax.numpy as jnp
 

@@ -22,11 +22,11 @@ import time
 
 from absl import flags
 
-from jaxalign.commands import _exec_flags
+from jaxalign.commands import exec_flags
 from jaxalign.errors import InputError
 
 FLAGS = flags.FLAGS
-_exec_flags.define()
+exec_flags.define()
 flags.DEFINE_integer("block_size", 25, "sections per block (paper: 25)")
 flags.DEFINE_integer("overlap", 3, "sections shared by neighbouring blocks (paper: 3)")
 flags.DEFINE_integer("voting_distance", 3, "previous sections each section votes over (paper: 3)")
@@ -46,6 +46,8 @@ flags.DEFINE_enum("pair_init", "identity", ["identity", "blockmatch"], "initial 
 flags.DEFINE_float("drift_sigma", 2.0, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
                    "sections; 0 = off (the paper's ABCD)")
 flags.DEFINE_integer("drift_degree", 1, "degree of the local fit along z for --drift_sigma (0, 1 or 2)")
+flags.DEFINE_boolean("drift_keep_translation", True, "leave each section's mean translation out of the drift "
+                     "fit, so steps (a section moved during acquisition) are not smeared over neighbours")
 flags.DEFINE_integer("neighbour_refine", 1, "sweeps re-aligning each section to the mean of its aligned "
                      "neighbours on both sides (jaxalign.refine); 0 = off")
 flags.DEFINE_float("refine_stiffness", 4.0, "elastic weights of the neighbour refinement relative to pair "
@@ -76,7 +78,8 @@ def main(argv):
   from jaxalign.drift import DriftConfig
   if FLAGS.drift_sigma < 0:
     raise InputError(f"--drift_sigma must be >= 0 sections (0 = off), got {FLAGS.drift_sigma}")
-  drift = DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree) if FLAGS.drift_sigma > 0 else None
+  drift = (DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree,
+                      keep_translation=FLAGS.drift_keep_translation) if FLAGS.drift_sigma > 0 else None)
   from jaxalign.refine import RefineConfig
   if FLAGS.neighbour_refine < 0:
     raise InputError(f"--neighbour_refine must be >= 0 sweeps, got {FLAGS.neighbour_refine}")
@@ -92,11 +95,11 @@ def main(argv):
                                  chunk=chunk, stack=stack)
   stats = jd.RunStats()
   t0 = time.time()
-  with _exec_flags.executor() as ex:
+  with exec_flags.executor() as ex:
     plan = pipeline.align_volume(argv[1], argv[2], config, executor=ex, progress=FLAGS.progress, stats=stats,
                                  restart=FLAGS.restart, on_read_error=FLAGS.on_read_error)
   print(plan.describe())
-  print(_exec_flags.summary("align", stats, ex, time.time() - t0))
+  print(exec_flags.summary("align", stats, ex, time.time() - t0))
   unreadable = pipeline.read_errors(argv[2])
   if unreadable:
     sections = sorted({u.z for u in unreadable})
@@ -106,5 +109,5 @@ def main(argv):
       print(f"  {u.describe()}")
     if len(unreadable) > PRINT_UNREADABLE:
       print(f"  ... and {len(unreadable) - PRINT_UNREADABLE} more (all in the log)")
-  print(f"fields:  {pipeline._url(argv[2], pipeline.FIELDS)}\naligned: {pipeline._url(argv[2], pipeline.ALIGNED)}")
+  print(f"fields:  {pipeline.output_url(argv[2], pipeline.FIELDS)}\naligned: {pipeline.output_url(argv[2], pipeline.ALIGNED)}")
   return 0

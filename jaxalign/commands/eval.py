@@ -30,7 +30,6 @@ the truth itself, all left out within 20 px of cracks and folds.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
 import numpy as np
@@ -77,7 +76,7 @@ def neighbour_cpc(stack, *, level: int, chunk: int, progress: bool = False, desc
     any_data = any_data or bool(np.any(cur))
     m = ev.cpc_map(prev, cur, level=level, chunk=chunk)
     maps.append(m)
-    fracs.append(ev._fraction(ev.low_cpc_counts([m])))
+    fracs.append(ev.count_fraction(ev.low_cpc_counts([m])))
     prev = cur
   if not any_data:
     raise InputError("the volume has no data (every section is all zeros)")
@@ -231,7 +230,7 @@ def main(argv):
   maps, fracs = neighbour_cpc(vol, level=level, chunk=chunk, progress=FLAGS.progress, desc="cpc")
   summary: dict = dict(volume=url, shape=list(shape), resolution_nm=list(vol.resolution), level=level,
                        chunk=chunk, cpc_nm_per_px=cpc_nm, threshold=threshold,
-                       low_cpc=ev._fraction(ev.low_cpc_counts(maps, threshold)), low_cpc_per_pair=fracs)
+                       low_cpc=ev.count_fraction(ev.low_cpc_counts(maps, threshold)), low_cpc_per_pair=fracs)
   worst = ev.worst_chunks(maps, level=level, chunk=chunk, count=FLAGS.worst_chunks)
   rows = [("volume", summary["low_cpc"])]
   all_maps = {"volume": maps}
@@ -239,7 +238,7 @@ def main(argv):
     for name, stack in (("distorted input", case.src), ("undistorted original", case.tgt)):
       m, _ = neighbour_cpc(stack, level=level, chunk=chunk)
       all_maps[name] = m
-      summary[f"low_cpc_{name.split()[0]}"] = ev._fraction(ev.low_cpc_counts(m, threshold))
+      summary[f"low_cpc_{name.split()[0]}"] = ev.count_fraction(ev.low_cpc_counts(m, threshold))
       rows.append((name, summary[f"low_cpc_{name.split()[0]}"]))
   deform = None
   if fvol is None:

@@ -7,11 +7,11 @@ import time
 
 from absl import flags
 
-from jaxalign.commands import _exec_flags
+from jaxalign.commands import exec_flags
 from jaxalign.errors import InputError
 
 FLAGS = flags.FLAGS
-_exec_flags.define()
+exec_flags.define()
 flags.DEFINE_integer("level", 0, "MIP level of SRC that FIELDS belong to")
 flags.DEFINE_integer("pyramid_levels", None, "MIP levels of DST (default: down to ~64 px)")
 flags.DEFINE_integer("chunk", None, "render sections larger than this many px in re-centred chunks")
@@ -28,9 +28,9 @@ def main(argv):
   config = pipeline.VolumeConfig(level=FLAGS.level, pyramid_levels=FLAGS.pyramid_levels, chunk=chunk)
   stats = jd.RunStats()
   t0 = time.time()
-  with _exec_flags.executor() as ex:
+  with exec_flags.executor() as ex:
     out = pipeline.render_volume(argv[1], argv[2], argv[3], config, executor=ex, progress=FLAGS.progress,
                                  stats=stats, restart=FLAGS.restart)
-  print(_exec_flags.summary("render", stats, ex, time.time() - t0))
+  print(exec_flags.summary("render", stats, ex, time.time() - t0))
   print(f"aligned: {out.url} ({out.levels} level(s))")
   return 0

@@ -6,6 +6,15 @@ Example (the shipped default weights; see jaxalign/weights/README.md)::
       --stage2_epochs=2 --learning_rate=0.003 --batch_size=4 --export=jaxalign/weights/default
 
 Re-running the same command with the same --workdir resumes from the latest checkpoint.
+
+`--recipe=encoder` trains one encoder-only level at `--nm` (default 32 nm) with the known-warp loss
+(issue 19; `jaxalign.train.train_encoder`), whose encodings the Online Field Finetuner aligns::
+
+  jaxalign train --recipe=encoder --workdir=/tmp/jaxalign_enc32 --steps=6000 --eval_every=500 \
+      --checkpoint_every=250 --export=jaxalign/weights/encoder32
+
+Progress bar with loss, validation EPE and ETA; metrics.jsonl (and TensorBoard events when
+tensorboardX is installed); SIGTERM/Ctrl-C checkpoint the current step, and the same command resumes.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from absl import flags
 from tqdm.auto import tqdm
 
 from jaxalign.errors import InputError
+from jaxalign.io import neuroglancer_dimensions
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "folder for the neuroglancer_precomputed copies and state.json")
@@ -71,8 +72,6 @@ void main() {
   emitGrayscale(clamp(length(vec2(dy, dx)) / scale, 0.0, 1.0));
 }
 """
-# neuroglancer coordinate spaces are in metres; volumes carry nm.
-NM_PER_M = 1e9
 
 
 def _open_inputs(paths: dict[str, str]):
@@ -144,8 +143,7 @@ def neuroglancer_state(names, shape, resolution, base_url: str) -> dict:
       layer.update(shader=FIELD_SHADER, channelDimensions={"c^": [1, ""]}, visible=False)
     layers.append(layer)
   return {
-    "dimensions": {"x": [resolution[2] / NM_PER_M, "m"], "y": [resolution[1] / NM_PER_M, "m"],
-                   "z": [resolution[0] / NM_PER_M, "m"]},
+    "dimensions": neuroglancer_dimensions(resolution),
     "position": [w / 2, h / 2, z / 2],
     "crossSectionScale": max(1.0, max(h, w) / 512),
     "layers": layers,
