@@ -160,7 +160,7 @@ def _patch_cost(field, src_and_valid, tgt, tgt_valid, radius):
 
 # The sparse sweep of `refine_tears` computes costs only on the zone and its cost windows, up to this
 # fraction of the image (static: it fixes the length of the pixel list); larger zones sweep densely.
-SPARSE_ZONE_FRACTION = 0.25
+SPARSE_ZONE_FRACTION = 0.1
 
 
 def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: jax.Array, tgt_valid: jax.Array,
@@ -187,53 +187,115 @@ def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: ja
   src_and_valid = jnp.stack([src, src_valid], -1).astype(jnp.float32)
   zone = zone.astype(bool)
 
-  # Only zone pixels may change, and their costs only read the pixels of their windows (the ring):
-  # while the ring is small (a band along a crack: a few % of the image), costs are computed on a
-  # list of its pixels and only the window sums run over the whole image (one sample per ring pixel
-  # and candidate instead of one per image pixel).
+  # Only zone pixels may change, and their costs only read the pixels of their windows (the ring).
+  # While the ring is small (a band along a crack: a few % of the image) the sweep runs on lists:
+  # one sample per ring pixel and candidate, window sums as (2r+1)^2 lookups per zone pixel, so its
+  # cost follows the band, not the section; otherwise it runs on the whole image.
   ring = _box_mean(zone.astype(jnp.float32), radius) > 0
   capacity = max(1, int(math.ceil(SPARSE_ZONE_FRACTION * h * w)))
   n_ring = jnp.sum(ring)
-  flat = jnp.nonzero(ring.reshape(-1), size=capacity, fill_value=0)[0]
-  used = (jnp.arange(capacity) < n_ring).astype(jnp.float32)
-  ry, rx = flat // w, flat % w
+  return jax.lax.cond(n_ring <= capacity,
+                      lambda: _sweep_lists(field, src_and_valid, tgt, tgt_valid, zone, ring, capacity,
+                                           iterations, radius),
+                      lambda: _sweep_dense(field, src_and_valid, tgt, tgt_valid, zone, iterations, radius))
+
+
+def _until_unchanged(step, field: jax.Array, iterations: int) -> jax.Array:
+  """Runs `step(f) -> (f, changed)` up to `iterations` times. A sweep that changes nothing leaves the
+  next one the same field, so it would change nothing either: stopping there gives the same result."""
+  def body(state):
+    i, f, _ = state
+    f, changed = step(f)
+    return i + 1, f, changed
+  state = (jnp.asarray(0, jnp.int32), field.astype(jnp.float32), jnp.asarray(True))
+  return jax.lax.while_loop(lambda s: (s[0] < iterations) & s[2], body, state)[1]
+
+
+def _sweep_dense(field, src_and_valid, tgt, tgt_valid, zone, iterations: int, radius: int):
+  """`refine_tears` on whole images (any zone size)."""
+  ones = jnp.ones(field.shape[:-1] + (1,), jnp.float32)
+
+  def step(f):
+    best_f, best_c = f, _patch_cost(f, src_and_valid, tgt, tgt_valid, radius)
+    changed = jnp.zeros(f.shape[:-1], bool)
+    for dy, dx in _PROPAGATION:
+      cand = shifted(f, dy, dx, 0, 0.0)
+      # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
+      inside = shifted(ones, dy, dx, 0, 0.0)[..., 0] > 0
+      c = _patch_cost(cand, src_and_valid, tgt, tgt_valid, radius)
+      take = zone & inside & (c < best_c)
+      best_f = jnp.where(take[..., None], cand, best_f)
+      best_c = jnp.where(take, c, best_c)
+      changed = changed | take
+    return best_f, jnp.any(changed)
+
+  return _until_unchanged(step, field, iterations)
+
+
+def _sweep_lists(field, src_and_valid, tgt, tgt_valid, zone, ring, capacity: int, iterations: int,
+                 radius: int):
+  """`refine_tears` on pixel lists: the ring (pixels some zone pixel's window reads) and the zone,
+  each at most `capacity` long (static). Same costs and decisions as `_sweep_dense`."""
+  h, w = zone.shape
+  n = h * w
+  # Lists padded with index n: gathers read a zero row appended at n, scatters drop it.
+  ring_idx = jnp.nonzero(ring.reshape(-1), size=capacity, fill_value=n)[0]
+  zone_idx = jnp.nonzero(zone.reshape(-1), size=capacity, fill_value=n)[0]
+  ring_ok = ring_idx < n
+  zone_ok = zone_idx < n
+
+  def coords(idx):
+    return idx // w, idx % w
+
+  ry, rx = coords(jnp.minimum(ring_idx, n - 1))
+  zy, zx = coords(jnp.minimum(zone_idx, n - 1))
   ring_pts = jnp.stack([ry, rx], -1).astype(jnp.float32)
-  ring_tgt = tgt.reshape(-1)[flat]
-  ring_weight = tgt_valid.reshape(-1)[flat] * used  # list padding adds 0 (to pixel 0)
+  ring_tgt = jnp.where(ring_ok, tgt.reshape(-1)[jnp.minimum(ring_idx, n - 1)], 0.0)
+  ring_weight = jnp.where(ring_ok, tgt_valid.reshape(-1)[jnp.minimum(ring_idx, n - 1)], 0.0)
+  # Window sums, separably: along x at ring pixels, then along y at zone pixels, each as lookups of
+  # positions in the ring list (capacity = not in the list or outside the image: reads 0). Every pixel
+  # a zone pixel's window reads is in the ring, so the sums equal the dense box sums.
+  position = jnp.full((n + 1,), capacity, jnp.int32).at[ring_idx].set(jnp.arange(capacity, dtype=jnp.int32))
 
-  def dense_cost(cand, dy, dx):
-    del dy, dx
-    return _patch_cost(cand, src_and_valid, tgt, tgt_valid, radius)
+  def positions(ys, xs, offsets):
+    out = []
+    for dy, dx in offsets:
+      y, x = ys + dy, xs + dx
+      inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+      out.append(jnp.where(inside, position[jnp.clip(y, 0, h - 1) * w + jnp.clip(x, 0, w - 1)], capacity))
+    return jnp.stack(out, -1)
 
-  def sparse_cost(f, dy, dx):
-    # The candidate at ring pixel p is f(p + (dy, dx)), 0 outside the image (as `shifted`).
-    y, x = ry + dy, rx + dx
-    inside = ((y >= 0) & (y < h) & (x >= 0) & (x < w))[:, None]
-    cand = jnp.where(inside, f.reshape(-1, 2)[jnp.clip(y, 0, h - 1) * w + jnp.clip(x, 0, w - 1)], 0.0)
-    diff = _sample_cost(_fields.sample(src_and_valid, ring_pts + cand), ring_tgt)
-    dense = jnp.zeros((h * w,), jnp.float32).at[flat].add(diff * ring_weight)
-    return _box_mean(dense.reshape(h, w), radius)
+  span = range(-radius, radius + 1)
+  along_x = positions(ry, rx, [(0, d) for d in span])  # [capacity, 2r+1]
+  along_y = positions(zy, zx, [(d, 0) for d in span])
+  area = float((2 * radius + 1) ** 2)
+  zero = jnp.zeros((1,), jnp.float32)
 
-  def run(cost_of):
-    def step(state):
-      i, f, _ = state
-      best_f = f
-      best_c = cost_of(f, 0, 0)
-      changed = jnp.zeros(f.shape[:-1], bool)
-      for dy, dx in _PROPAGATION:
-        cand = shifted(f, dy, dx, 0, 0.0)
-        # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
-        inside = shifted(jnp.ones(f.shape[:-1] + (1,), jnp.float32), dy, dx, 0, 0.0)[..., 0] > 0
-        c = cost_of(cand if cost_of is dense_cost else f, dy, dx)
-        take = zone & inside & (c < best_c)
-        best_f = jnp.where(take[..., None], cand, best_f)
-        best_c = jnp.where(take, c, best_c)
-        changed = changed | take
-      return i + 1, best_f, jnp.any(changed)
+  def neighbour_values(f_flat, ys, xs, dy, dx):
+    """f at (ys + dy, xs + dx), 0 outside the image (as `shifted`), and whether it is inside."""
+    y, x = ys + dy, xs + dx
+    inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    v = f_flat[jnp.clip(y, 0, h - 1) * w + jnp.clip(x, 0, w - 1)]
+    return jnp.where(inside[:, None], v, 0.0), inside
 
-    # A sweep that changes nothing leaves the next one the same field, so it would change nothing
-    # either: stopping there gives the result of all `iterations` sweeps.
-    state = (jnp.asarray(0, jnp.int32), field.astype(jnp.float32), jnp.asarray(True))
-    return jax.lax.while_loop(lambda s: (s[0] < iterations) & s[2], step, state)[1]
+  def zone_costs(f_flat, dy, dx):
+    cand, _ = neighbour_values(f_flat, ry, rx, dy, dx)
+    diff = _sample_cost(_fields.sample(src_and_valid, ring_pts + cand), ring_tgt) * ring_weight
+    rows = jnp.sum(jnp.concatenate([diff, zero])[along_x], axis=-1)
+    return jnp.sum(jnp.concatenate([rows, zero])[along_y], axis=-1) / area
 
-  return jax.lax.cond(n_ring <= capacity, lambda: run(sparse_cost), lambda: run(dense_cost))
+  def step(f):
+    f_flat = f.reshape(-1, 2)
+    best_v = f_flat[jnp.minimum(zone_idx, n - 1)]
+    best_c = zone_costs(f_flat, 0, 0)
+    changed = jnp.zeros(zone_idx.shape, bool)
+    for dy, dx in _PROPAGATION:
+      cand, inside = neighbour_values(f_flat, zy, zx, dy, dx)
+      c = zone_costs(f_flat, dy, dx)
+      take = zone_ok & inside & (c < best_c)
+      best_v = jnp.where(take[:, None], cand, best_v)
+      best_c = jnp.where(take, c, best_c)
+      changed = changed | take
+    return f_flat.at[zone_idx].set(best_v, mode="drop").reshape(f.shape), jnp.any(changed)
+
+  return _until_unchanged(step, field, iterations)
