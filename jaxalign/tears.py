@@ -158,8 +158,8 @@ def _patch_cost(field, src_and_valid, tgt, tgt_valid, radius):
   return _box_mean(diff * tgt_valid, radius)
 
 
-# The sparse sweep of `refine_tears` computes costs only on the zone and its cost windows, up to this
-# fraction of the image (static: it fixes the length of the pixel list); larger zones sweep densely.
+# The list sweep of `refine_tears` computes costs only on the zone and its cost windows, up to this
+# fraction of the image (static: it fixes the lists' length, hence their cost); larger zones sweep densely.
 SPARSE_ZONE_FRACTION = 0.1
 
 
@@ -189,8 +189,8 @@ def refine_tears(field: jax.Array, src: jax.Array, tgt: jax.Array, src_valid: ja
 
   # Only zone pixels may change, and their costs only read the pixels of their windows (the ring).
   # While the ring is small (a band along a crack: a few % of the image) the sweep runs on lists:
-  # one sample per ring pixel and candidate, window sums as (2r+1)^2 lookups per zone pixel, so its
-  # cost follows the band, not the section; otherwise it runs on the whole image.
+  # one sample per ring pixel and candidate, window sums as 2 (2r+1) separable lookups, so its cost
+  # follows the band, not the section; otherwise it runs on the whole image.
   ring = _box_mean(zone.astype(jnp.float32), radius) > 0
   capacity = max(1, int(math.ceil(SPARSE_ZONE_FRACTION * h * w)))
   n_ring = jnp.sum(ring)
