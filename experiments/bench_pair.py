@@ -234,6 +234,9 @@ def run_fold(out: pathlib.Path):
 
 def main(argv):
   del argv
+  # The command line's XLA settings, so timings are what a user of `jaxalign align` gets.
+  from jaxalign import compile_cache
+  compile_cache.quick_cpu_compile()
   out = ROOT / FLAGS.out_dir
   out.mkdir(parents=True, exist_ok=True)
   logging.info("jax devices: %s", jax.devices())

@@ -94,6 +94,7 @@ def run(argv: list[str] | None = None) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   # Compiled programs are kept on disk: the second run of the same shapes skips 10-30 s of compiling.
   from jaxalign import compile_cache
+  compile_cache.quick_cpu_compile()
   compile_cache.enable()
   module = importlib.import_module(COMMANDS[command][0])
   shared_resolution = define_resolution_flag(command)

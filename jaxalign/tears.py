@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxalign import fields as _fields
 from jaxalign.losses import SPRING_OFFSETS, shifted
@@ -62,20 +63,28 @@ def nearest_tissue(defects: jax.Array) -> jax.Array:
   def d2(c):
     return jnp.sum((c - own) ** 2, axis=-1)
 
-  steps = [2 ** k for k in range(max(int(math.ceil(math.log2(max(h, w, 2)))) - 1, 0), -1, -1)] + [1]
-  best = seeds
-  for step in steps:
+  # Steps 2**(n-1), ..., 2, 1, then 1 again (the "+1" pass that mends most ties).
+  n = max(int(math.ceil(math.log2(max(h, w, 2)))), 1)
+  margin = 2 ** (n - 1)
+
+  def one_step(i, best):
+    # A loop over a traced step, not n unrolled passes of 8 shifts: compiling the unrolled version cost
+    # 2.6 s at 1000² (most of a pair's tear-code compile time). Shifts are windows of a padded copy.
+    step = jnp.left_shift(1, jnp.maximum(n - 1 - i, 0))
+    padded = jnp.pad(best, ((margin, margin), (margin, margin), (0, 0)), constant_values=_FAR)
     best_d = d2(best)
-    for dy in (-step, 0, step):
-      for dx in (-step, 0, step):
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
         if dy == dx == 0:
           continue
-        cand = shifted(best, dy, dx, 0, _FAR)
+        cand = lax.dynamic_slice(padded, (margin + dy * step, margin + dx * step, 0), (h, w, 2))
         cd = d2(cand)
         better = cd < best_d
         best = jnp.where(better[..., None], cand, best)
         best_d = jnp.where(better, cd, best_d)
-  return best
+    return best
+
+  return lax.fori_loop(0, n + 1, one_step, seeds)
 
 
 def spring_pairs(mask: jax.Array) -> jax.Array:
@@ -211,22 +220,36 @@ def _until_unchanged(step, field: jax.Array, iterations: int) -> jax.Array:
   return jax.lax.while_loop(lambda s: (s[0] < iterations) & s[2], body, state)[1]
 
 
+def _neighbour_shift(x: jax.Array, dy: jax.Array, dx: jax.Array) -> jax.Array:
+  """`losses.shifted(x, dy, dx, 0, 0.0)` for a traced offset with |dy|, |dx| <= 1 (`[H, W, C]`)."""
+  h, w = x.shape[:2]
+  padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
+  return lax.dynamic_slice(padded, (1 + dy, 1 + dx, 0), (h, w, x.shape[2]))
+
+
+def _over_candidates(visit, carry):
+  """Runs `visit(dy, dx, carry) -> carry` over `_PROPAGATION` in order. A loop, not 8 unrolled copies of
+  the cost: compiling the unrolled sweeps was about 2 s of a tear-aware pair's first call."""
+  offsets = jnp.asarray(_PROPAGATION, jnp.int32)
+  return lax.fori_loop(0, len(_PROPAGATION), lambda k, c: visit(offsets[k, 0], offsets[k, 1], c), carry)
+
+
 def _sweep_dense(field, src_and_valid, tgt, tgt_valid, zone, iterations: int, radius: int):
   """`refine_tears` on whole images (any zone size)."""
   ones = jnp.ones(field.shape[:-1] + (1,), jnp.float32)
 
   def step(f):
-    best_f, best_c = f, _patch_cost(f, src_and_valid, tgt, tgt_valid, radius)
-    changed = jnp.zeros(f.shape[:-1], bool)
-    for dy, dx in _PROPAGATION:
-      cand = shifted(f, dy, dx, 0, 0.0)
+    def visit(dy, dx, carry):
+      best_f, best_c, changed = carry
+      cand = _neighbour_shift(f, dy, dx)
       # Edge pixels would see the zero padding as a candidate: keep only real neighbours.
-      inside = shifted(ones, dy, dx, 0, 0.0)[..., 0] > 0
+      inside = _neighbour_shift(ones, dy, dx)[..., 0] > 0
       c = _patch_cost(cand, src_and_valid, tgt, tgt_valid, radius)
       take = zone & inside & (c < best_c)
-      best_f = jnp.where(take[..., None], cand, best_f)
-      best_c = jnp.where(take, c, best_c)
-      changed = changed | take
+      return jnp.where(take[..., None], cand, best_f), jnp.where(take, c, best_c), changed | take
+
+    start = (f, _patch_cost(f, src_and_valid, tgt, tgt_valid, radius), jnp.zeros(f.shape[:-1], bool))
+    best_f, _, changed = _over_candidates(visit, start)
     return best_f, jnp.any(changed)
 
   return _until_unchanged(step, field, iterations)
@@ -286,16 +309,16 @@ def _sweep_lists(field, src_and_valid, tgt, tgt_valid, zone, ring, capacity: int
 
   def step(f):
     f_flat = f.reshape(-1, 2)
-    best_v = f_flat[jnp.minimum(zone_idx, n - 1)]
-    best_c = zone_costs(f_flat, 0, 0)
-    changed = jnp.zeros(zone_idx.shape, bool)
-    for dy, dx in _PROPAGATION:
+
+    def visit(dy, dx, carry):
+      best_v, best_c, changed = carry
       cand, inside = neighbour_values(f_flat, zy, zx, dy, dx)
       c = zone_costs(f_flat, dy, dx)
       take = zone_ok & inside & (c < best_c)
-      best_v = jnp.where(take[:, None], cand, best_v)
-      best_c = jnp.where(take, c, best_c)
-      changed = changed | take
+      return jnp.where(take[:, None], cand, best_v), jnp.where(take, c, best_c), changed | take
+
+    start = (f_flat[jnp.minimum(zone_idx, n - 1)], zone_costs(f_flat, 0, 0), jnp.zeros(zone_idx.shape, bool))
+    best_v, _, changed = _over_candidates(visit, start)
     return f_flat.at[zone_idx].set(best_v, mode="drop").reshape(f.shape), jnp.any(changed)
 
   return _until_unchanged(step, field, iterations)

@@ -9,6 +9,10 @@ import pytest
 # Commands run by the tests (in process or as subprocesses) keep no compilation cache on disk: the
 # suite stays hermetic (tests/test_compile_cache.py turns it on in its own processes).
 os.environ.setdefault("JAXALIGN_COMPILATION_CACHE", "off")
+# The same XLA codegen as the command line (most of the suite's time is compiling).
+from jaxalign import compile_cache  # noqa: E402
+
+compile_cache.quick_cpu_compile()
 
 EM_DATA = pathlib.Path(os.environ.get("JAXALIGN_EM_DATA",
                                       pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em")).resolve()

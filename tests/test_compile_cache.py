@@ -46,3 +46,45 @@ def test_off_and_default_folder(tmp_path):
   out = subprocess.run([sys.executable, "-c", "from jaxalign import compile_cache; print(compile_cache.enable())"],
                        env=env, capture_output=True, text=True, check=True).stdout.strip()
   assert out == str(tmp_path / "home" / "jaxalign" / "xla")
+
+
+def _flags_after(xla_flags, jaxlib_version, monkeypatch):
+  import jaxlib
+  monkeypatch.setattr(jaxlib, "__version__", jaxlib_version)
+  if xla_flags is None:
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+  else:
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  applied = compile_cache.quick_cpu_compile()
+  return applied, os.environ.get("XLA_FLAGS")
+
+
+def test_quick_cpu_compile_flags(monkeypatch):
+  first, last = compile_cache.CPU_XLA_FLAGS_JAXLIB
+  known = f"{last[0]}.{last[1]}.1"
+  applied, flags = _flags_after(None, known, monkeypatch)
+  assert applied and flags.split() == list(compile_cache.CPU_XLA_FLAGS)
+  # Idempotent, and other flags the user set are kept.
+  applied, flags = _flags_after("--xla_dump_to=/tmp/x " + " ".join(compile_cache.CPU_XLA_FLAGS), known, monkeypatch)
+  assert flags.split() == ["--xla_dump_to=/tmp/x", *compile_cache.CPU_XLA_FLAGS]
+  # The user's own choice for the same option wins.
+  option = compile_cache.CPU_XLA_FLAGS[0].split("=")[0]
+  applied, flags = _flags_after(f"{option}=true", known, monkeypatch)
+  assert flags == f"{option}=true"
+  # A jaxlib where the flags were not measured (XLA aborts on unknown flags) is left alone.
+  applied, flags = _flags_after(None, f"{last[0]}.{last[1] + 1}.0", monkeypatch)
+  assert not applied and flags is None
+  applied, flags = _flags_after(None, f"{first[0]}.{first[1] - 1}.9", monkeypatch)
+  assert not applied and flags is None
+
+
+def test_quick_cpu_compile_flags_are_known_to_this_jaxlib():
+  # XLA aborts the whole process on an unknown flag: a fresh interpreter must compile and run with them.
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  script = ("from jaxalign import compile_cache; import os, jax, jax.numpy as jnp;"
+            "print(compile_cache.quick_cpu_compile(), os.environ.get('XLA_FLAGS'));"
+            "print(float(jax.jit(lambda x: jnp.sum(jnp.sin(x)))(jnp.zeros(4))))")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == "0.0"
