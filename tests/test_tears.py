@@ -154,9 +154,9 @@ def test_refine_tears_matches_float64_propagation(sparse, monkeypatch):
   zone[y0 - 2:y0 + 10, 4:-4] = True
   ring = ndimage.uniform_filter(zone.astype(float), 5, mode="constant") > 0
   if sparse:
-    assert ring.mean() <= tears.SPARSE_ZONE_FRACTION  # the sparse sweep's list holds the ring
+    assert ring.mean() <= max(tears.SPARSE_ZONE_FRACTIONS)  # a list tier holds the ring
   else:
-    monkeypatch.setattr(tears, "SPARSE_ZONE_FRACTION", 1e-6)
+    monkeypatch.setattr(tears, "SPARSE_ZONE_FRACTIONS", (1e-6,))
   args = [a.astype(np.float32) for a in (init, src, tgt, src_valid, tgt_valid)]
   out = np.asarray(tears.refine_tears(*map(jnp.asarray, args), jnp.asarray(zone), iterations=6, radius=2))
   ref = _refine_reference(init, src, tgt, src_valid, tgt_valid, zone, 6, 2)
@@ -168,10 +168,12 @@ def test_refine_tears_matches_float64_propagation(sparse, monkeypatch):
   assert np.abs(out[inner] - true[inner]).max() < 1e-4
 
 
-def test_list_sweep_makes_the_dense_sweeps_decisions(monkeypatch):
+@pytest.mark.parametrize("tiers", [None, (1e-6, 0.25)], ids=["default_tiers", "second_tier"])
+def test_list_sweep_makes_the_dense_sweeps_decisions(monkeypatch, tiers):
   """Random images, a random field and a blob-shaped zone: every candidate's cost differs, so the
   list sweep (ring and zone lists, separable window sums) must take the dense sweep's decisions,
-  pixel for pixel, up to float ties."""
+  pixel for pixel, up to float ties. `second_tier`: the ring overflows the first list tier and is
+  swept on the second."""
   rng = np.random.default_rng(11)
   h, w = 128, 96
   src = ndimage.gaussian_filter(rng.normal(size=(h, w)), 1.0).astype(np.float32)
@@ -180,10 +182,14 @@ def test_list_sweep_makes_the_dense_sweeps_decisions(monkeypatch):
   field = (3.0 * rng.normal(size=(h, w, 2))).astype(np.float32)
   zone = ndimage.binary_dilation(np.pad(np.ones((1, 1), bool), ((40, h - 41), (30, w - 31))), iterations=6)
   zone[:3, :20] = True  # touching the image border
-  assert 0.01 < (ndimage.uniform_filter(zone.astype(float), 5) > 0).mean() <= tears.SPARSE_ZONE_FRACTION
+  if tiers is not None:
+    monkeypatch.setattr(tears, "SPARSE_ZONE_FRACTIONS", tiers)
+  ring = (ndimage.uniform_filter(zone.astype(float), 5) > 0).mean()
+  assert 0.01 < ring <= max(tears.SPARSE_ZONE_FRACTIONS)
+  assert ring > min(tears.SPARSE_ZONE_FRACTIONS) or tiers is None
   args = [jnp.asarray(a) for a in (field, src, tgt, valid, valid)] + [jnp.asarray(zone)]
   lists = np.asarray(tears.refine_tears(*args, iterations=3, radius=2))
-  monkeypatch.setattr(tears, "SPARSE_ZONE_FRACTION", 1e-6)
+  monkeypatch.setattr(tears, "SPARSE_ZONE_FRACTIONS", (1e-6,))
   dense = np.asarray(tears.refine_tears(*args, iterations=3, radius=2))
   assert not np.array_equal(dense, field)  # the sweeps did change the zone
   np.testing.assert_array_equal(dense[~zone], field[~zone])
