@@ -138,6 +138,18 @@ def with_resolution(config: BlockConfig | None, resolution_nm) -> BlockConfig:
   return dataclasses.replace(config, pair=_pair.with_resolution(config.pair, resolution_nm))
 
 
+def for_defects(config: BlockConfig | None, defects) -> BlockConfig:
+  """`config` (default `BlockConfig()`) with its default pair aligner told to trace the tear code for
+  every pair (`PairConfig.tears_always`) when any section of `defects [Z, H, W]` (bool) has one: on a CPU
+  that is one compiled pair program for the stack instead of two (2.5-5 s at 512² on 2 cores). A custom
+  `aligner` is left unchanged."""
+  from jaxalign import pair as _pair  # deferred: pair pulls in the finetuner and optax
+  config = config or BlockConfig()
+  if config.aligner is not None or defects is None or not np.any(defects):
+    return config
+  return dataclasses.replace(config, pair=dataclasses.replace(config.pair or _pair.PairConfig(), tears_always=True))
+
+
 def check_stack(sections, defects, name: str = "sections") -> tuple[np.ndarray, np.ndarray]:
   """Validates a stack; returns float32 `[Z, H, W]` with defects zeroed and bool defects `[Z, H, W]`."""
   sec = errors.check_image(sections, name, ndim=3, allow_empty=True)
@@ -201,6 +213,7 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
     raise errors.InputError(f"voting_distance must be an integer >= 1, got {voting_distance}")
   n = int(voting_distance)
   sec, dfx = check_stack(sections, defects)
+  config = for_defects(config, dfx)
   z_count, h, w = sec.shape
   aligner = config.aligner or default_aligner(model, config.pair)
   lookback = max(config.max_lookback, n)

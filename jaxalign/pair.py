@@ -165,6 +165,10 @@ class PairConfig:
     tear_refine_radius: full-resolution px: pixels whose sample lies this close to a src defect may
       be changed by the refinement.
     tear_refine_window: window radius (px) of the refinement's image cost.
+    tears_always: where pairs run one by one (CPU, `pairs_one_by_one`), trace the tear code for every
+      pair, not only for pairs whose source has defects. A pair without them skips it at run time (a
+      `lax.cond`), so a stack in which some sections have defects compiles one pair program instead
+      of two (`block.for_defects` sets it). Ignored under vmap, where a cond computes both branches.
     presmooth_sigma, presmooth_levels: Gaussian blur (px of the level) of both images before the
       finetuner's MSE, at the `presmooth_levels` finest working levels (coarser ones are averaged by the
       pyramid already). Bilinear
@@ -203,6 +207,7 @@ class PairConfig:
   tear_refine_iterations: int = 8
   tear_refine_radius: int = 8
   tear_refine_window: int = 2
+  tears_always: bool = False
   presmooth_sigma: float = 0.7
   presmooth_levels: int = 2
   global_translation: bool = True
@@ -640,7 +645,8 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
   logging.log_first_n(logging.INFO, "align_pair: %dx%d, levels %d..%d refined (resolution %s nm)", 4, h, w,
                       levels - 1, finest, config.resolution_nm)
   static, scale = _static_config(config)
-  field, stats = _align_jit(*args, scale, config=static, levels=levels, finest=finest, tears=bool(sd.any()))
+  field, stats = _align_jit(*args, scale, config=static, levels=levels, finest=finest,
+                            tears=bool(sd.any()) or config.tears_always)
   field = field[:h, :w]
   return (field, stats) if return_stats else field
 
@@ -671,9 +677,14 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
   config = with_resolution(config, resolution_nm)
   srcs, tgts, sd, td, init_fields = _validate(srcs, tgts, src_defects, tgt_defects, init_fields,
                                               batched=True)
-  s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td),
-                        destripe=config.destripe)
   b, h, w = srcs.shape
+  if pairs_one_by_one():
+    # The single-pair program: compiled once per (H, W), not once per batch size (1-3 s each at 512²).
+    prepared = [_prepare_images(srcs[i], tgts[i], sd[i], td[i], destripe=config.destripe) for i in range(b)]
+    s, t = (np.stack([np.asarray(a) for a in x]) for x in zip(*prepared))
+  else:
+    s, t = _prepare_batch(jnp.asarray(srcs), jnp.asarray(tgts), jnp.asarray(sd), jnp.asarray(td),
+                          destripe=config.destripe)
   references = np.zeros((b, h, w, 2), np.float32) if init_fields is None else init_fields
   if model is not None or (init_fields is None and config.init == "blockmatch"):
     inits = [_initial_field(s[i], t[i], sd[i], td[i], None if init_fields is None else init_fields[i],
@@ -691,15 +702,18 @@ def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, 
   args = [_pad_to(np.asarray(a, np.float32), mult, (1, 2))
           for a in (s, t, sv, tv, sd, td, init_fields, references)]
   static, scale = _static_config(config)
-  kw = dict(config=static, levels=levels, finest=finest, tears=bool(sd.any()))
-  if pairs_one_by_one():
+  one_by_one = pairs_one_by_one()
+  kw = dict(config=static, levels=levels, finest=finest, tears=bool(sd.any()) or (config.tears_always and one_by_one))
+  if one_by_one:
     # One pair after another through the single-pair program: on a CPU the vmapped finetuner loop
     # runs every pair until the slowest one stops and XLA:CPU does not parallelise the batch, and
     # the single-pair program compiles once per (H, W) whatever the batch size, so block alignment
     # (n pairs), stitching and the neighbour refinement (8 pairs) share one compile.
     outs = [_align_jit(*(a[i] for a in args), scale, **kw) for i in range(b)]
-    field = jnp.stack([o[0] for o in outs])
-    stats = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[o[1] for o in outs])
+    # Stacked on the host: jnp.stack would compile once per batch size.
+    field = jnp.asarray(np.stack([np.asarray(o[0]) for o in outs]))
+    stats = jax.tree_util.tree_map(lambda *x: jnp.asarray(np.stack([np.asarray(v) for v in x])),
+                                   *[o[1] for o in outs])
   else:
     field, stats = _align_batch_jit(*args, gamma_scale=scale, **kw)
   field = field[:, :h, :w]

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import errors
 from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, aligned_data,
-                            align_block, batch_rows, check_stack, default_aligner)
+                            align_block, batch_rows, check_stack, default_aligner, for_defects)
 from jaxalign.block import with_resolution as block_with_resolution
 from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
 from jaxalign.drift import DriftConfig, remove_drift
@@ -452,6 +452,8 @@ def align_stack(sections, *, block_size: int = DEFAULT_BLOCK_SIZE, overlap: int 
   config = config or StackConfig()
   config = dataclasses.replace(config, block=block_with_resolution(config.block, resolution_nm))
   sec, dfx = check_stack(sections, defects)
+  # Blocks, stitches and the neighbour refinement share one pair program.
+  config = dataclasses.replace(config, block=for_defects(config.block, dfx))
   z_count, h, w = sec.shape
   if config.drift is not None and not config.drift.applies_to(z_count):
     logging.info("align_stack: %d sections are too few for drift removal (window %d); skipped", z_count,

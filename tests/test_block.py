@@ -158,3 +158,28 @@ def test_batches_are_padded_only_where_the_aligner_is_vmapped(stack, monkeypatch
   f = align_block(sec[:4], voting_distance=3, config=BlockConfig(aligner=counting), progress=False)
   assert sizes == expected
   np.testing.assert_allclose(np.asarray(f), expected_fields(shifts[:4], SIZE), atol=1e-4)
+
+
+def test_one_pair_program_for_a_block_with_some_defects(stack, caplog):
+  """On a CPU a block in which only some sources have defects compiles the (tear-aware) pair program
+  once, not a tear-free one too; pairs without defects still recover the known shifts."""
+  import logging
+
+  import jax
+
+  from jaxalign.pair import PairConfig
+  shifts, sec = stack
+  defects = np.zeros(sec[:4].shape, bool)
+  defects[2, 20:24, 10:50] = True  # a crack in section 2 only
+  cfg = BlockConfig(pair=PairConfig(levels=3))
+  jax.clear_caches()  # programs compiled by earlier tests would not be logged
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    f = align_block(sec[:4], voting_distance=2, defects=defects, config=cfg, progress=False)
+  compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation of jit(_coarse_to_fine)" in r.getMessage()]
+  assert len(compiled) == 1, compiled
+  ok = np.ones(sec.shape[1:], bool)
+  ok[8:-8, 8:-8] = True
+  ok[:8] = ok[-8:] = ok[:, :8] = ok[:, -8:] = False
+  ok[14:30] = False  # away from the crack
+  err = np.linalg.norm(np.asarray(f) - expected_fields(shifts[:4], SIZE), axis=-1)
+  assert np.median(err[1][ok]) < 0.3 and np.median(err[3][ok]) < 0.3
