@@ -142,22 +142,32 @@ def test_align_pairs_batch_matches_targets():
     assert med <= 0.2 and p95 <= 1.0, (b, med, p95)
 
 
-def test_vmapped_batch_program_matches_pair_by_pair(monkeypatch):
+@pytest.mark.parametrize("with_defects", [False, True], ids=["clean", "crack_in_one_source"])
+def test_vmapped_batch_program_matches_pair_by_pair(monkeypatch, with_defects):
   # On a CPU align_pairs runs the pairs one by one through the single-pair program; accelerators
   # run one vmapped program over the batch. Both must give the same fields (the vmapped path is
-  # taken here by making the backend look like a GPU).
+  # taken here by making the backend look like a GPU). With a crack in one source, both trace the
+  # tear code (nearest-tissue maps passed in, spring cuts, tear refinement).
   imgs = load_sections("isbi2012_train", [5, 6], crop=128)
   us = np.stack([np.asarray(fields.from_affine(np.array([[1, 0, dy], [0, 1, dx]], np.float32), (128, 128)))
                  for dy, dx in ((2.5, -1.5), (-2.2, 1.8))])
   tgts = np.asarray(fields.warp(jnp.asarray(imgs), jnp.asarray(us)))
   cfg = PairConfig(levels=2, gamma_scale=2.0)
-  one_by_one = np.asarray(align_pairs(imgs, tgts, config=cfg))
+  defects = np.zeros(imgs.shape, bool)
+  if with_defects:
+    defects[0, 60:64, 10:110] = True
+  one_by_one = np.asarray(align_pairs(imgs, tgts, src_defects=defects, config=cfg))
   monkeypatch.setattr(pair.jax, "default_backend", lambda: "gpu")
-  vmapped = np.asarray(align_pairs(imgs, tgts, config=cfg))
+  vmapped = np.asarray(align_pairs(imgs, tgts, src_defects=defects, config=cfg))
   # Same program per pair; batched reductions sum in another order, and the optimiser amplifies
-  # float32 rounding at a few pixels.
+  # float32 rounding at a few pixels; next to a crack the tear refinement's discrete choice between
+  # neighbours' displacements can then flip at a pixel or two.
   diff = np.linalg.norm(vmapped - one_by_one, axis=-1)
-  assert np.percentile(diff, 99) < 2e-3 and diff.max() < 0.1, (np.percentile(diff, 99), diff.max())
+  assert np.percentile(diff, 99) < 2e-3, np.percentile(diff, 99)
+  if with_defects:
+    assert (diff > 0.1).mean() < 1e-3 and diff.max() < 1.0, ((diff > 0.1).mean(), diff.max())
+  else:
+    assert diff.max() < 0.1, diff.max()
 
 
 def test_model_protocol_and_init_field(section):
