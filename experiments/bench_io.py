@@ -19,7 +19,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from jaxalign import io
+from jaxalign.volume import store
+from jaxalign.volume.pyramid import build_pyramid
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", str(pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em" /
@@ -64,19 +65,19 @@ def _npy(stack: np.ndarray, root: str):
 def _volume(stack: np.ndarray, root: str, fmt: str, sync: bool = True):
   url = os.path.join(root, fmt + ("" if sync else "_nosync"))
   shutil.rmtree(url, ignore_errors=True)
-  config = io.IOConfig(file_sync=sync)
+  config = store.IOConfig(file_sync=sync)
   t0 = time.perf_counter()
-  vol = io.create_volume(url, stack.shape, stack.dtype, (50, 4, 4), format=fmt, config=config)
+  vol = store.create_volume(url, stack.shape, stack.dtype, (50, 4, 4), format=fmt, config=config)
   inflight = []
   for z, s in enumerate(stack):  # per section, writes overlapped through futures
     inflight.append(vol.write(s, z, wait=False))
-    if len(inflight) >= io.DEFAULT_CONFIG.inflight:
+    if len(inflight) >= store.DEFAULT_CONFIG.inflight:
       inflight.pop(0).result()
   for f in inflight:
     f.result()
   tw = time.perf_counter() - t0
   t0 = time.perf_counter()
-  vol = io.open_volume(url, config)
+  vol = store.open_volume(url, config)
   futs = [vol.read_async(z) for z in range(len(stack))]
   back = np.stack([f.result() for f in futs])
   tr = time.perf_counter() - t0
@@ -87,7 +88,7 @@ def _volume(stack: np.ndarray, root: str, fmt: str, sync: bool = True):
 def _pyramid(root: str, fmt: str, levels: int) -> float:
   url = os.path.join(root, fmt)
   t0 = time.perf_counter()
-  io.build_pyramid(io.open_volume(url), levels, progress=False)
+  build_pyramid(store.open_volume(url), levels, progress=False)
   return time.perf_counter() - t0
 
 
@@ -97,9 +98,9 @@ def main(argv):
   n = len(stack)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_io_")
   methods = [("numpy .npy per section", lambda: _npy(stack, root))] + \
-            [(f"jaxalign {fmt}", (lambda f=fmt: _volume(stack, root, f))) for fmt in io.FORMATS] + \
+            [(f"jaxalign {fmt}", (lambda f=fmt: _volume(stack, root, f))) for fmt in store.FORMATS] + \
             [(f"jaxalign {fmt}, file_sync=False", (lambda f=fmt: _volume(stack, root, f, False)))
-             for fmt in io.FORMATS]
+             for fmt in store.FORMATS]
   for _, fn in methods:
     fn()  # warm-up (imports, first tensorstore context)
   runs: dict[str, list] = {name: [] for name, _ in methods}
@@ -124,7 +125,7 @@ def main(argv):
     lines.append(f"| {name} | {n / tw:.0f} | {n / tr:.0f} | {base_w / tw:.2f}x | {base_r / tr:.2f}x | "
                  f"{nbytes / stack.nbytes:.2f} |")
   lines += ["", f"Pyramid (zarr3, levels 1-{FLAGS.levels - 1} from level 0, tiles of "
-            f"{io.DEFAULT_CONFIG.pyramid_tile} px, JAX 2x2 mean): {tp:.2f} s = {n / tp:.0f} sections/s."]
+            f"{store.DEFAULT_CONFIG.pyramid_tile} px, JAX 2x2 mean): {tp:.2f} s = {n / tp:.0f} sections/s."]
   load = os.getloadavg()[0]
   lines += ["", f"1-min load average at the end of the run: {load:.1f} on {os.cpu_count()} cores "
             "(other jobs shared the machine; treat ratios as +-2x)." if load > (os.cpu_count() or 1) else

@@ -1,8 +1,8 @@
 """Pretrained SEAMLeSS pyramid vs finetuner-on-raw-images vs block matching on held-out GT pairs.
 
-Cases are built with the team's ground-truth generator (`jaxalign.groundtruth` via
-`jaxalign.evaluation.make_case`) from sections that the shipped weights never saw in training (the
-last sections of each stack, see jaxalign/weights/README.md), with knife-chatter stripes on
+Cases are built with the team's ground-truth generator (`jaxalign.bench.groundtruth` via
+`jaxalign.bench.evaluation.make_case`) from sections that the shipped weights never saw in training (the
+last sections of each stack, see jaxalign/models/weights/README.md), with knife-chatter stripes on
 consecutive sections, missing blobs, folds and cracks switched on. Also writes a PNG of a striped
 section next to its encoding, and measures training steps/s of the default level on this machine.
 
@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("weights", None, "weights path prefix (default: the shipped jaxalign/weights/default)")
+flags.DEFINE_string("weights", None, "weights path prefix (default: the shipped jaxalign/models/weights/default)")
 flags.DEFINE_integer("crop", 384, "centre crop of the sections, px")
 flags.DEFINE_list("methods", ["pyramid+finetuner", "pyramid", "finetuner", "blockmatch"], "methods to compare")
 flags.DEFINE_string("out", None, "write the markdown table here (also printed)")
@@ -39,7 +39,7 @@ CASES = (
 
 
 def artifact_config(seed: int):
-  from jaxalign.groundtruth import DistortionConfig
+  from jaxalign.bench.groundtruth import DistortionConfig
   # Artifacts on every section so each pair exercises them; the default smooth/affine distortions.
   return DistortionConfig(seed=seed, undistorted=(), chatter_probability=1.0, blob_probability=1.0,
                           fold_probability=0.6, crack_probability=0.3, blank_probability=0.0)
@@ -47,7 +47,7 @@ def artifact_config(seed: int):
 
 def methods(pyr):
   import jaxalign as ja
-  from jaxalign import blockmatch
+  from jaxalign.align import blockmatch
   out = {
       "pyramid+finetuner": lambda s, t, **kw: ja.align_pair(s, t, model=pyr, **kw),
       "pyramid": lambda s, t, **kw: ja.align_pair(s, t, model=lambda *a, **k: pyr(*a, use_finetuner=False, **k), **kw),
@@ -62,8 +62,8 @@ def stripes_figure(pyr, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from jaxalign import evaluation as ev
-  from jaxalign.groundtruth import distort_stack
+  from jaxalign.bench import evaluation as ev
+  from jaxalign.bench.groundtruth import distort_stack
   stack = ev.load_stack("isbi2012_train", start=28, num=2, crop=FLAGS.crop)
   cfg = dataclasses.replace(artifact_config(FLAGS.seed), blob_probability=0.0, fold_probability=0.0,
                             crack_probability=0.0, chatter_amplitude=0.3)
@@ -88,21 +88,21 @@ def stripes_figure(pyr, path: pathlib.Path) -> None:
 def train_speed(steps: int) -> dict:
   """Steady-state steps/s of one default level (crop 128, batch 4) on this machine, per stage."""
   from flax import nnx
-  from jaxalign import models, train
-  from jaxalign import evaluation as ev
-  cfg = train.TrainConfig(batch_size=4)
+  from jaxalign.models import seamless, train_data, train_pyramid
+  from jaxalign.bench import evaluation as ev
+  cfg = train_data.TrainConfig(batch_size=4)
   secs = ev.load_stack("isbi2012_train", num=3, crop=256)
-  ps = train.make_pairs(secs, jax.random.PRNGKey(0), cfg.augment, multiple=32)
-  data = train.level_data(ps, 0, None)
-  level = models.Level(models.LevelConfig(mip=0), rngs=nnx.Rngs(0))
+  ps = train_data.make_pairs(secs, jax.random.PRNGKey(0), cfg.augment, multiple=32)
+  data = train_pyramid.level_data(ps, 0, None)
+  level = seamless.Level(seamless.LevelConfig(mip=0), rngs=nnx.Rngs(0))
   out = {}
   for stage in (1, 2):
-    ts = train.TrainStep(level, train.make_optimizer(level, cfg, 100), cfg, 0, stage)
+    ts = train_pyramid.TrainStep(level, train_pyramid.make_optimizer(level, cfg, 100), cfg, 0, stage)
     rng = np.random.default_rng(0)
-    jax.block_until_ready(ts(train.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(0)))
+    jax.block_until_ready(ts(train_pyramid.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(0)))
     t0 = time.perf_counter()
     for i in range(steps):
-      m = ts(train.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(i))
+      m = ts(train_pyramid.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(i))
     jax.block_until_ready(m)
     out[f"stage{stage}_steps_per_s"] = steps / (time.perf_counter() - t0)
   return out
@@ -110,9 +110,9 @@ def train_speed(steps: int) -> dict:
 
 def main(argv):
   del argv
-  from jaxalign import evaluation as ev
-  from jaxalign import models
-  pyr = models.load_weights(FLAGS.weights) if FLAGS.weights else models.pretrained()
+  from jaxalign.bench import evaluation as ev
+  from jaxalign.models import seamless
+  pyr = seamless.load_weights(FLAGS.weights) if FLAGS.weights else seamless.pretrained()
   rows = []
   for kind, stack_name, sel in CASES:
     stack = ev.load_stack(stack_name, crop=FLAGS.crop, **sel)

@@ -1,6 +1,6 @@
 """Pair alignment benchmark: accuracy on ground-truth cases, speed vs block matching and metroem, real fold.
 
-  python experiments/bench_pair.py --mode=accuracy --num=4      # EPE tables (jaxalign.evaluation cases)
+  python experiments/bench_pair.py --mode=accuracy --num=4      # EPE tables (jaxalign.bench.evaluation cases)
   python experiments/bench_pair.py --mode=speed                  # 512² / 1024² timings (+ metroem peer)
   python experiments/bench_pair.py --mode=fold                   # damaged_pair_dolw7 before/after + CPC
   python experiments/bench_pair.py --mode=heldout                # neighbour target on distortion seeds 3, 7
@@ -22,9 +22,10 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 
-from jaxalign import evaluation, fields, metrics
-from jaxalign.blockmatch import block_match
-from jaxalign.pair import PairConfig, align_pair
+from jaxalign.bench import evaluation
+from jaxalign.ops import fields, metrics
+from jaxalign.align.blockmatch import block_match
+from jaxalign.align.pair import PairConfig, align_pair
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "accuracy", ["accuracy", "speed", "fold", "heldout", "all"], "what to run")
@@ -37,7 +38,7 @@ flags.DEFINE_integer("repeats", 2, "timed calls per method after the first (comp
 flags.DEFINE_bool("metroem", True, "also run the metroem finetuner peer (../shared/peers) in speed mode")
 flags.DEFINE_enum("speed_data", "shared", ["shared", "synthetic"],
                   "speed: ISBI 512² and Gerhard 1024² from ../shared/data (shared) or synthetic EM "
-                  "(jaxalign.synthetic; for machines without the data, e.g. experiments/device_check.sh)")
+                  "(jaxalign.bench.synthetic; for machines without the data, e.g. experiments/device_check.sh)")
 flags.DEFINE_list("speed_sizes", ["512", "1024", "2048"], "speed: section sizes with --speed_data=synthetic")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where markdown / PNG outputs go")
 
@@ -146,7 +147,7 @@ def run_speed(out: pathlib.Path):
     sources = [(size, lambda stack=stack: evaluation.shared_case("same", stack, num=2, config=no_discontinuities))
                for stack, size in (("isbi2012_train", 512), ("gerhard_vnc_stack1", 1024))]
   else:
-    from jaxalign.synthetic import SyntheticConfig, make_stack  # noqa: PLC0415
+    from jaxalign.bench.synthetic import SyntheticConfig, make_stack  # noqa: PLC0415
     sources = [(size, lambda size=size: evaluation.make_case(
         "same", make_stack(SyntheticConfig(sections=2, size=size), progress=False).images,
         config=no_discontinuities, meta=dict(stack=f"synthetic {size}")))

@@ -90,8 +90,8 @@ def _run_child(code: str) -> dict:
 
 
 def _block_config():
-  from jaxalign.block import BlockConfig
-  from jaxalign.pair import PairConfig
+  from jaxalign.stack.block import BlockConfig
+  from jaxalign.align.pair import PairConfig
   from tests.stack_helpers import phase_aligner
   return {"finetuner": BlockConfig(pair=PairConfig()),
           "blockmatch": BlockConfig(pair=PairConfig(init="blockmatch")),  # NCC init, then finetuner
@@ -99,13 +99,13 @@ def _block_config():
 
 
 def throughput(work: pathlib.Path) -> None:
-  from jaxalign import distributed as jd
-  from jaxalign import compile_cache, io, pipeline
-  from jaxalign.stack import StackConfig
+  from jaxalign import compile_cache
+  from jaxalign.volume import distributed as jd, pipeline, store
+  from jaxalign.stack.chain import StackConfig
   from tests.stack_helpers import random_shifts, texture_stack
   sections = texture_stack(random_shifts(FLAGS.sections, limit=6), size=FLAGS.size)
   src = str(work / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   block = _block_config()
   config = pipeline.VolumeConfig(block_size=FLAGS.block_size, overlap=2, pyramid_levels=2,
                                  stack=StackConfig(block=block))
@@ -125,7 +125,7 @@ def throughput(work: pathlib.Path) -> None:
     wall = time.perf_counter() - t0
     recs = jd.CompletionRecords(dst)
     task_s = sum(r.get("seconds", 0.0) for k in recs.keys() if isinstance(r := recs.get(k), dict))
-    fields = io.open_volume(dst + "/fields").read()
+    fields = store.open_volume(dst + "/fields").read()
     rows.append((kind, workers, wall, task_s, stats.executed, fields))
     logging.info("%s x%d: %.1f s", kind, workers, wall)
   rows[0] = ("inline (cold: compiles)",) + rows[0][1:]
@@ -144,12 +144,12 @@ def throughput(work: pathlib.Path) -> None:
 
 
 def memory(work: pathlib.Path) -> None:
-  from jaxalign import io
+  from jaxalign.volume import store
   n = FLAGS.big
   src, fld = str(work / "big_src"), str(work / "big_field")
   t0 = time.perf_counter()
-  vol = io.create_volume(src, (1, n, n), "uint8", (40, 4, 4))
-  fvol = io.create_volume(fld, (1, n, n, 2), "float32", (40, 4, 4))
+  vol = store.create_volume(src, (1, n, n), "uint8", (40, 4, 4))
+  fvol = store.create_volume(fld, (1, n, n, 2), "float32", (40, 4, 4))
   rng = np.random.default_rng(0)
   step = 1024
   for y in range(0, n, step):  # written in strips so this process never holds the whole section
@@ -160,17 +160,18 @@ def memory(work: pathlib.Path) -> None:
   logging.info("memory: wrote %d^2 inputs in %.1f s", n, time.perf_counter() - t0)
   baseline = _run_child(_rss_script(f"""
     import jax, jax.numpy as jnp
-    from jaxalign import io, chunked, fields
-    io.open_volume({src!r}); io.open_volume({fld!r})
+    from jaxalign.volume import chunked, store
+    from jaxalign.ops import fields
+    store.open_volume({src!r}); store.open_volume({fld!r})
     fields.warp(jnp.zeros((64, 64)), jnp.zeros((64, 64, 2))).block_until_ready()
   """))
   rows = [("imports + open volumes (baseline)", None, baseline)]
   for c in [int(c) for c in FLAGS.chunks]:
     out = str(work / f"out_{c}")
     res = _run_child(_rss_script(f"""
-      from jaxalign import io, chunked
-      src, fld = io.open_volume({src!r}), io.open_volume({fld!r})
-      out = io.create_volume({out!r}, (1, {n}, {n}), 'uint8', (40, 4, 4))
+      from jaxalign.volume import chunked, store
+      src, fld = store.open_volume({src!r}), store.open_volume({fld!r})
+      out = store.create_volume({out!r}, (1, {n}, {n}), 'uint8', (40, 4, 4))
       import numpy as np
       cfg = chunked.ChunkConfig(chunk={c}, overlap=0, render_margin=32, batch=1)
       chunked.render_chunked(chunked.VolumeSource(src, 0), chunked.VolumeSource(fld, 0), config=cfg,
@@ -180,17 +181,17 @@ def memory(work: pathlib.Path) -> None:
   out = str(work / "out_whole")
   res = _run_child(_rss_script(f"""
     import numpy as np, jax.numpy as jnp
-    from jaxalign import io
-    from jaxalign.render import render
-    src, fld = io.open_volume({src!r}), io.open_volume({fld!r})
-    out = io.create_volume({out!r}, (1, {n}, {n}), 'uint8', (40, 4, 4))
+    from jaxalign.volume import store
+    from jaxalign.stack.render import render
+    src, fld = store.open_volume({src!r}), store.open_volume({fld!r})
+    out = store.create_volume({out!r}, (1, {n}, {n}), 'uint8', (40, 4, 4))
     a = np.asarray(render(src.read(0)[None].astype(np.float32), fld.read(0)[None], batch_size=1))[0]
     out.write(np.clip(np.rint(a), 0, 255).astype(np.uint8), 0)
   """))
   rows.append(("whole-section render (ja.render)", n, res))
   # Correctness of the streamed output against the whole-section one (same run).
-  whole = io.open_volume(out).read(0).astype(np.int16)
-  diffs = {c: int(np.abs(io.open_volume(str(work / f"out_{c}")).read(0).astype(np.int16) - whole).max())
+  whole = store.open_volume(out).read(0).astype(np.int16)
+  diffs = {c: int(np.abs(store.open_volume(str(work / f"out_{c}")).read(0).astype(np.int16) - whole).max())
            for c in [int(c) for c in FLAGS.chunks]}
   section_mib = n * n * (1 + 8) / 2 ** 20
   print(f"\n### Peak memory per worker: rendering one {n}^2 section (uint8 image + float32 field "
@@ -222,16 +223,16 @@ def stages(work: pathlib.Path) -> None:
   n^2 sections, chunked vs whole, with correctness against the whole-section result (decay) or a
   closed form (block: section 1 is section 0 shifted by BLOCK_D; stitch: block N+1 fields
   next(q) = prev(q - T) - T, so the stitch field is T)."""
-  from jaxalign import io
+  from jaxalign.volume import store
   rng = np.random.default_rng(0)
   rows = []
   for n in [int(v) for v in FLAGS.stage_sizes]:
     d = work / f"stages_{n}"
-    bf = io.create_volume(str(d / "block"), (1, n, n, 2), "float32", (40, 4, 4), kind="field")
-    st = io.create_volume(str(d / "stitches"), (2, n, n, 2), "float32", (40, 4, 4), kind="field")
-    sec = io.create_volume(str(d / "sections"), (2, n, n), "uint8", (40, 4, 4))
-    prev = io.create_volume(str(d / "prev"), (2, n, n, 2), "float32", (40, 4, 4), kind="field")
-    nxt = io.create_volume(str(d / "next"), (2, n, n, 2), "float32", (40, 4, 4), kind="field")
+    bf = store.create_volume(str(d / "block"), (1, n, n, 2), "float32", (40, 4, 4), kind="field")
+    st = store.create_volume(str(d / "stitches"), (2, n, n, 2), "float32", (40, 4, 4), kind="field")
+    sec = store.create_volume(str(d / "sections"), (2, n, n), "uint8", (40, 4, 4))
+    prev = store.create_volume(str(d / "prev"), (2, n, n, 2), "float32", (40, 4, 4), kind="field")
+    nxt = store.create_volume(str(d / "next"), (2, n, n, 2), "float32", (40, 4, 4), kind="field")
     from scipy import ndimage
     for y in range(0, n, 1024):  # in strips: this process never holds a whole section
       y1 = min(y + 1024, n)
@@ -246,7 +247,7 @@ def stages(work: pathlib.Path) -> None:
         f = _smooth_field(y - STITCH_T[0], y1 - STITCH_T[0], n + abs(STITCH_T[1]), 8.0 + 3 * i, -6.0, 2.5, float(i))
         xs = np.arange(n) - STITCH_T[1]  # columns q_x - T_x >= 0 here (T_x < 0)
         nxt.write(f[:, xs] - np.array(STITCH_T, np.float32), i, 0, ((y, y1), (0, n)))
-    blk = io.create_volume(str(d / "blk_sections"), (2, n, n), "uint8", (40, 4, 4))
+    blk = store.create_volume(str(d / "blk_sections"), (2, n, n), "uint8", (40, 4, 4))
     for y in range(0, n, 1024):  # section 1 (r) = section 0 (r - BLOCK_D): its block field is BLOCK_D
       y1 = min(y + 1024, n)
       blk.write(sec.read(0, 0, ((y, y1), (0, n))), 0, 0, ((y, y1), (0, n)))
@@ -260,52 +261,52 @@ def stages(work: pathlib.Path) -> None:
     c = FLAGS.stage_chunk
     head = f"""
       import numpy as np
-      from jaxalign import io
-      from jaxalign.chunked import ChunkConfig, VolumeSource, compose_with_decay_chunked, stitch_field_chunked
-      from jaxalign.block import BlockConfig
+      from jaxalign.volume import store
+      from jaxalign.volume.chunked import ChunkConfig, VolumeSource, compose_with_decay_chunked, stitch_field_chunked
+      from jaxalign.stack.block import BlockConfig
       from tests.stack_helpers import phase_aligner
       d = {str(d)!r}
-      bf, st = io.open_volume(d + '/block'), io.open_volume(d + '/stitches')
-      sec, prev, nxt = io.open_volume(d + '/sections'), io.open_volume(d + '/prev'), io.open_volume(d + '/next')
+      bf, st = store.open_volume(d + '/block'), store.open_volume(d + '/stitches')
+      sec, prev, nxt = store.open_volume(d + '/sections'), store.open_volume(d + '/prev'), store.open_volume(d + '/next')
       cfg = ChunkConfig(chunk={c}, overlap=64, coarse_levels=3)
       bc = BlockConfig(aligner=phase_aligner)
-      blk = io.open_volume(d + '/blk_sections')
+      blk = store.open_volume(d + '/blk_sections')
     """
     runs = {
       "block chunked": f"""
-        from jaxalign.chunked import align_block_chunked
-        out = io.create_volume(d + '/block_chunked', (2, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
+        from jaxalign.volume.chunked import align_block_chunked
+        out = store.create_volume(d + '/block_chunked', (2, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
         align_block_chunked([VolumeSource(blk, i) for i in range(2)], voting_distance=1, config=cfg, block_config=bc,
                             sink=lambda z, core, f: out.write(f, z, 0, core))
       """,
       "decay chunked": f"""
-        out = io.create_volume(d + '/decay_chunked', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
+        out = store.create_volume(d + '/decay_chunked', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
         compose_with_decay_chunked(VolumeSource(bf, 0), [VolumeSource(st, 0), VolumeSource(st, 1)], [5.0, 30.0],
                                    config=cfg, sink=lambda core, f: out.write(f, 0, 0, core))
       """,
       "stitch chunked": f"""
-        out = io.create_volume(d + '/stitch_chunked', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
+        out = store.create_volume(d + '/stitch_chunked', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
         stitch_field_chunked([VolumeSource(sec, i) for i in range(2)], [VolumeSource(prev, i) for i in range(2)],
                              [VolumeSource(nxt, i) for i in range(2)], config=cfg, block_config=bc,
                              sink=lambda core, f: out.write(f, 0, 0, core))
       """}
     if n <= FLAGS.whole_max:
       runs["block whole"] = f"""
-        from jaxalign.stack import BlockPlan, align_block_task
-        out = io.create_volume(d + '/block_whole', (2, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
+        from jaxalign.stack.chain import BlockPlan, align_block_task
+        out = store.create_volume(d + '/block_whole', (2, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
         out.write(np.asarray(align_block_task(blk.read().astype(np.float32), BlockPlan(0, 0, 2, 0, 0, 2),
                                               voting_distance=1, config=bc)), slice(0, 2))
       """
       runs["decay whole"] = f"""
         import jax.numpy as jnp
-        from jaxalign.stack import compose_with_decay
-        out = io.create_volume(d + '/decay_whole', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
+        from jaxalign.stack.chain import compose_with_decay
+        out = store.create_volume(d + '/decay_whole', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
         out.write(np.asarray(compose_with_decay(jnp.asarray(bf.read(0)), jnp.asarray(st.read()),
                   jnp.asarray([5.0, 30.0], jnp.float32), decay_distance=100.0, blur_rate=0.2)), 0)
       """
       runs["stitch whole"] = f"""
-        from jaxalign.stack import stitch_field
-        out = io.create_volume(d + '/stitch_whole', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
+        from jaxalign.stack.chain import stitch_field
+        out = store.create_volume(d + '/stitch_whole', (1, {n}, {n}, 2), 'float32', (40, 4, 4), kind='field')
         out.write(np.asarray(stitch_field(sec.read().astype(np.float32), prev.read(), nxt.read(), config=bc)), 0)
       """
     runs = {k: v for k, v in runs.items() if k.split()[0] in FLAGS.stage_names}
@@ -319,22 +320,24 @@ def stages(work: pathlib.Path) -> None:
       inner = (slice(max(0, BLOCK_D[0] + 64 - y), None), slice(64, n - abs(BLOCK_D[1]) - 64))
       for kind in ("block chunked", "block whole"):
         if kind in runs:
-          f = io.open_volume(str(d / kind.replace(" ", "_"))).read(1, 0, box)[inner]
+          f = store.open_volume(str(d / kind.replace(" ", "_"))).read(1, 0, box)[inner]
           err[kind] = max(err.get(kind, 0.0), float(np.abs(f - np.array(BLOCK_D)).max(initial=0.0)))
       if "stitch" not in FLAGS.stage_names:
         continue
-      t = io.open_volume(str(d / "stitch_chunked")).read(0, 0, box)
+      t = store.open_volume(str(d / "stitch_chunked")).read(0, 0, box)
       err["stitch chunked"] = max(err.get("stitch chunked", 0.0), float(np.abs(t - np.array(STITCH_T)).max()))
       if n <= FLAGS.whole_max and "decay" in FLAGS.stage_names:
-        a = io.open_volume(str(d / "decay_chunked")).read(0, 0, box)
-        b = io.open_volume(str(d / "decay_whole")).read(0, 0, box)
+        a = store.open_volume(str(d / "decay_chunked")).read(0, 0, box)
+        b = store.open_volume(str(d / "decay_whole")).read(0, 0, box)
         err["decay chunked"] = max(err.get("decay chunked", 0.0), float(np.abs(a - b).max()))
-        t = io.open_volume(str(d / "stitch_whole")).read(0, 0, box)
+        t = store.open_volume(str(d / "stitch_whole")).read(0, 0, box)
         err["stitch whole"] = max(err.get("stitch whole", 0.0), float(np.abs(t - np.array(STITCH_T)).max()))
     rows[-len(runs):] = [(n, name, dict(r, err=err.get(name))) for n, name, r in rows[-len(runs):]]
   base = _run_child(_rss_script("""
     import jax, jax.numpy as jnp
-    from jaxalign import io, chunked, stack, fields
+    from jaxalign.volume import chunked, store
+    from jaxalign.stack import chain
+    from jaxalign.ops import fields
     fields.warp(jnp.zeros((64, 64)), jnp.zeros((64, 64, 2))).block_until_ready()
   """))
   print(f"\n### Peak memory per worker: block, stitch and section (composition with decay) stages, chunk "
@@ -356,7 +359,7 @@ def stages(work: pathlib.Path) -> None:
 
 def projection(work: pathlib.Path) -> None:
   import jax
-  from jaxalign.pair import PairConfig, align_pair
+  from jaxalign.align.pair import PairConfig, align_pair
   from tests.stack_helpers import texture_stack
   c = FLAGS.pair_chunk
   secs = texture_stack(np.array([[0, 0], [3, -2]]), size=c)
@@ -406,9 +409,9 @@ def seams(work: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from PIL import Image
-  from jaxalign.block import align_block
-  from jaxalign.chunked import ChunkConfig, align_block_chunked
-  from jaxalign.fields import warp
+  from jaxalign.stack.block import align_block
+  from jaxalign.volume.chunked import ChunkConfig, align_block_chunked
+  from jaxalign.ops.fields import warp
   folder = REPO / ".." / "shared" / "data" / "em" / "isbi2012_train"
   if not folder.is_dir():
     logging.warning("seams: %s absent, skipped", folder)
@@ -418,7 +421,7 @@ def seams(work: pathlib.Path) -> None:
   yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
   # Known distortions of one section (so the exact answer is known): translations of tens of px
   # (larger than the chunk overlap) plus a 3 px smooth warp. Aligning section i back needs invert(g_i).
-  from jaxalign.fields import invert
+  from jaxalign.ops.fields import invert
   gs = [np.zeros((n, n, 2), np.float32)] + [
       np.stack([FLAGS.seam_step * i + 3 * np.sin(xx / 90 + i), -0.75 * FLAGS.seam_step * i + 3 * np.cos(yy / 70 - i)],
                -1) for i in range(1, z)]
@@ -438,7 +441,7 @@ def seams(work: pathlib.Path) -> None:
   t0 = time.perf_counter()
   chunked = align_block_chunked(sections, voting_distance=3, config=cfg, block_config=block)
   t_chunk = time.perf_counter() - t0
-  from jaxalign.chunking import split
+  from jaxalign.volume.chunking import split
   specs = split((n, n), cfg.chunk, cfg.overlap)
   seam = np.zeros((n, n), bool)
   for s_ in specs:

@@ -29,7 +29,7 @@ flags.DEFINE_list("method", ["identity", "blockmatch", "finetuner"], "methods to
 flags.DEFINE_string("case_dir", None, "load the case from this directory if it exists, else build and save it there")
 flags.DEFINE_integer("cpc_level", 1, "CPC after 2**level downsampling")
 flags.DEFINE_integer("cpc_chunk", 32, "CPC chunk side (px at cpc_level)")
-flags.DEFINE_string("volume", None, "build the case from this jaxalign.io image volume instead of a shared stack")
+flags.DEFINE_string("volume", None, "build the case from this jaxalign.volume.store image volume instead of a shared stack")
 flags.DEFINE_string("write_distorted", None, "stack cases: write the distorted stack to this volume URL "
                     "(and its defects to URL_defects) for `jaxalign align`")
 flags.DEFINE_string("output_json", None, "append the rows (JSON lines) to this file")
@@ -37,17 +37,17 @@ flags.DEFINE_string("output_json", None, "append the rows (JSON lines) to this f
 # name -> (module, attribute, keyword arguments, kind): kind "pair" = team aligner protocol,
 # "stack" = fn(sections, *, defects) -> fields (stack cases only)
 METHODS = {
-  "identity": ("jaxalign.evaluation", "identity_aligner", {}, "pair"),
-  "blockmatch": ("jaxalign.blockmatch", "block_match", {}, "pair"),
-  "finetuner": ("jaxalign.pair", "align_pair", {}, "pair"),
-  "finetuner_bm": ("jaxalign.pair", "align_pair", {"config": ("jaxalign.pair", "PairConfig", {"init": "blockmatch"})},
+  "identity": ("jaxalign.bench.evaluation", "identity_aligner", {}, "pair"),
+  "blockmatch": ("jaxalign.align.blockmatch", "block_match", {}, "pair"),
+  "finetuner": ("jaxalign.align.pair", "align_pair", {}, "pair"),
+  "finetuner_bm": ("jaxalign.align.pair", "align_pair", {"config": ("jaxalign.align.pair", "PairConfig", {"init": "blockmatch"})},
                    "pair"),
   # the finetuner with the elastic term not zeroed at cracks/folds (defect masks still given)
-  "finetuner_nomask": ("jaxalign.pair", "align_pair",
-                       {"config": ("jaxalign.pair", "PairConfig", {"mask_elastic_at_defects": False})}, "pair"),
+  "finetuner_nomask": ("jaxalign.align.pair", "align_pair",
+                       {"config": ("jaxalign.align.pair", "PairConfig", {"mask_elastic_at_defects": False})}, "pair"),
   # the finetuner without any defect masks
-  "finetuner_nodefects": ("jaxalign.pair", "align_pair", {"drop_defects": True}, "pair"),
-  "block": ("jaxalign.block", "align_block", {}, "stack"),
+  "finetuner_nodefects": ("jaxalign.align.pair", "align_pair", {"drop_defects": True}, "pair"),
+  "block": ("jaxalign.stack.block", "align_block", {}, "stack"),
 }
 
 
@@ -80,7 +80,7 @@ def resolve(name: str):
 
 def main(argv):
   del argv
-  from jaxalign import evaluation as ev
+  from jaxalign.bench import evaluation as ev
   stack = FLAGS.stack or ("isbi2012_train" if FLAGS.case == "same" else "flyem_medulla_fibsem")
   case_dir = pathlib.Path(FLAGS.case_dir) if FLAGS.case_dir else None
   if case_dir is not None and (case_dir / "case.json").exists():

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from jaxalign import detector, fields, groundtruth
-from jaxalign import train_detector as td
+from jaxalign.models import detector
+from jaxalign.ops import fields
+from jaxalign.bench import groundtruth
+from jaxalign.models import train_detector as td
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("weights", None, "detector weights (path without suffix); default: shipped")
@@ -145,7 +147,7 @@ def dolw7(model, root, results):
 
 
 def epe_near_defects(model, root, results):
-  from jaxalign import pair
+  from jaxalign.align import pair
   cfg = td.DetectorTrainConfig()
   rows = {"none": [], "detected": [], "true": []}
   near_errors = {}

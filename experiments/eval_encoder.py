@@ -1,9 +1,9 @@
 """Issue 19 evidence for the encoder-only coarse level: finetuner on encodings vs finetuner on raw images.
 
-Held-out sections only (never used in training or validation, see `jaxalign.train.ENCODER_*_STACKS`):
+Held-out sections only (never used in training or validation, see `jaxalign.models.train_encoder.ENCODER_*_STACKS`):
 isbi2012 25-29, gerhard 16-19, flyem 112/116/120/124 (every 4th slice, ~40 nm "sections") and flyem
 112-116 (FIB-SEM immediate neighbours, 10 nm). Each pair is (src = section z distorted by the seeded
-ground-truth generator `jaxalign.groundtruth` (smooth elastic + affine, ≤15 px / ≤5 px / ≤1°), tgt =
+ground-truth generator `jaxalign.bench.groundtruth` (smooth elastic + affine, ≤15 px / ≤5 px / ≤1°), tgt =
 section z+1 as it is), so the ground truth is `DistortedStack.fields[z]` (the stacks are already aligned).
 
 Cases:
@@ -26,7 +26,7 @@ Methods (all through `ja.align_pair(..., resolution_nm=...)`, physical defaults:
   physical level only (~32 nm field fitted on ~16 nm images, notch off): the encoder works at 32 nm,
   the raw finetuner's precision comes from its 16-nm fit.
 
-Stripe energy (case a): `jaxalign.train.stripe_power_fraction` of the encoding vs the image at the
+Stripe energy (case a): `jaxalign.models.train_encoder.stripe_power_fraction` of the encoding vs the image at the
 encoder's level (the fraction of the signal's power that the stripes add at their own frequency);
 target ratio ≤ 10 %.
 
@@ -48,10 +48,14 @@ import numpy as np
 from absl import app, flags, logging
 
 import jaxalign as ja
-from jaxalign import evaluation, fields, groundtruth, models, pair, preprocess, train
+from jaxalign.bench import evaluation, groundtruth
+from jaxalign.ops import fields, preprocess
+from jaxalign.models import seamless
+from jaxalign.align import pair
+from jaxalign.models import train_encoder
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("weights", "encoder32", "shipped weights name (jaxalign/weights/<name>) or a path prefix")
+flags.DEFINE_string("weights", "encoder32", "shipped weights name (jaxalign/models/weights/<name>) or a path prefix")
 flags.DEFINE_string("out", "docs/benchmarks/encoder_eval", "output prefix (.md table, .jsonl rows, PNGs)")
 flags.DEFINE_list("cases", ["stripes_same", "stripes", "clean", "folds", "fibsem"],
                   "cases to run (stripes_same: src is the distorted section itself, not its neighbour)")
@@ -175,8 +179,8 @@ def stripe_ratio(p, pyr) -> dict:
   ci, si = level_img(p["clean_tgt"]), level_img(p["tgt"])
   ce, se = enc(p["clean_tgt"]), enc(p["tgt"])
   h, w = min(ci.shape[0], ce.shape[0]), min(ci.shape[1], ce.shape[1])
-  f_img = train.stripe_power_fraction(ci[:h, :w], si[:h, :w], period, theta)
-  f_enc = train.stripe_power_fraction(ce[:h, :w], se[:h, :w], period, theta)
+  f_img = train_encoder.stripe_power_fraction(ci[:h, :w], si[:h, :w], period, theta)
+  f_enc = train_encoder.stripe_power_fraction(ce[:h, :w], se[:h, :w], period, theta)
   return dict(image=f_img, encoding=f_enc, ratio=f_enc / max(f_img, 1e-30), period_level_px=period,
               level_imgs=(ci, si), level_encs=(ce, se))
 
@@ -240,7 +244,7 @@ def save_learning_curve(metrics_path, path):
 def main(argv):
   del argv
   w = FLAGS.weights
-  pyr = models.pretrained(w) if (models.WEIGHTS_DIR / f"{w}.npz").is_file() else models.load_weights(w)
+  pyr = seamless.pretrained(w) if (seamless.WEIGHTS_DIR / f"{w}.npz").is_file() else seamless.load_weights(w)
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   rows, ratios = [], []

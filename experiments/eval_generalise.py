@@ -1,6 +1,6 @@
 """Generalisation benchmark of the pair aligner (issue 18 item 4): tuning part vs held-out parts.
 
-The split is fixed in code (`jaxalign.groundtruth.SPLIT`):
+The split is fixed in code (`jaxalign.bench.groundtruth.SPLIT`):
 
 * ``tuning``: seeds 0-2 x families default, medium, moderate x FIB-SEM slices 0-63 (same and
   neighbour) and ISBI sections 0-19 (same). Tune heuristics and defaults on this part only.
@@ -9,7 +9,7 @@ The split is fixed in code (`jaxalign.groundtruth.SPLIT`):
 * ``heldout_stacks`` (c): seeds 1001-1003, tuning families x FIB-SEM slices 64-127, ISBI 20-29 and
   the Gerhard VNC stack (never used for tuning).
 
-Each (part, seed, family, stack range, kind) is one case (`jaxalign.evaluation.make_case`) of
+Each (part, seed, family, stack range, kind) is one case (`jaxalign.bench.evaluation.make_case`) of
 ``--pairs_per_case`` pairs from a window of the stack range chosen from the seed (the same window for
 every family of a seed, so families are paired). Kinds: ``same`` (distorted z vs original z) and
 ``neighbour`` (distorted z vs original z-1; FIB-SEM every 4th slice = 40 nm sections). Settings:
@@ -23,7 +23,7 @@ Scores per case (JSON line) and pooled per (part, kind, setting) (markdown):
 * EPE `|f - gt|` on the target grid over valid pixels (`evaluation.endpoint_errors`,
   `evaluation.epe_stats`, exactly as `evaluation.score_fields`): median, p95, p99 in px and in nm
   (px x the stack's nm/px); for neighbours also with the undistorted pair's content shift removed.
-* Residual deformation: `jaxalign.metrics.residual_deformation(f, gt, resolution_nm=...)`, i.e.
+* Residual deformation: `jaxalign.ops.metrics.residual_deformation(f, gt, resolution_nm=...)`, i.e.
   `metrics.deformation` of the residual field `compose(invert(f), gt)`, which maps the aligned section
   onto the true one and lives on the target grid where the EPE `|f - gt|` is measured (0 iff f = gt);
   p1 - p99 of the area change of its non-affine part smoothed at 100 nm (1 = no deformation), over
@@ -63,7 +63,8 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 import jaxalign as ja
-from jaxalign import evaluation, groundtruth, metrics
+from jaxalign.bench import evaluation, groundtruth
+from jaxalign.ops import metrics
 from jaxalign.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -379,7 +380,7 @@ Command: `{command}`
 Crop {', '.join(crops)} px, {', '.join(pairs)} pairs per case; device: {', '.join(devices)}.
 Produced by `experiments/eval_generalise.py` (see its docstring); JSON lines: `{FLAGS.output_json}`.
 
-## Split (fixed in `jaxalign.groundtruth.SPLIT`)
+## Split (fixed in `jaxalign.bench.groundtruth.SPLIT`)
 
 Tune on `tuning` only. Held-out parts change one thing at a time: (a) seeds, (b) seeds and
 distortion families, (c) seeds and data (FIB-SEM and ISBI slices after the tuning ones, and the
@@ -393,7 +394,7 @@ each other in one factor.
 
 {chr(10).join(_split_table())}
 
-Distortion families (`jaxalign.groundtruth.FAMILIES`; cracks, folds, blobs, blank sections and the
+Distortion families (`jaxalign.bench.groundtruth.FAMILIES`; cracks, folds, blobs, blank sections and the
 affine part are the generator's defaults in all of them; the elastic amplitude is also bounded by
 `max_strain`, so short wavelengths move tissue by ~1 px at most):
 
@@ -403,9 +404,9 @@ affine part are the generator's defaults in all of them; the elastic amplitude i
 
 - `default`: `ja.align_pair(src, tgt, src_defects=..., resolution_nm=(z, y, x))` (finest field at
   ~32 nm, upsampled); `precise`: the same with `config=ja.PairConfig(finest_nm=0)`.
-- EPE: `|f - gt|` on the target grid over valid pixels, as `jaxalign.evaluation.score_fields`;
+- EPE: `|f - gt|` on the target grid over valid pixels, as `jaxalign.bench.evaluation.score_fields`;
   nm = px × the stack's nm/px. Neighbours also with the undistorted pair's content shift removed.
-- Residual deformation: `jaxalign.metrics.residual_deformation(f, gt, resolution_nm=...)`: the
+- Residual deformation: `jaxalign.ops.metrics.residual_deformation(f, gt, resolution_nm=...)`: the
   area change of the residual `compose(invert(f), gt)` (maps the aligned section onto the true one,
   on the target grid where EPE is measured), non-affine part smoothed at 100 nm, p1 - p99 over valid
   pixels more than `metrics.DEFORMATION_DEFECT_MARGIN_PX` px from a crack or fold.

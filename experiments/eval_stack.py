@@ -1,7 +1,7 @@
 """Evidence for block/stack alignment (issue 6 §4) on ground-truth stacks from ../shared/data/em.
 
-Sections are distorted with known fields by `jaxalign.groundtruth` (elastic, small affine, gain,
-offset, noise). The pair aligner is the library default (`jaxalign.pair.align_pairs`, the Online
+Sections are distorted with known fields by `jaxalign.bench.groundtruth` (elastic, small affine, gain,
+offset, noise). The pair aligner is the library default (`jaxalign.align.pair.align_pairs`, the Online
 Field Finetuner, through `BlockConfig.aligner=None`) unless `--aligner=blockmatch`.
 
 Three experiments:
@@ -28,8 +28,8 @@ Three experiments:
   reslices of the rendered stacks) and the low-CPC fraction. ``--content=repeat`` uses one section
   repeated (no tissue change: the aligner is well-posed, a check of the block machinery).
   ``--drift_sigmas`` adds one report per sigma of the same runs with their drift removed
-  (`jaxalign.drift`, as `StackConfig.drift` does inside `align_stack`), and ``--neighbour_refine=N``
-  one more per sigma with N sweeps of neighbour refinement after it (`jaxalign.refine`, as
+  (`jaxalign.stack.drift`, as `StackConfig.drift` does inside `align_stack`), and ``--neighbour_refine=N``
+  one more per sigma with N sweeps of neighbour refinement after it (`jaxalign.stack.refine`, as
   `StackConfig.neighbour_refine`). ``--runs_cache=F.npz`` keeps the raw abcd runs, so later reports of
   them (other sigmas, refinement) skip the alignments.
 
@@ -67,15 +67,15 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxalign.block import BlockConfig, align_block
-from jaxalign.evaluation import STACK_RESOLUTION, em_data_dir, load_stack
-from jaxalign.fields import compose
-from jaxalign.groundtruth import DistortionConfig, distort_stack
-from jaxalign.metrics import cpc
-from jaxalign.render import render
-from jaxalign.drift import DriftConfig, remove_drift
-from jaxalign.refine import DEFAULT_REFINE_STIFFNESS, RefineConfig, refine_to_neighbours
-from jaxalign.stack import StackConfig, align_stack, choose_starters, plan_blocks
+from jaxalign.stack.block import BlockConfig, align_block
+from jaxalign.bench.evaluation import STACK_RESOLUTION, em_data_dir, load_stack
+from jaxalign.ops.fields import compose
+from jaxalign.bench.groundtruth import DistortionConfig, distort_stack
+from jaxalign.ops.metrics import cpc
+from jaxalign.stack.render import render
+from jaxalign.stack.drift import DriftConfig, remove_drift
+from jaxalign.stack.refine import DEFAULT_REFINE_STIFFNESS, RefineConfig, refine_to_neighbours
+from jaxalign.stack.chain import StackConfig, align_stack, choose_starters, plan_blocks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("experiment", "defects", ["defects", "abcd", "motion"], "which experiment")
@@ -108,10 +108,10 @@ flags.DEFINE_bool("stitch_refine", True, "abcd: align overlap renderings for the
 flags.DEFINE_list("motion_gamma_scales", ["4", "16"], "motion: gamma scales to compare")
 flags.DEFINE_integer("cpc_chunk", 32, "CPC chunk (px)")
 flags.DEFINE_list("drift_sigmas", [], "abcd, defects: also report every run with its drift removed "
-                  "(jaxalign.drift, StackConfig.drift) at these sigmas (sections); one JSON each")
-flags.DEFINE_integer("drift_degree", 1, "abcd: degree of the drift fit (jaxalign.drift.DriftConfig)")
+                  "(jaxalign.stack.drift, StackConfig.drift) at these sigmas (sections); one JSON each")
+flags.DEFINE_integer("drift_degree", 1, "abcd: degree of the drift fit (jaxalign.stack.drift.DriftConfig)")
 flags.DEFINE_integer("neighbour_refine", 0, "abcd, defects: after each drift removal, also report the runs "
-                     "refined to their neighbours (jaxalign.refine, StackConfig.neighbour_refine) with this "
+                     "refined to their neighbours (jaxalign.stack.refine, StackConfig.neighbour_refine) with this "
                      "many sweeps; 0 = off")
 flags.DEFINE_float("refine_stiffness", DEFAULT_REFINE_STIFFNESS, "RefineConfig.stiffness for --neighbour_refine")
 flags.DEFINE_string("out_dir", "docs/benchmarks", "where PNG/JSON results go")
@@ -127,7 +127,7 @@ LOW_CPC = 0.25
 def _pair_config():
   """`PairConfig()` told the stack's resolution (the median stage depends on the section thickness
   in pixels), with the elastic prior scaled by --gamma_scale."""
-  from jaxalign.pair import PairConfig
+  from jaxalign.align.pair import PairConfig
   xy, z = STACK_RESOLUTION.get(FLAGS.stack, (None, None))
   base = PairConfig(resolution_nm=None if xy is None else (z * _step(), xy, xy))
   if FLAGS.gamma_scale == 1.0:
@@ -143,9 +143,9 @@ def _suffix() -> str:
 
 def _block_config() -> BlockConfig:
   if FLAGS.aligner == "pairs":
-    # Default aligner: jaxalign.pair.align_pairs with the stack's resolution (and --gamma_scale).
+    # Default aligner: jaxalign.align.pair.align_pairs with the stack's resolution (and --gamma_scale).
     return BlockConfig(pair=_pair_config())
-  from jaxalign.blockmatch import BlockMatchConfig, block_match
+  from jaxalign.align.blockmatch import BlockMatchConfig, block_match
   cfg = BlockMatchConfig(levels=(2, 1, 0), patch=64, stride=32, smooth=1.0)
 
   def aligner(srcs, tgts, *, src_defects=None, tgt_defects=None, init_fields=None):
@@ -156,13 +156,13 @@ def _block_config() -> BlockConfig:
 
 
 def _provenance() -> dict:
-  from jaxalign.pair import PairConfig
+  from jaxalign.align.pair import PairConfig
   try:
     commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
                             check=False).stdout.strip()
     # The pair aligner may have uncommitted edits: fingerprint the files it is made of.
-    dirty = subprocess.run(["git", "diff", "--stat", "--", "jaxalign/pair.py", "jaxalign/finetuner.py",
-                            "jaxalign/losses.py"], capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--stat", "--", "jaxalign/align/pair.py", "jaxalign/align/finetuner.py",
+                            "jaxalign/ops/losses.py"], capture_output=True, text=True, check=False).stdout.strip()
     import hashlib
     digest = hashlib.md5(b"".join(pathlib.Path(f"jaxalign/{m}.py").read_bytes()
                                   for m in ("pair", "finetuner", "losses"))).hexdigest()[:10]
@@ -439,7 +439,7 @@ def _defects_report(out_dir, d, res, bad, drift, refine=None) -> dict:
 def run_motion(out_dir: pathlib.Path) -> dict:
   """Sequential alignment (n = 1) of UNDISTORTED stacks: whatever the fields do is motion the
   aligner finds in the data itself (the ground truth of every section is the identity)."""
-  from jaxalign.pair import PairConfig
+  from jaxalign.align.pair import PairConfig
   num = FLAGS.num
   step4 = load_stack(FLAGS.stack, num=num, step=4, crop=FLAGS.crop)
   # Same tissue depth at 10 nm: 4x the alignment steps, each over a quarter of the content change.

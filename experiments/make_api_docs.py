@@ -25,12 +25,15 @@ sys.path.insert(0, str(REPO))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", str(REPO / "docs" / "api.md"), "markdown file to write")
 flags.DEFINE_list("modules", [
-    "jaxalign.fields", "jaxalign.losses", "jaxalign.voting", "jaxalign.decay", "jaxalign.drift", "jaxalign.refine",
-    "jaxalign.metrics",
-    "jaxalign.preprocess", "jaxalign.errors", "jaxalign.io", "jaxalign.chunking", "jaxalign.pair",
-    "jaxalign.finetuner", "jaxalign.tears", "jaxalign.blockmatch", "jaxalign.block", "jaxalign.stack", "jaxalign.render",
-    "jaxalign.pipeline", "jaxalign.distributed", "jaxalign.models", "jaxalign.train",
-    "jaxalign.groundtruth", "jaxalign.evaluation", "jaxalign.synthetic", "jaxalign.report",
+    "jaxalign.ops.fields", "jaxalign.ops.losses", "jaxalign.ops.voting", "jaxalign.ops.decay", "jaxalign.ops.metrics",
+    "jaxalign.ops.preprocess", "jaxalign.ops.tears", "jaxalign.errors",
+    "jaxalign.align.pair", "jaxalign.align.finetuner", "jaxalign.align.blockmatch",
+    "jaxalign.stack.block", "jaxalign.stack.chain", "jaxalign.stack.drift", "jaxalign.stack.refine", "jaxalign.stack.render",
+    "jaxalign.volume.store", "jaxalign.volume.pyramid", "jaxalign.volume.images", "jaxalign.volume.chunking",
+    "jaxalign.volume.pipeline", "jaxalign.volume.distributed",
+    "jaxalign.models.seamless", "jaxalign.models.train_data", "jaxalign.models.train_pyramid",
+    "jaxalign.models.train_encoder", "jaxalign.models.train_flags",
+    "jaxalign.bench.groundtruth", "jaxalign.bench.evaluation", "jaxalign.bench.synthetic", "jaxalign.bench.report",
 ], "modules to document, in page order")
 flags.DEFINE_boolean("check", False, "do not write; exit 1 if the file differs from what would be written")
 

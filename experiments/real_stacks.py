@@ -4,8 +4,8 @@ For every shared stack, in two variants:
 
 * ``raw``: the stack as acquired (its own small section-to-section drifts; no ground truth);
 * ``distorted``: the benchmark's distortions with exactly known fields
-  (`jaxalign.groundtruth.distort_stack` with `DistortionConfig(seed=--seed)`, the config of the
-  ground-truth stack cases of `jaxalign.evaluation` / experiments/eval_alignment.py). As in
+  (`jaxalign.bench.groundtruth.distort_stack` with `DistortionConfig(seed=--seed)`, the config of the
+  ground-truth stack cases of `jaxalign.bench.evaluation` / experiments/eval_alignment.py). As in
   experiments/eval_stack.py (abcd), the nominal block starters of `align_stack` are left
   undistorted (`DistortionConfig.undistorted`; just section 0 for stacks of <= 25 sections), so the
   ground-truth frame is the frame the method is expected to converge to. SOFIMA, like a jaxalign
@@ -28,24 +28,24 @@ each method runs sequentially in this process, nothing else in parallel, and is 
   alignment scores.
 
 All methods are scored by one function (`score_group`) on the same footing: every section is
-rendered with `jaxalign.fields.warp` through the method's fields (defects zeroed), its data mask is
-the warped data mask (`jaxalign.evaluation.MASK_THRESHOLD`), and only what every method's output
+rendered with `jaxalign.ops.fields.warp` through the method's fields (defects zeroed), its data mask is
+the warped data mask (`jaxalign.bench.evaluation.MASK_THRESHOLD`), and only what every method's output
 covers (the intersection of the data masks over the methods of that stack/variant) is scored:
 
 * low-CPC fraction (CPC < 0.25) between consecutive sections with data, after 2x2-mean downsampling
   to the MIP level nearest 32 nm with 64-px chunks (the paper's scale), and to the level nearest
   16 nm with 32-px chunks (ISBI at 32 nm is one chunk per section); a chunk counts only where every
   method's CPC is defined;
-* tissue deformation (`jaxalign.metrics.deformation`: area change of the non-affine part,
+* tissue deformation (`jaxalign.ops.metrics.deformation`: area change of the non-affine part,
   p1 - p99 over the stack, and the worst section) of the fields, with the defects warped into the
   output frame; for ``distorted`` also of the residual field as `jaxalign eval` scores it
-  (`jaxalign.metrics.residual_deformation`: `e = compose(invert(fields), gt)` on the ground truth's
+  (`jaxalign.ops.metrics.residual_deformation`: `e = compose(invert(fields), gt)` on the ground truth's
   grid, `warp(warp(distorted, fields), e) ≈ warp(distorted, gt)`; its area change is
   det(grad G) / det(grad F), 1 for a perfect method, the distortion's own for ``raw``). Scored on the
   ground truth's valid pixels farther than `DEFORMATION_DEFECT_MARGIN_PX` from a crack or fold,
-  sections 1.. (section 0 is the undistorted anchor, as in `jaxalign.evaluation`);
+  sections 1.. (section 0 is the undistorted anchor, as in `jaxalign.bench.evaluation`);
 * endpoint error |fields - gt| (px and nm) on valid tissue of sections 1.. with data, as
-  `jaxalign.evaluation.score_fields`; also against `compose(gt, U)` with U the same method's
+  `jaxalign.bench.evaluation.score_fields`; also against `compose(gt, U)` with U the same method's
   fields on the raw variant (eval_stack's "fair reference": the motion the method finds in the
   stack itself, which real stacks have: ISBI neighbours differ by up to ~28 px by content).
 
@@ -160,7 +160,7 @@ class Case:
 
 def _starters(z_count: int) -> list[int]:
   """The nominal block starters of `align_stack` (its defaults) for a stack of full sections."""
-  from jaxalign.stack import DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, choose_starters
+  from jaxalign.stack.chain import DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, choose_starters
   return [c.index for c in choose_starters(np.ones(z_count), block_size=DEFAULT_BLOCK_SIZE,
                                            overlap=DEFAULT_OVERLAP)]
 
@@ -168,10 +168,10 @@ def _starters(z_count: int) -> list[int]:
 def load_original(stack: str, num: int | None, crop: int):
   """(sections `[Z, H, W]` float32, fold masks `[Z, H, W]` bool, resolution (z, y, x) nm, meta).
 
-  Raises InputError (via `jaxalign.evaluation.load_stack`) where the stack is absent.
+  Raises InputError (via `jaxalign.bench.evaluation.load_stack`) where the stack is absent.
   """
   from PIL import Image
-  from jaxalign.evaluation import STACK_RESOLUTION, em_data_dir, load_stack
+  from jaxalign.bench.evaluation import STACK_RESOLUTION, em_data_dir, load_stack
   sel = STACK_SELECTION[stack]
   step = sel["step"]
   folder = em_data_dir() / stack
@@ -205,8 +205,8 @@ def make_case(stack: str, variant: str, images, folds, res, meta, seed: int) -> 
   if variant == "raw":
     return Case(stack, variant, images, folds, res, meta=meta)
   import jax.numpy as jnp
-  from jaxalign.fields import warp
-  from jaxalign.groundtruth import DistortionConfig, distort_stack
+  from jaxalign.ops.fields import warp
+  from jaxalign.bench.groundtruth import DistortionConfig, distort_stack
   starters = _starters(images.shape[0])
   config = DistortionConfig(seed=seed, undistorted=tuple(starters))
   d = distort_stack(images, config, progress=False)
@@ -307,7 +307,7 @@ def method_label(method: str, jaxalign_config_name: str = "default") -> str:
 
 def mip_level(xy_nm: float, target_nm: float) -> int:
   """The MIP level whose pixel (xy_nm * 2**level) is nearest `target_nm` (log scale, as `jaxalign eval`)."""
-  from jaxalign.fields import level_nearest
+  from jaxalign.ops.fields import level_nearest
   return level_nearest(xy_nm, target_nm)
 
 
@@ -315,8 +315,8 @@ def render_outputs(images, defects, fields):
   """Sections with defects zeroed, warped by `fields`, and their data masks (`[Z, H, W]` each)."""
   import jax
   import jax.numpy as jnp
-  from jaxalign.evaluation import MASK_THRESHOLD
-  from jaxalign.fields import warp
+  from jaxalign.bench.evaluation import MASK_THRESHOLD
+  from jaxalign.ops.fields import warp
   src = np.where(defects, 0.0, images).astype(np.float32)
   data = ((images != 0) & ~defects).astype(np.float32)
   wv = jax.jit(jax.vmap(warp))
@@ -332,7 +332,7 @@ def _cpc_maps(aligned: dict, common_pairs: dict, pairs, level: int, chunk: int) 
   """Per method: list of CPC maps over `pairs`, NaN wherever any method's chunk is NaN; None if
   the sections are smaller than one chunk at that level."""
   from jaxalign.errors import InputError
-  from jaxalign.evaluation import cpc_map
+  from jaxalign.bench.evaluation import cpc_map
   maps = {m: [] for m in aligned}
   try:
     for (a, b) in pairs:
@@ -348,8 +348,8 @@ def _cpc_maps(aligned: dict, common_pairs: dict, pairs, level: int, chunk: int) 
 
 
 def _low_fraction(maps) -> tuple[float, int, int]:
-  from jaxalign.evaluation import low_cpc_counts
-  from jaxalign.metrics import LOW_CPC_THRESHOLD
+  from jaxalign.bench.evaluation import low_cpc_counts
+  from jaxalign.ops.metrics import LOW_CPC_THRESHOLD
   low, n = low_cpc_counts(maps, LOW_CPC_THRESHOLD)
   return (low / n if n else float("nan")), low, n
 
@@ -363,7 +363,7 @@ def _deformation_summary(d) -> dict:
 
 
 def _epe(pred, ref, valid, ran) -> dict:
-  from jaxalign.evaluation import endpoint_errors, epe_stats
+  from jaxalign.bench.evaluation import endpoint_errors, epe_stats
   errs = [endpoint_errors(pred[z], ref[z])[valid[z]] for z in np.nonzero(ran)[0]]
   s = epe_stats(np.concatenate(errs) if errs else np.zeros(0))
   return dict(median=s["median"], p95=s["p95"], p99=s["p99"], n=s["n"])
@@ -386,8 +386,8 @@ def score_group(case: Case, fields_by_method: dict[str, np.ndarray], *,
   """
   import jax
   import jax.numpy as jnp
-  from jaxalign.fields import compose, warp
-  from jaxalign.metrics import DEFORMATION_DEFECT_MARGIN_PX, deformation, residual_deformation
+  from jaxalign.ops.fields import compose, warp
+  from jaxalign.ops.metrics import DEFORMATION_DEFECT_MARGIN_PX, deformation, residual_deformation
   z_count, h, w = case.images.shape
   xy = float(case.resolution_nm[1])
   aligned, masks = {}, {}
@@ -404,7 +404,7 @@ def score_group(case: Case, fields_by_method: dict[str, np.ndarray], *,
     maps = _cpc_maps(aligned, common_pairs, pairs, level, chunk)
     scales[key] = (level, chunk, maps)
   ran = has.copy()
-  ran[0] = False  # section 0 is the anchor: not an alignment result (as jaxalign.evaluation)
+  ran[0] = False  # section 0 is the anchor: not an alignment result (as jaxalign.bench.evaluation)
   wv = jax.jit(jax.vmap(warp))
   cv = jax.jit(jax.vmap(compose))
   out = {}
@@ -425,7 +425,7 @@ def score_group(case: Case, fields_by_method: dict[str, np.ndarray], *,
     row["deformation"] = _deformation_summary(deformation(f, resolution_nm=case.resolution_nm, tissue=common,
                                                           defects=dfx_out if dfx_out.any() else None))
     if case.gt is not None:
-      # The residual as `jaxalign eval` scores it (jaxalign.metrics.residual_field):
+      # The residual as `jaxalign eval` scores it (jaxalign.ops.metrics.residual_field):
       # e = compose(invert(fields), gt) on the ground truth's (target) grid, with
       # warp(warp(distorted, fields), e) ≈ warp(distorted, gt): it maps the method's output onto the
       # true section, and its area change is det(grad G) / det(grad F): how much more (or less) the
@@ -458,7 +458,7 @@ def picture_panels(case: Case, fields_by_method: dict[str, np.ndarray]) -> dict[
   (bent lines = the output is deformed relative to the truth).
   """
   import jax.numpy as jnp
-  from jaxalign.fields import compose, warp
+  from jaxalign.ops.fields import compose, warp
   z_count, h, w = case.images.shape
   with_data = np.nonzero(case.has_data)[0]
   last = int(with_data[-1])
@@ -655,13 +655,13 @@ def build_markdown(rows: list[dict]) -> str:
     "  MIP level nearest 32 nm with 64-px chunks (paper) and nearest 16 nm with 32-px chunks (fine); the scales",
     "  used are in the `scales` column as nm/chunk px. Only chunks every method's output covers are scored (the",
     "  intersection of the warped data masks over the methods of the stack/variant; chunk counts in the JSON).",
-    "- **deformation**: `jaxalign.metrics.deformation` of the fields: p1 – p99 of the local area change",
+    "- **deformation**: `jaxalign.ops.metrics.deformation` of the fields: p1 – p99 of the local area change",
     "  (Jacobian determinant, 1 = kept) of each field's non-affine part smoothed at 100 nm, over the stack, and",
-    "  the worst section. **residual**: `jaxalign.metrics.residual_deformation`, the same for",
+    "  the worst section. **residual**: `jaxalign.ops.metrics.residual_deformation`, the same for",
     "  `compose(invert(fields), gt)` (maps the output onto the true section; as `jaxalign eval`): how much more or",
     "  less the fields deform the tissue than the true distortion (1 – 1 for a perfect method), on valid tissue",
     "  of sections 1.. farther than 20 px from a crack or fold.",
-    "- **EPE**: endpoint error |fields − gt| on valid tissue of sections 1.. (as `jaxalign.evaluation`), median /",
+    "- **EPE**: endpoint error |fields − gt| on valid tissue of sections 1.. (as `jaxalign.bench.evaluation`), median /",
     "  p95 in px (nm). **EPE vs compose(gt, U)**: the same against the ground truth followed by the motion U the",
     "  method finds in the raw variant of the stack (the stack's own drifts; eval_stack's fair reference).",
     "",

@@ -4,7 +4,7 @@ Same flags as `jaxalign train`. The shipped weights were made with (2-core CPU V
 
   python experiments/train_pyramid.py --workdir=/tmp/jaxalign_train2 --mips=2,0 --gammas=10,5 \
       --stage1_epochs=3 --stage2_epochs=2 --learning_rate=0.003 --batch_size=4 \
-      --eval_every=27 --checkpoint_every=27 --export=jaxalign/weights/default
+      --eval_every=27 --checkpoint_every=27 --export=jaxalign/models/weights/default
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each command lives in `jaxalign/commands/<name>.py` and defines its absl flags a
 `main(argv)`. Only the chosen command's module is imported, so commands never fight over flag names.
 Bad input (an `InputError`, a missing path) exits with status 2 and one line naming the problem.
 Commands that read volumes also get `--resolution=z,y,x`: nm per pixel of input volumes whose
-metadata records none (plain zarr / N5 arrays of other tools); see `jaxalign.io.open_volume`.
+metadata records none (plain zarr / N5 arrays of other tools); see `jaxalign.volume.store.open_volume`.
 """
 
 from __future__ import annotations
@@ -108,13 +108,13 @@ def run(argv: list[str] | None = None) -> None:
   except flags.Error as e:
     fail(command, str(e))
   if shared_resolution and flags.FLAGS.resolution is not None:
-    from jaxalign import io
+    from jaxalign.volume import store
     try:
-      res = io.parse_resolution(flags.FLAGS.resolution)
+      res = store.parse_resolution(flags.FLAGS.resolution)
     except InputError as e:
       fail(command, str(e))
-    # io.open_volume reads it here and in the workers this run starts (they inherit the environment)
-    os.environ[io.RESOLUTION_ENV] = ",".join(str(r) for r in res)
+    # store.open_volume reads it here and in the workers this run starts (they inherit the environment)
+    os.environ[store.RESOLUTION_ENV] = ",".join(str(r) for r in res)
 
   def main(args):
     try:

@@ -9,12 +9,10 @@ import re
 
 import pytest
 
-from jaxalign import chunking
-from jaxalign import distributed as jd
-from jaxalign import io, pipeline
-from jaxalign.block import BlockConfig
-from jaxalign.chunked import ChunkConfig, align_block_chunked
-from jaxalign.stack import StackConfig
+from jaxalign.volume import chunking, distributed as jd, store, pipeline
+from jaxalign.stack.block import BlockConfig
+from jaxalign.volume.chunked import ChunkConfig, align_block_chunked
+from jaxalign.stack.chain import StackConfig
 from tests.stack_helpers import phase_aligner, random_shifts, texture_stack
 
 Z, SIZE = 8, 64
@@ -32,7 +30,7 @@ def _blocks(plan) -> list[tuple[str, int]]:
 def src(tmp_path_factory):
   url = str(tmp_path_factory.mktemp("progress") / "src")
   sections = texture_stack(random_shifts(Z, limit=4, seed=5), size=SIZE)
-  io.create_volume(url, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(url, sections.shape, "float32", (40, 4, 4)).write(sections)
   return url
 
 
@@ -103,7 +101,7 @@ def test_section_progress_logs_every_section_past_the_interval(caplog):
 
 
 def test_block_with_a_moved_starter_counts_each_section_once():
-  from jaxalign.stack import align_block_task, plan_blocks
+  from jaxalign.stack.chain import align_block_task, plan_blocks
   block = plan_blocks(5, [2], overlap=2).blocks[0]  # starter 2: aligned forwards and backwards from it
   assert block.starter - block.start == 2
   calls = []

@@ -1,5 +1,7 @@
-"""The code's shape, checked (issue 21): lint clean, kernels at the bottom, no reaching into another
-module's private names. Static checks on the source (AST and ruff); nothing is imported or run."""
+"""The code's shape, checked (issue 21): lint clean, the subpackage layout (kernels in `ops/` at the
+bottom, each subpackage importing only the layers below it, no flat modules besides the top-level
+ones), no reaching into another module's private names. Static checks on the source (AST and ruff);
+nothing is imported or run."""
 
 import ast
 import pathlib
@@ -11,10 +13,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "jaxalign"
-# Array kernels: pure functions of arrays. They may use the standard library, jax, numpy, the error
-# types and one another, nothing of the pipeline above them.
+# Array kernels (`jaxalign/ops/`): pure functions of arrays. They may use the standard library, jax,
+# numpy, the error types and one another, nothing of the pipeline above them.
 KERNELS = ("fields", "losses", "voting", "decay", "metrics", "preprocess", "tears")
-KERNEL_IMPORTS = {"jax", "numpy", "jaxalign.errors"} | {f"jaxalign.{k}" for k in KERNELS}
+KERNEL_IMPORTS = {"jax", "numpy", "jaxalign.errors", "jaxalign.ops"}
+# The pipeline's layers, bottom up: a subpackage imports jaxalign only from the layers below it (and
+# `errors`, `compile_cache`); the CLI (`cli`, `commands/`) sits on top of them all.
+LAYERS = ("ops", "align", "stack", "volume", "bench", "models")
+TOP_LEVEL_MODULES = {"__init__", "__main__", "cli", "errors", "compile_cache"}
+SHARED = {"errors", "compile_cache"}
 # namedtuple API names start with "_" but are public.
 NAMEDTUPLE_API = {"_fields", "_replace", "_asdict", "_make", "_field_defaults"}
 
@@ -70,24 +77,24 @@ def test_no_module_uses_another_modules_private_names():
 def test_the_checker_finds_private_uses():
   # The check itself, on known snippets: a private import and a private attribute are found; a
   # module's own names, dunders and namedtuple API are not.
-  code = ("from jaxalign.block import _vote, align_block\nfrom jaxalign import fields as f\n"
-          "import jaxalign.tears\nx = f._grid(1, 2) + f.warp\ny = jaxalign.tears._FAR\nz = S._fields + f.__doc__\n")
-  found = private_uses("jaxalign.stack", ast.parse(code))
-  assert sorted(u.split(": ")[1] for u in found) == ["f._grid", "from jaxalign.block import _vote",
-                                                     "jaxalign.tears._FAR"], found
-  assert private_uses("jaxalign.block", ast.parse("from jaxalign.block import _vote\n")) == []
+  code = ("from jaxalign.stack.block import _vote, align_block\nfrom jaxalign import fields as f\n"
+          "import jaxalign.ops.tears\nx = f._grid(1, 2) + f.warp\ny = jaxalign.ops.tears._FAR\nz = S._fields + f.__doc__\n")
+  found = private_uses("jaxalign.stack.chain", ast.parse(code))
+  assert sorted(u.split(": ")[1] for u in found) == ["f._grid", "from jaxalign.stack.block import _vote",
+                                                     "jaxalign.ops.tears._FAR"], found
+  assert private_uses("jaxalign.stack.block", ast.parse("from jaxalign.stack.block import _vote\n")) == []
 
 
 def test_kernels_import_only_jax_numpy_errors_and_each_other():
   bad = {}
   for module, tree in _modules():
-    if module.split(".")[-1] not in KERNELS or not module.startswith("jaxalign."):
+    if not module.startswith("jaxalign.ops."):
       continue
     for node in ast.walk(tree):
       if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        # `from jaxalign import fields` imports the module jaxalign.fields.
+        # `from jaxalign import errors` imports the module jaxalign.errors.
         names = [f"jaxalign.{a.name}" for a in node.names] if node.module == "jaxalign" else [node.module]
       else:
         names = []
@@ -98,6 +105,48 @@ def test_kernels_import_only_jax_numpy_errors_and_each_other():
         if not any(n == k or n.startswith(k + ".") for k in KERNEL_IMPORTS):
           bad.setdefault(module, []).append(f"line {node.lineno}: {n}")
   assert not bad, bad
+
+
+def test_kernels_are_the_ops_modules():
+  assert sorted(p.stem for p in (PACKAGE / "ops").glob("*.py") if p.stem != "__init__") == sorted(KERNELS)
+
+
+def _jaxalign_imports(tree: ast.AST) -> list[tuple[int, str]]:
+  """(line, module) of every jaxalign module a file imports (`from jaxalign.x import y` gives
+  jaxalign.x; `from jaxalign import x` gives jaxalign.x)."""
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "jaxalign"]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      if node.module == "jaxalign":
+        out += [(node.lineno, f"jaxalign.{a.name}") for a in node.names]
+      elif node.module.split(".")[0] == "jaxalign":
+        out.append((node.lineno, node.module))
+  return out
+
+
+def test_no_flat_modules_besides_the_top_level_ones():
+  flat = {p.stem for p in PACKAGE.glob("*.py")}
+  assert flat == TOP_LEVEL_MODULES, f"modules belong in a subpackage: {sorted(flat - TOP_LEVEL_MODULES)}"
+  packages = {p.parent.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE}
+  assert packages == set(LAYERS) | {"commands"}, packages
+  for pkg in packages:
+    assert (PACKAGE / pkg / "__init__.py").is_file(), f"jaxalign/{pkg} has no __init__.py"
+
+
+def test_subpackages_import_only_the_layers_below():
+  bad = {}
+  for module, tree in _modules():
+    parts = module.split(".")
+    if len(parts) < 3 or parts[1] not in LAYERS:
+      continue
+    allowed = set(LAYERS[:LAYERS.index(parts[1]) + 1]) | SHARED
+    for line, name in _jaxalign_imports(tree):
+      target = name.split(".")
+      if len(target) < 2 or target[1] not in allowed:
+        bad.setdefault(module, []).append(f"line {line}: {name}")
+  assert not bad, f"a subpackage imports a layer above it (layers, bottom up: {LAYERS}): {bad}"
 
 
 def test_ruff_is_clean():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxalign.block import BlockConfig, align_block, nearest_valid_voters
+from jaxalign.stack.block import BlockConfig, align_block, nearest_valid_voters
 from jaxalign.errors import InputError
-from jaxalign.render import render
+from jaxalign.stack.render import render
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 
 SIZE = 64
@@ -146,7 +146,7 @@ def test_bad_input_raises():
 def test_batches_are_padded_only_where_the_aligner_is_vmapped(stack, monkeypatch, backend, expected):
   """On CPU the default aligner runs pair by pair, so a padded batch row is an alignment for
   nothing; on accelerators one vmapped program per batch size wants every batch full."""
-  from jaxalign import pair
+  from jaxalign.align import pair
   monkeypatch.setattr(pair.jax, "default_backend", lambda: backend)
   shifts, sec = stack
   sizes = []
@@ -167,7 +167,7 @@ def test_one_pair_program_for_a_block_with_some_defects(stack, caplog):
 
   import jax
 
-  from jaxalign.pair import PairConfig
+  from jaxalign.align.pair import PairConfig
   shifts, sec = stack
   defects = np.zeros(sec[:4].shape, bool)
   defects[2, 20:24, 10:50] = True  # a crack in section 2 only

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import shift
 
-from jaxalign import blockmatch as bm
-from jaxalign import groundtruth as gt_mod
+from jaxalign.align import blockmatch as bm
+from jaxalign.bench import groundtruth as gt_mod
 from jaxalign.errors import InputError
 from tests.conftest import load_sections
 

@@ -1,7 +1,7 @@
-"""Chunked composition with decay and chunked stitch fields (jaxalign.chunked), alone and inside
+"""Chunked composition with decay and chunked stitch fields (jaxalign.volume.chunked), alone and inside
 the volume pipeline.
 
-- `compose_with_decay_chunked` must equal the whole-section `jaxalign.stack.compose_with_decay` to
+- `compose_with_decay_chunked` must equal the whole-section `jaxalign.stack.chain.compose_with_decay` to
   float rounding everywhere (seams included): stitch fields with translations of 20-60 px (larger
   than the margin, so per-step re-centring is exercised) plus smooth warps, blurred over several
   hierarchy levels.
@@ -16,10 +16,10 @@ the volume pipeline.
 import numpy as np
 import pytest
 
-from jaxalign import io, pipeline
-from jaxalign.block import BlockConfig
-from jaxalign.chunked import ChunkConfig, compose_with_decay_chunked, stitch_field_chunked
-from jaxalign.stack import StackConfig
+from jaxalign.volume import store, pipeline
+from jaxalign.stack.block import BlockConfig
+from jaxalign.volume.chunked import ChunkConfig, compose_with_decay_chunked, stitch_field_chunked
+from jaxalign.stack.chain import StackConfig
 from tests.stack_helpers import expected_fields, phase_aligner, texture_stack
 
 
@@ -31,7 +31,7 @@ def _smooth(h, w, ty, tx, amp, phase):
 
 def test_compose_with_decay_chunked_equals_whole_section():
   import jax.numpy as jnp
-  from jaxalign.stack import compose_with_decay
+  from jaxalign.stack.chain import compose_with_decay
   h, w = 600, 520  # decay windows of 256 px are smaller than the 768 x 768 padded section
   block_field = _smooth(h, w, 5.3, -7.2, 4.0, 0.3)
   stitches = [_smooth(h, w, 37.4, -45.6, 3.0, 1.0), _smooth(h, w, -22.1, 18.3, 2.0, 2.0),
@@ -73,15 +73,15 @@ def test_chunked_volume_pipeline_matches_closed_form(tmp_path):
   shifts = np.array([[0, 0], [6, -4], [12, -9], [15, -14], [20, -12], [17, -6], [11, 2]])
   sections = texture_stack(shifts, size=size)
   src = str(tmp_path / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   config = pipeline.VolumeConfig(block_size=5, overlap=2, starters=(0, 3), decay_distance=1e6, pyramid_levels=2,
                                  chunk=ChunkConfig(chunk=128, overlap=16, coarse_levels=2, min_coarse_size=64),
                                  stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=phase_aligner)))
   plan = pipeline.align_volume(src, str(tmp_path / "dst"), config, progress=False)
   assert len(plan.blocks) == 2
-  fields = io.open_volume(str(tmp_path / "dst" / "fields")).read()
+  fields = store.open_volume(str(tmp_path / "dst" / "fields")).read()
   np.testing.assert_allclose(fields, expected_fields(shifts, size), atol=1e-3)
-  aligned = io.open_volume(str(tmp_path / "dst" / "aligned"))
+  aligned = store.open_volume(str(tmp_path / "dst" / "aligned"))
   ref = np.zeros_like(sections)
   for z, (dy, dx) in enumerate(shifts[0] - shifts):
     ys, xs = slice(max(0, -dy), min(size, size - dy)), slice(max(0, -dx), min(size, size - dx))
@@ -92,7 +92,7 @@ def test_chunked_volume_pipeline_matches_closed_form(tmp_path):
 
 
 def test_coarse_levels_keep_enough_context():
-  from jaxalign.chunked import coarse_levels_for
+  from jaxalign.volume.chunked import coarse_levels_for
   cfg = ChunkConfig()  # up to 2^3 coarser, at least 128 px per side
   assert [coarse_levels_for(cfg, n, 2 * n) for n in (100, 256, 512, 1023, 8192)] == [0, 1, 2, 2, 3]
 
@@ -105,7 +105,7 @@ def test_volume_pipeline_honours_stitch_refine(tmp_path, chunked):
   shifts = np.array([[0, 0], [5, -4], [9, -7], [12, -3], [8, 2], [4, 6]])
   sections = texture_stack(shifts, size=size)
   src = str(tmp_path / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   calls = []
   for refine in (True, False):
     def counting(*args, **kwargs):
@@ -116,6 +116,6 @@ def test_volume_pipeline_honours_stitch_refine(tmp_path, chunked):
         chunk=ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None,
         stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=counting), stitch_refine=refine))
     pipeline.align_volume(src, str(tmp_path / f"dst_{refine}"), config, progress=False)
-    fields = io.open_volume(str(tmp_path / f"dst_{refine}" / "fields")).read()
+    fields = store.open_volume(str(tmp_path / f"dst_{refine}" / "fields")).read()
     np.testing.assert_allclose(fields, expected_fields(shifts, size), atol=1e-3)
   assert 0 < calls.count(False) < calls.count(True), (calls.count(False), calls.count(True))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxalign import chunking, fields
+from jaxalign.volume import chunking
+from jaxalign.ops import fields
 from jaxalign.errors import InputError
 
 from tests.conftest import load_sections
@@ -113,9 +114,9 @@ def test_bad_arguments():
 
 
 def test_chunks_stream_from_a_volume(tmp_path):
-  from jaxalign import io
+  from jaxalign.volume import store
   x = load_sections("isbi2012_train", [5, 6], crop=128)
-  vol = io.create_volume(str(tmp_path / "v"), x.shape, np.float32, (50, 4, 4), chunks=(1, 32, 32))
+  vol = store.create_volume(str(tmp_path / "v"), x.shape, np.float32, (50, 4, 4), chunks=(1, 32, 32))
   vol.write(x)
   ref = ndi.maximum_filter(x[1], size=7, mode="nearest")
   got = chunking.map_chunks(lambda a: ndi.maximum_filter(a, size=7, mode="nearest"), vol.array(0)[1], 48, 4,

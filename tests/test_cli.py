@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxalign import io
+from jaxalign.volume import store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RES = (40.0, 4.0, 4.0)
@@ -28,13 +28,13 @@ def _make_inputs(d: pathlib.Path) -> dict[str, str]:
   p = {}
 
   def image(name, shape=SHAPE, res=RES, data=None):
-    v = io.create_volume(str(d / name), shape, "float32", res)
+    v = store.create_volume(str(d / name), shape, "float32", res)
     v.write(rng.uniform(0.1, 1, shape).astype(np.float32) if data is None else data)
     p[name] = str(d / name)
     return v
 
   def field(name, shape=SHAPE, res=RES):
-    v = io.create_volume(str(d / name), shape + (2,), "float32", res, kind="field")
+    v = store.create_volume(str(d / name), shape + (2,), "float32", res, kind="field")
     v.write(np.zeros(shape + (2,), np.float32))
     p[name] = str(d / name)
     return v

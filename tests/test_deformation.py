@@ -1,4 +1,4 @@
-"""Tissue deformation metric (jaxalign.metrics: affine_fit, area_change, deformation), issue 18.
+"""Tissue deformation metric (jaxalign.ops.metrics: affine_fit, area_change, deformation), issue 18.
 
 Every expectation is an independent reference: closed forms (rigid motion and shear keep area, a
 uniform scale s multiplies it by s²) or float64 NumPy (least-squares affine fit with np.linalg.lstsq,
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 import jaxalign as ja
-from jaxalign import metrics
+from jaxalign.ops import metrics
 from jaxalign.errors import InputError
 
 H, W = 80, 96
@@ -116,7 +116,7 @@ def test_non_affine_field_matches_finite_difference_reference():
 def test_smoothing_matches_scipy_gaussian_in_the_interior():
   u = _sinusoid() + np.random.default_rng(1).normal(0, 0.3, (H, W, 2))
   sigma = 2.0
-  radius = int(np.ceil(3 * sigma))  # jaxalign.fields.GAUSSIAN_TRUNCATE = 3
+  radius = int(np.ceil(3 * sigma))  # jaxalign.ops.fields.GAUSSIAN_TRUNCATE = 3
   smooth = np.stack([ndimage.gaussian_filter(u[..., c], sigma, truncate=radius / sigma) for c in range(2)], -1)
   ref = _det_ref(smooth)
   got = _area(u, sigma=sigma, remove_affine=False)

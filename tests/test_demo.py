@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxalign import io
+from jaxalign.volume import store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The README promises the default demo in under 5 minutes on 2 CPU cores.
@@ -32,7 +32,7 @@ def _pearson(a, b):
 
 def _check_outputs(out: pathlib.Path, z: int, size: int) -> dict:
   summary = json.loads((out / "summary.json").read_text())
-  vols = {n: io.open_volume(str(out / f"{n}.zarr")) for n in ("original", "distorted", "aligned", "fields")}
+  vols = {n: store.open_volume(str(out / f"{n}.zarr")) for n in ("original", "distorted", "aligned", "fields")}
   assert vols["aligned"].shape() == (z, size, size) and vols["fields"].shape() == (z, size, size, 2)
   page = (out / "report" / "index.html").read_text()
   for png in ("before_after.png", "cpc_maps.png", "per_section.png", "field_magnitude.png", "deformation.png",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from jaxalign import detector
+from jaxalign.models import detector
 from jaxalign.errors import InputError
 from tests.conftest import load_sections
 
@@ -37,7 +37,7 @@ def test_unet_trains_and_loss_falls():
   """A few optimiser steps on CPU reduce the loss on a fixed batch."""
   import jax.numpy as jnp
 
-  from jaxalign import train_detector as td
+  from jaxalign.models import train_detector as td
   cfg = dataclasses.replace(td.DetectorTrainConfig(), detector=detector.DetectorConfig(channels=(4, 8)),
                             learning_rate=1e-2, warmup=1, steps=25)
   model = detector.init_model(cfg.detector, 0)
@@ -53,7 +53,7 @@ def test_unet_trains_and_loss_falls():
 
 def test_detector_loss_matches_numpy_reference():
   """Weighted BCE + Dice against a float64 NumPy formula."""
-  from jaxalign import train_detector as td
+  from jaxalign.models import train_detector as td
   rng = np.random.default_rng(1)
   logits = rng.standard_normal((2, 8, 8, 3))
   labels = (rng.uniform(size=(2, 8, 8, 3)) > 0.6).astype(np.float64)
@@ -76,7 +76,7 @@ def test_detector_loss_matches_numpy_reference():
 def test_hard_negatives_dark_weights_mining_and_augmentation():
   """Dark-pixel weights vs a NumPy/SciPy reference; mining picks the undamaged patch the shipped
   detector calls "fold" and boosts exactly those pixels; augmentation moves weights with labels."""
-  from jaxalign import train_detector as td
+  from jaxalign.models import train_detector as td
   rng = np.random.default_rng(5)
   imgs = rng.uniform(0.05, 1.0, size=(3, 16, 16)).astype(np.float32)
   imgs[1, :, :5] = 0  # no data: neither dark nor part of the median
@@ -157,7 +157,7 @@ def test_shipped_detector_marks_a_generated_fold_and_crack():
   """Held-out real section (ISBI #28, 2x2-averaged to 8 nm, never trained on) damaged by the
   ground-truth generator with one fold (compressed tissue, 0.35x dark) and one crack (empty gap): the
   generator's exact masks are the reference. The undamaged section gets (almost) no fold pixels."""
-  from jaxalign import groundtruth
+  from jaxalign.bench import groundtruth
   sec = load_sections("isbi2012_train", [28])[0].reshape(256, 2, 256, 2).mean((1, 3))
   gcfg = groundtruth.DistortionConfig(seed=1, undistorted=(), crack_probability=1.0, fold_probability=1.0,
                                       blob_probability=0.0, blank_probability=0.0, chatter_probability=0.0)
@@ -183,23 +183,23 @@ def test_shipped_detector_marks_a_generated_fold_and_crack():
 def test_detect_volume_writes_mask_pyramids(tmp_path):
   """`detect_volume` (what `jaxalign detect` runs): levels 1-2 are the 2x2 max (defects) / min (tissue)
   of level 0; a no-data region is not tissue; a re-run skips finished sections."""
-  from jaxalign import io
+  from jaxalign.volume import store
   img = (load_sections("isbi2012_train", [29], crop=256)[0] * 255).astype(np.uint8)
   img[:, 200:] = 0
-  src = io.create_volume(str(tmp_path / "src"), (1, 256, 256), "uint8", (50, 8, 8), chunks=(1, 128, 128))
+  src = store.create_volume(str(tmp_path / "src"), (1, 256, 256), "uint8", (50, 8, 8), chunks=(1, 128, 128))
   src.write(img, 0)
   cfg = detector.DetectConfig(chunk=256, overlap=32, batch=1)
   rep = detector.detect_volume(str(tmp_path / "src"), str(tmp_path / "dst"), mip=0, levels=3, config=cfg,
                                progress=False)
   assert rep["done"] == 1 and rep["resolution"] == (50.0, 8.0, 8.0)
   for name, reduce in (("crack", np.max), ("fold", np.max), ("defects", np.max), ("tissue", np.min)):
-    vol = io.open_volume(str(tmp_path / "dst" / name))
+    vol = store.open_volume(str(tmp_path / "dst" / name))
     assert vol.levels == 3 and vol.shape(0) == (1, 256, 256)
     lv = [np.asarray(vol.read(0, k)) for k in range(3)]
     for k in (1, 2):
       s = lv[k - 1].shape[0] // 2
       np.testing.assert_array_equal(lv[k], reduce(lv[k - 1].reshape(s, 2, s, 2), axis=(1, 3)))
-  tissue = np.asarray(io.open_volume(str(tmp_path / "dst" / "tissue")).read(0))
+  tissue = np.asarray(store.open_volume(str(tmp_path / "dst" / "tissue")).read(0))
   assert tissue[:, 210:].max() < 128 and np.median(tissue[:, :180]) > 128
   again = detector.detect_volume(str(tmp_path / "src"), str(tmp_path / "dst"), mip=0, levels=3, config=cfg,
                                  progress=False)
@@ -208,13 +208,13 @@ def test_detect_volume_writes_mask_pyramids(tmp_path):
 
 @pytest.mark.slow
 def test_detect_cli(tmp_path):
-  from jaxalign import io
+  from jaxalign.volume import store
   img = (load_sections("isbi2012_train", [29], crop=256)[0] * 255).astype(np.uint8)
-  io.create_volume(str(tmp_path / "src"), (1, 256, 256), "uint8", (50, 8, 8)).write(img, 0)
+  store.create_volume(str(tmp_path / "src"), (1, 256, 256), "uint8", (50, 8, 8)).write(img, 0)
   res = subprocess.run([sys.executable, "-m", "jaxalign", "detect", str(tmp_path / "src"), str(tmp_path / "dst"),
                         "--mip=1", "--noprogress"], capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
-  assert io.open_volume(str(tmp_path / "dst" / "defects")).shape(0) == (1, 128, 128)
+  assert store.open_volume(str(tmp_path / "dst" / "defects")).shape(0) == (1, 128, 128)
 
 
 def test_bad_input_raises_input_error(tmp_path):
@@ -231,7 +231,7 @@ def test_bad_input_raises_input_error(tmp_path):
     detector.masks_for_alignment({"crack": np.zeros((4, 4))})
   with pytest.raises(InputError, match="need both"):
     detector.load_weights(tmp_path / "nothing")
-  from jaxalign import train_detector as td
+  from jaxalign.models import train_detector as td
   with pytest.raises(InputError, match="test set"):
     td.load_stack(tmp_path, td.StackSpec("damaged_pair_dolw7"))
   res = subprocess.run([sys.executable, "-m", "jaxalign", "detect", str(tmp_path / "missing"), str(tmp_path / "o")],

@@ -1,4 +1,4 @@
-"""Jobs, barriers, completion records, executors and fault tolerance (jaxalign.distributed).
+"""Jobs, barriers, completion records, executors and fault tolerance (jaxalign.volume.distributed).
 
 The toy job writes chunk-aligned rows of a zarr array through tensorstore; the expected array is a
 closed form computed independently in float64 NumPy, so every executor's output is checked against
@@ -16,7 +16,7 @@ import pytest
 import tensorstore as ts
 
 from jaxalign import compile_cache
-from jaxalign import distributed as jd
+from jaxalign.volume import distributed as jd
 
 ROWS, ROW = 8, 16  # chunk-aligned: one task writes exactly one [ROW, 32] chunk
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_killed_driver_restarts_without_redoing_finished_tasks(tmp_path):
   script = textwrap.dedent(f"""
     import sys; sys.path.insert(0, {str(REPO)!r})
     from tests.test_distributed import row_job
-    from jaxalign import distributed as jd
+    from jaxalign.volume import distributed as jd
     jd.run_job(row_job({url!r}, {log!r}, crash_at=5, crash_marker={marker!r}),
                records=jd.CompletionRecords({url!r}), progress=False)
   """)
@@ -179,9 +179,9 @@ def killing_aligner(srcs, tgts, **kw):
 
 
 def _volume_config():
-  from jaxalign import pipeline
-  from jaxalign.block import BlockConfig
-  from jaxalign.stack import StackConfig
+  from jaxalign.volume import pipeline
+  from jaxalign.stack.block import BlockConfig
+  from jaxalign.stack.chain import StackConfig
   return pipeline.VolumeConfig(block_size=4, overlap=2, decay_distance=1e6, pyramid_levels=1,
                                stack=StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=killing_aligner)))
 
@@ -193,11 +193,11 @@ def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch
   uninterrupted inline run bit for bit. The Dask workers (and the killed driver) share a JAX
   persistent compilation cache, which must not change a bit either."""
   pytest.importorskip("distributed")
-  from jaxalign import io, pipeline
+  from jaxalign.volume import store, pipeline
   from tests.stack_helpers import random_shifts, texture_stack
   sections = texture_stack(random_shifts(6, limit=5), size=64)
   src = str(tmp_path / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   config = _volume_config()
   ref_dst, dst = str(tmp_path / "ref"), str(tmp_path / "dst")
   pipeline.align_volume(src, ref_dst, config, progress=False)  # uninterrupted, no cache, this process
@@ -208,7 +208,7 @@ def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch
   script = textwrap.dedent(f"""
     import sys; sys.path.insert(0, {str(REPO)!r})
     from tests.test_distributed import _volume_config
-    from jaxalign import pipeline
+    from jaxalign.volume import pipeline
     pipeline.align_volume({src!r}, {dst!r}, _volume_config(), progress=False)
   """)
   env = dict(os.environ, JAXALIGN_TEST_KILL_AT="4", JAXALIGN_TEST_KILL_DIR=str(tmp_path))
@@ -224,4 +224,4 @@ def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch
   assert os.path.exists(marker)  # a worker was killed mid-task (in block 1) and the run went on
   assert (stats.skipped, stats.executed) == (len(done), 1 + 1 + 6)  # block 1, stitch 1, 6 sections
   for name in ("fields", "aligned"):
-    np.testing.assert_array_equal(io.open_volume(f"{dst}/{name}").read(), io.open_volume(f"{ref_dst}/{name}").read())
+    np.testing.assert_array_equal(store.open_volume(f"{dst}/{name}").read(), store.open_volume(f"{ref_dst}/{name}").read())

@@ -1,4 +1,4 @@
-"""Drift removal (`jaxalign.drift`): weights, the removal itself, and its use in align_stack.
+"""Drift removal (`jaxalign.stack.drift`): weights, the removal itself, and its use in align_stack.
 
 References are independent: the drift weights against NumPy's weighted `polyfit` in float64, the
 removal against a float64 SciPy composition (`compose(out, drift) == field`) and against the analytic
@@ -8,10 +8,10 @@ cases of a drift linear in z (removed exactly) and of translation stacks (closed
 import numpy as np
 import pytest
 
-from jaxalign.block import BlockConfig
-from jaxalign.drift import DriftConfig, drift_weights, remove_drift, section_translations, window_indices
+from jaxalign.stack.block import BlockConfig
+from jaxalign.stack.drift import DriftConfig, drift_weights, remove_drift, section_translations, window_indices
 from jaxalign.errors import InputError
-from jaxalign.stack import StackConfig, align_stack
+from jaxalign.stack.chain import StackConfig, align_stack
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 from tests.test_fields import smooth_field
 from tests.test_stack import _compose_ref
@@ -189,7 +189,7 @@ def test_align_stack_drift_removal_makes_blocks_match_a_single_block():
 
 def test_chunked_removal_matches_the_whole_section():
   """Chunk cores (with margins grown to the drift, up to ~20 px here) equal the whole-section result."""
-  from jaxalign.chunked import ChunkConfig, remove_drift_chunked
+  from jaxalign.volume.chunked import ChunkConfig, remove_drift_chunked
   rng = np.random.default_rng(3)
   z_count, h, w = 7, 150, 130
   fields = np.stack([smooth_field(rng, (h, w), 4.0 + 3.0 * z, 20.0) for z in range(z_count)]).astype(np.float32)
@@ -210,15 +210,14 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   """align_volume with StackConfig.drift (whole sections, and every stage chunk by chunk): fields
   are the closed form truth - lowpass(truth) (exact translation aligner), the aligned volume is SRC
   warped by them (float64 SciPy), and a re-run skips everything."""
-  from jaxalign import distributed as jd
-  from jaxalign import io, pipeline
-  from jaxalign.chunked import ChunkConfig
+  from jaxalign.volume import distributed as jd, store, pipeline
+  from jaxalign.volume.chunked import ChunkConfig
   from tests.test_fields import reference_warp
   z_count, size = 10, (192 if chunked else 64)
   shifts = random_shifts(z_count, seed=6, limit=8)
   sections = texture_stack(shifts, size=size)
   src = str(tmp_path / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   # Its 7-section window fits the 10 sections; translations (all there is here) are not kept.
   drift_cfg = DriftConfig(sigma=1.0, degree=1, keep_translation=False)
   chunk = ChunkConfig(chunk=96, overlap=16, coarse_levels=1, min_coarse_size=64) if chunked else None
@@ -232,9 +231,9 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   assert (stats.executed, stats.batches) == (z_count + 3 + 2 + z_count + z_count, 5)
   truth = expected_fields(shifts, size)[:, 0, 0]
   ref = _translation_reference(truth, drift_cfg)
-  fields = io.open_volume(dst + "/fields").read()
+  fields = store.open_volume(dst + "/fields").read()
   np.testing.assert_allclose(fields, np.broadcast_to(ref[:, None, None], fields.shape), atol=1e-3)
-  aligned = io.open_volume(dst + "/aligned").read()
+  aligned = store.open_volume(dst + "/aligned").read()
   for z in (0, 4, 9):
     np.testing.assert_allclose(aligned[z], reference_warp(sections[z], fields[z].astype(np.float64)), atol=1e-4)
   stats = jd.RunStats()

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxalign import evaluation as ev
-from jaxalign import io, metrics
+from jaxalign.bench import evaluation as ev
+from jaxalign.volume import store
+from jaxalign.ops import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
@@ -68,19 +69,19 @@ def runs(tmp_path_factory):
   images = rng.uniform(0.1, 1.0, (Z, N, N)).astype(np.float32)
   images[2, :, :12] = 0  # resin: not tissue, not scored
   fields = _fields(N)
-  vol = io.create_volume(str(d / "coarse"), (Z, N, N), "float32", COARSE)
+  vol = store.create_volume(str(d / "coarse"), (Z, N, N), "float32", COARSE)
   vol.write(images)
-  io.create_volume(str(d / "coarse_fields"), (Z, N, N, 2), "float32", COARSE, kind="field").write(
+  store.create_volume(str(d / "coarse_fields"), (Z, N, N, 2), "float32", COARSE, kind="field").write(
       fields.astype(np.float32))
   # fields at MIP level 1 of a 4 nm/px volume: 8 nm/px, so 100 nm is 12.5 px
-  vol = io.create_volume(str(d / "fine"), (Z, 2 * N, 2 * N), "float32", FINE)
+  vol = store.create_volume(str(d / "fine"), (Z, 2 * N, 2 * N), "float32", FINE)
   vol.write(np.repeat(np.repeat(images, 2, axis=1), 2, axis=2))
-  io.create_volume(str(d / "fine_fields"), (Z, N, N, 2), "float32", io.level_resolution(FINE, 1),
+  store.create_volume(str(d / "fine_fields"), (Z, N, N, 2), "float32", store.level_resolution(FINE, 1),
                    kind="field").write(fields.astype(np.float32))
   nan = fields.astype(np.float32)
   nan[1, 5, 5, 0] = np.nan
-  io.create_volume(str(d / "nan_fields"), (Z, N, N, 2), "float32", COARSE, kind="field").array(0).write(nan).result()
-  io.create_volume(str(d / "odd_fields"), (Z, 40, 40, 2), "float32", COARSE, kind="field")
+  store.create_volume(str(d / "nan_fields"), (Z, N, N, 2), "float32", COARSE, kind="field").array(0).write(nan).result()
+  store.create_volume(str(d / "odd_fields"), (Z, 40, 40, 2), "float32", COARSE, kind="field")
   cases = {
     "coarse": (d / "coarse", f"--fields={d / 'coarse_fields'}", f"--output={d / 'out_coarse'}"),
     "fine": (d / "fine", f"--fields={d / 'fine_fields'}", f"--output={d / 'out_fine'}"),

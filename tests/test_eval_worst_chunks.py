@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxalign import evaluation, io
+from jaxalign.bench import evaluation
+from jaxalign.volume import store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RES = (40.0, 16.0, 16.0)  # 16 nm px: CPC runs at level 1 (32 nm) with 64-px chunks = 128 level-0 px
@@ -31,7 +32,7 @@ def _volume(url: str) -> None:
   s = np.stack([base + 0.1 * ndimage.gaussian_filter(rng.standard_normal((SIZE, SIZE)), 3) for _ in range(Z)])
   s[BAD_Z, BAD_Y, BAD_X] = np.roll(base, (17, 23), axis=(0, 1))[BAD_Y, BAD_X]
   s = (s - s.min()) / (s.max() - s.min()) * 200 + 20  # never 0 (= no data)
-  io.create_volume(url, s.shape, "uint8", RES).write(s.astype(np.uint8))
+  store.create_volume(url, s.shape, "uint8", RES).write(s.astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxalign import evaluation as ev
-from jaxalign import groundtruth as gt_mod
+from jaxalign.bench import evaluation as ev, groundtruth as gt_mod
 from jaxalign.errors import InputError
 from tests.conftest import em_stack_path, load_sections
 
@@ -103,13 +102,13 @@ def _cli(*args, cwd):
 
 
 def test_eval_command(tmp_path):
-  from jaxalign import io
+  from jaxalign.volume import store
   stack = load_sections("flyem_medulla_fibsem", [0, 4, 8], crop=CROP)
   case = ev.make_case("stack", stack, config=gt_mod.DistortionConfig(seed=1, blank_probability=0.0),
                       meta=dict(stack="flyem", resolution_nm=[40.0, 10.0, 10.0]))
   case_dir = ev.save_case(case, tmp_path / "case")
   vol = ev.write_distorted_volume(case, str(tmp_path / "distorted"))
-  fvol = io.create_volume(str(tmp_path / "gtfields"), case.gt.shape, np.float32, [40.0, 10.0, 10.0], kind="field")
+  fvol = store.create_volume(str(tmp_path / "gtfields"), case.gt.shape, np.float32, [40.0, 10.0, 10.0], kind="field")
   fvol.write(case.gt)
   r = _cli(vol, f"--ground_truth={case_dir}", f"--fields={tmp_path / 'gtfields'}", "--chunk=16",
            f"--output={tmp_path / 'out'}", "--noprogress", cwd=tmp_path)

@@ -8,8 +8,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jaxalign import fields, preprocess
-from jaxalign.finetuner import FinetuneConfig, finetune, finetune_batch
+from jaxalign.ops import fields, preprocess
+from jaxalign.align.finetuner import FinetuneConfig, finetune, finetune_batch
 from tests.conftest import load_sections
 
 N = 128

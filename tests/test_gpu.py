@@ -2,7 +2,7 @@
 on the accelerator, against float64 SciPy references, known distortions and the CPU backend.
 
 Skipped (with the reason) where JAX has no GPU backend. They use synthetic EM
-(`jaxalign.synthetic`) rather than ../shared/data, so they also run on a machine that holds only
+(`jaxalign.bench.synthetic`) rather than ../shared/data, so they also run on a machine that holds only
 the repository (`experiments/device_check.sh`).
 """
 
@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxalign as ja
-from jaxalign import fields, models, train
-from jaxalign.synthetic import SyntheticConfig, make_stack
+from jaxalign.ops import fields
+from jaxalign.models import seamless, train_data, train_pyramid
+from jaxalign.bench.synthetic import SyntheticConfig, make_stack
 from tests.test_fields import reference_warp, smooth_field
 from tests.test_stack import _compose_ref
 from tests.test_train import TINY_AUG, tiny_level_cfg, tiny_train_cfg
@@ -63,11 +64,11 @@ def test_align_pair_on_gpu_recovers_a_known_field_and_agrees_with_cpu(sections):
 def test_training_step_on_gpu_lowers_the_loss(sections):
   cfg = tiny_train_cfg()
   crops = np.asarray(sections)[:, :64, :64]
-  pairs = train.make_pairs(np.concatenate([crops, crops[::-1]]), jax.random.PRNGKey(0), TINY_AUG, multiple=2,
+  pairs = train_data.make_pairs(np.concatenate([crops, crops[::-1]]), jax.random.PRNGKey(0), TINY_AUG, multiple=2,
                            name="gpu")
-  level = models.Level(tiny_level_cfg(), rngs=nnx.Rngs(0))
-  step = train.TrainStep(level, train.make_optimizer(level, cfg, 100), cfg, 0, stage=1)
-  batch = train.sample_batch(np.random.default_rng(0), [train.level_data(pairs, 0, None)], cfg.batch_size,
+  level = seamless.Level(tiny_level_cfg(), rngs=nnx.Rngs(0))
+  step = train_pyramid.TrainStep(level, train_pyramid.make_optimizer(level, cfg, 100), cfg, 0, stage=1)
+  batch = train_pyramid.sample_batch(np.random.default_rng(0), [train_pyramid.level_data(pairs, 0, None)], cfg.batch_size,
                              cfg.crop)
   key = jax.random.PRNGKey(0)
   first = float(step(batch, key)["loss"])

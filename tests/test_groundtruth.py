@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates, shift
 
-from jaxalign import groundtruth as gt_mod
+from jaxalign.bench import groundtruth as gt_mod
 from jaxalign.errors import InputError
-from jaxalign.fields import warp
+from jaxalign.ops.fields import warp
 from tests.conftest import load_sections
 
 CROP = 128
@@ -141,7 +141,7 @@ FAMILY_CROP = 96
 
 def _phi64(points, p):
   """Independent float64 NumPy forward map `Phi = E o C` of one section's parameters (see the module
-  docstring of jaxalign.groundtruth): `points [..., 2]` (y, x) original -> distorted."""
+  docstring of jaxalign.bench.groundtruth): `points [..., 2]` (y, x) original -> distorted."""
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
   q = np.asarray(points, np.float64).copy()
   for j in range(gt_mod.MAX_DISCONTINUITIES):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from jaxalign import io
+from jaxalign.volume import images, store
+from jaxalign.volume.pyramid import build_pyramid
+from jaxalign.volume.images import export_stack, import_stack
 from jaxalign.errors import InputError
 
 from tests.conftest import load_sections
@@ -32,15 +34,15 @@ def _plain_open(url: str, fmt: str, level: int = 0) -> np.ndarray:
   return arr, a
 
 
-@pytest.mark.parametrize("fmt", io.FORMATS)
+@pytest.mark.parametrize("fmt", store.FORMATS)
 def test_round_trip_image_and_field_readable_by_plain_tensorstore(tmp_path, fmt):
   rng = np.random.default_rng(0)
   img = rng.integers(1, 65535, size=(3, 37, 45)).astype(np.uint16)
   url = str(tmp_path / "img")
-  vol = io.create_volume(url, img.shape, np.uint16, RES, chunks=(1, 16, 16), format=fmt)
+  vol = store.create_volume(url, img.shape, np.uint16, RES, chunks=(1, 16, 16), format=fmt)
   vol.write(img[:2], z=slice(0, 2))
   vol.write(img[2], z=2)
-  again = io.open_volume(url)
+  again = store.open_volume(url)
   assert again.format == fmt and again.kind == "image" and again.dtype == np.uint16
   assert again.resolution == RES and again.shape() == img.shape
   got = again.read()
@@ -56,23 +58,23 @@ def test_round_trip_image_and_field_readable_by_plain_tensorstore(tmp_path, fmt)
 
   field = rng.normal(scale=3.0, size=(2, 20, 30, 2)).astype(np.float32)
   furl = str(tmp_path / "field")
-  fvol = io.create_volume(furl, field.shape, np.float32, RES, format=fmt)
+  fvol = store.create_volume(furl, field.shape, np.float32, RES, format=fmt)
   assert fvol.kind == "field"
   fvol.write(field)
-  assert np.array_equal(io.open_volume(furl).read(), field)
+  assert np.array_equal(store.open_volume(furl).read(), field)
   assert np.array_equal(_plain_open(furl, fmt)[1], field)
 
 
 def test_url_passes_through_to_tensorstore():
   # memory:// is handled by tensorstore's own URL parser, exactly like gs:// and s3://
   x = np.arange(2 * 20 * 30).reshape(2, 20, 30).astype(np.float32)
-  for fmt in io.FORMATS:
+  for fmt in store.FORMATS:
     url = f"memory://bucket/{fmt}"
-    io.create_volume(url, x.shape, np.float32, RES, chunks=(1, 8, 8), format=fmt).write(x)
-    vol = io.open_volume(url)
+    store.create_volume(url, x.shape, np.float32, RES, chunks=(1, 8, 8), format=fmt).write(x)
+    vol = store.open_volume(url)
     assert vol.format == fmt and vol.resolution == RES and np.array_equal(vol.read(), x)
   with pytest.raises(InputError, match="missing"):
-    io.open_volume("memory://bucket/absent")
+    store.open_volume("memory://bucket/absent")
 
 
 def _np_down(x: np.ndarray, reduce: str) -> np.ndarray:
@@ -90,13 +92,13 @@ def test_pyramid_matches_numpy(tmp_path, fmt):
   img = rng.uniform(0, 1, (2, 45, 38)).astype(np.float32)
   defects = (rng.uniform(size=(2, 45, 38)) > 0.8).astype(np.uint8)
   field = rng.normal(size=(2, 45, 38, 2)).astype(np.float32)
-  cfg = io.IOConfig(chunk_yx=16, pyramid_tile=16, pyramid_batch=3)  # many tiles, a padded last batch
+  cfg = store.IOConfig(chunk_yx=16, pyramid_tile=16, pyramid_batch=3)  # many tiles, a padded last batch
   for name, data, kind, reduce in (("img", img, "image", "mean"), ("def", defects, "defect", "max"),
                                    ("tis", 1 - defects, "tissue", "min"), ("fld", field, "field", "field")):
-    vol = io.create_volume(str(tmp_path / name), data.shape, data.dtype, RES, format=fmt, kind=kind, config=cfg)
+    vol = store.create_volume(str(tmp_path / name), data.shape, data.dtype, RES, format=fmt, kind=kind, config=cfg)
     vol.write(data)
-    vol = io.build_pyramid(vol, 3, config=cfg, progress=False)
-    assert vol.levels == 3 and io.open_volume(vol.url).levels == 3
+    vol = build_pyramid(vol, 3, config=cfg, progress=False)
+    assert vol.levels == 3 and store.open_volume(vol.url).levels == 3
     ref = data.astype(np.float64)
     for k in (1, 2):
       ref = _np_down(ref, reduce)
@@ -105,9 +107,9 @@ def test_pyramid_matches_numpy(tmp_path, fmt):
       np.testing.assert_allclose(vol.read(level=k), ref, atol=1e-5, err_msg=f"{name} level {k}")
   # uint8 images round to nearest
   u8 = rng.integers(1, 256, (2, 8, 8)).astype(np.uint8)
-  vol = io.create_volume(str(tmp_path / "u8"), u8.shape, np.uint8, RES, format=fmt)
+  vol = store.create_volume(str(tmp_path / "u8"), u8.shape, np.uint8, RES, format=fmt)
   vol.write(u8)
-  vol = io.build_pyramid(vol, 2, z=1, progress=False)  # one section only (a worker's share)
+  vol = build_pyramid(vol, 2, z=1, progress=False)  # one section only (a worker's share)
   assert np.array_equal(vol.read(1, level=1), np.rint(_np_down(u8, "mean")[1]).astype(np.uint8))
   assert not vol.read(0, level=1).any()
 
@@ -115,16 +117,16 @@ def test_pyramid_matches_numpy(tmp_path, fmt):
 def test_bad_input_is_refused_and_writes_nothing(tmp_path):
   url = str(tmp_path / "v")
   with pytest.raises(InputError, match="missing path"):
-    io.open_volume(str(tmp_path / "absent"))
+    store.open_volume(str(tmp_path / "absent"))
   with pytest.raises(InputError, match="resolution"):
-    io.create_volume(url, (2, 8, 8), np.uint8, (50, 4))
+    store.create_volume(url, (2, 8, 8), np.uint8, (50, 4))
   with pytest.raises(InputError, match="dtype"):
-    io.create_volume(url, (2, 8, 8), np.int64, RES)
+    store.create_volume(url, (2, 8, 8), np.int64, RES)
   with pytest.raises(InputError, match="float32"):
-    io.create_volume(url, (2, 8, 8, 2), np.uint8, RES)
+    store.create_volume(url, (2, 8, 8, 2), np.uint8, RES)
   assert not os.path.exists(url)
 
-  vol = io.create_volume(url, (2, 8, 8), np.uint8, RES)
+  vol = store.create_volume(url, (2, 8, 8), np.uint8, RES)
   with pytest.raises(InputError, match="dtype float32"):
     vol.write(np.ones((8, 8), np.float32), z=0)
   with pytest.raises(InputError, match="shape"):
@@ -135,9 +137,9 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path):
     vol.write(np.ones((8, 8), np.uint8), z=2)
   assert not os.path.exists(os.path.join(url, "0", "c"))  # no chunk was written
   with pytest.raises(InputError, match="different volume"):
-    io.create_volume(url, (2, 8, 8), np.uint8, (40.0, 4.0, 6.0))  # resolution mismatch with existing
+    store.create_volume(url, (2, 8, 8), np.uint8, (40.0, 4.0, 6.0))  # resolution mismatch with existing
 
-  fvol = io.create_volume(str(tmp_path / "f"), (1, 8, 8, 2), np.float32, RES)
+  fvol = store.create_volume(str(tmp_path / "f"), (1, 8, 8, 2), np.float32, RES)
   good = np.ones((1, 8, 8, 2), np.float32)
   fvol.write(good)
   bad = good.copy()
@@ -149,16 +151,16 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(InputError, match="no PNG/TIFF"):
-    io.import_stack(str(empty), str(tmp_path / "e"), RES)
+    import_stack(str(empty), str(tmp_path / "e"), RES)
   with pytest.raises(InputError, match="missing path"):
-    io.import_stack(str(tmp_path / "nope"), str(tmp_path / "e"), RES)
+    import_stack(str(tmp_path / "nope"), str(tmp_path / "e"), RES)
   mixed = tmp_path / "mixed"
   mixed.mkdir()
   from PIL import Image
   Image.fromarray(np.ones((8, 8), np.uint8)).save(mixed / "0.png")
   Image.fromarray(np.ones((8, 9), np.uint8)).save(mixed / "1.png")
   with pytest.raises(InputError, match="differs"):
-    io.import_stack(str(mixed), str(tmp_path / "e"), RES)
+    import_stack(str(mixed), str(tmp_path / "e"), RES)
   assert not (tmp_path / "e").exists()
 
 
@@ -174,7 +176,7 @@ def test_import_interrupted_then_repeated_and_export(tmp_path, monkeypatch):
   stack = rng.integers(1, 256, (11, 24, 20)).astype(np.uint8)
   _png_stack(tmp_path / "src", stack)
   url = str(tmp_path / "v")
-  real_load = io._load
+  real_load = images._load
   calls = []
 
   def failing_load(path, page):
@@ -183,23 +185,23 @@ def test_import_interrupted_then_repeated_and_export(tmp_path, monkeypatch):
       raise OSError("disk went away")
     return real_load(path, page)
 
-  monkeypatch.setattr(io, "_load", failing_load)
-  cfg = io.IOConfig(inflight=1)
+  monkeypatch.setattr(images, "_load", failing_load)
+  cfg = store.IOConfig(inflight=1)
   with pytest.raises(OSError):
-    io.import_stack(str(tmp_path / "src"), url, RES, config=cfg, progress=False)
-  partial = io.open_volume(url).read()
+    import_stack(str(tmp_path / "src"), url, RES, config=cfg, progress=False)
+  partial = store.open_volume(url).read()
   assert np.array_equal(partial[:7], stack[:7])  # sections written before the failure are valid
-  monkeypatch.setattr(io, "_load", real_load)
-  vol = io.import_stack(str(tmp_path / "src"), url, RES, levels=2, progress=False)  # simply repeated
+  monkeypatch.setattr(images, "_load", real_load)
+  vol = import_stack(str(tmp_path / "src"), url, RES, levels=2, progress=False)  # simply repeated
   assert np.array_equal(vol.read(), stack) and vol.levels == 2
 
-  paths = io.export_stack(vol, str(tmp_path / "png"), "png", progress=False)
+  paths = export_stack(vol, str(tmp_path / "png"), "png", progress=False)
   from PIL import Image
   assert len(paths) == 11
   assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in paths]), stack)
   with pytest.raises(InputError, match="PNG cannot hold"):
-    fvol = io.create_volume(str(tmp_path / "f"), (1, 4, 4, 2), np.float32, RES)
-    io.export_stack(fvol, str(tmp_path / "fpng"), "png")
+    fvol = store.create_volume(str(tmp_path / "f"), (1, 4, 4, 2), np.float32, RES)
+    export_stack(fvol, str(tmp_path / "fpng"), "png")
   assert not (tmp_path / "fpng").exists()
 
 
@@ -208,9 +210,9 @@ def test_multipage_tiff_import_and_tiff_export(tmp_path):
   rng = np.random.default_rng(3)
   stack = rng.uniform(0.1, 1.0, (4, 16, 12)).astype(np.float32)
   tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
-  vol = io.import_stack(str(tmp_path / "stack.tif"), str(tmp_path / "v"), RES, format="n5", progress=False)
+  vol = import_stack(str(tmp_path / "stack.tif"), str(tmp_path / "v"), RES, format="n5", progress=False)
   assert vol.dtype == np.float32 and np.array_equal(vol.read(), stack)
-  paths = io.export_stack(vol, str(tmp_path / "out"), "tif", z=(1, 3), progress=False)
+  paths = export_stack(vol, str(tmp_path / "out"), "tif", z=(1, 3), progress=False)
   assert [os.path.basename(p) for p in paths] == ["0001.tif", "0002.tif"]
   assert np.array_equal(tifffile.imread(paths[1]), stack[2])
 
@@ -229,7 +231,7 @@ def test_cli_import_pyramid_on_real_sections(tmp_path):
   assert r.returncode == 0, r.stderr
   r = _cli("pyramid", url, "--levels=3", "--noprogress")
   assert r.returncode == 0, r.stderr
-  vol = io.open_volume(url)
+  vol = store.open_volume(url)
   assert vol.levels == 3 and vol.resolution == (50.0, 4.0, 4.0)
   assert np.array_equal(vol.read(), sections)
   ref = np.rint(_np_down(_np_down(sections, "mean"), "mean"))  # mean of means, rounded at the end

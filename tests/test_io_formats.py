@@ -14,7 +14,8 @@ import pytest
 import tensorstore as ts
 from PIL import Image
 
-from jaxalign import io
+from jaxalign.volume import store
+from jaxalign.volume.pyramid import build_pyramid
 from jaxalign.errors import InputError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ TIMEOUT_S = 120
 
 @pytest.fixture(autouse=True)
 def _no_resolution_from_the_environment(monkeypatch):
-  monkeypatch.delenv(io.RESOLUTION_ENV, raising=False)
+  monkeypatch.delenv(store.RESOLUTION_ENV, raising=False)
 
 
 def _image(shape=SHAPE, dtype=np.uint16, seed=0) -> np.ndarray:
@@ -68,8 +69,8 @@ def test_plain_zarr_array_without_attributes(tmp_path, writer):
                           zarr_format=2 if writer == "zarr-v2" else 3)
     a[:] = img
   with pytest.raises(InputError, match="--resolution"):
-    io.open_volume(str(url))
-  vol = io.open_volume(str(url), resolution=RES)
+    store.open_volume(str(url))
+  vol = store.open_volume(str(url), resolution=RES)
   assert vol.layout == "array" and vol.format == ("zarr2" if writer.endswith(("zarr2", "v2")) else "zarr3")
   assert vol.kind == "image" and vol.dtype == np.uint16 and vol.levels == 1
   assert vol.shape() == SHAPE and vol.resolution == RES
@@ -84,14 +85,14 @@ def test_tensorstore_units_and_funlib_resolution_are_read(tmp_path):
            "create": True, "dtype": "uint16", "schema": {"domain": {"shape": list(SHAPE)},
                                                          "dimension_units": ["0.05um", "4nm", "60 angstrom"]}}
           ).result().write(img).result()
-  vol = io.open_volume(str(tmp_path / "units.zarr"))
+  vol = store.open_volume(str(tmp_path / "units.zarr"))
   assert vol.resolution == RES and np.array_equal(vol.read(), img)
   # the caller's resolution wins over the recorded one
-  assert io.open_volume(str(tmp_path / "units.zarr"), resolution=(40, 8, 8)).resolution == (40.0, 8.0, 8.0)
+  assert store.open_volume(str(tmp_path / "units.zarr"), resolution=(40, 8, 8)).resolution == (40.0, 8.0, 8.0)
   # zarr v2 with funlib / gunpowder `.zattrs` {"resolution": [z, y, x]} (nm)
   _ts_write(tmp_path / "funlib.zarr", img, "zarr")
   (tmp_path / "funlib.zarr" / ".zattrs").write_text(json.dumps({"resolution": list(RES), "offset": [0, 0, 0]}))
-  assert io.open_volume(str(tmp_path / "funlib.zarr")).resolution == RES
+  assert store.open_volume(str(tmp_path / "funlib.zarr")).resolution == RES
 
 
 @pytest.mark.parametrize("trailing", [True, False])
@@ -99,13 +100,13 @@ def test_plain_4d_field_array(tmp_path, trailing):
   field = np.random.default_rng(1).normal(size=SHAPE + (2,)).astype(np.float32)
   disk = field if trailing else np.moveaxis(field, -1, 0)  # [Z, Y, X, 2] or channels-first [2, Z, Y, X]
   _ts_write(tmp_path / "f.zarr", disk, "zarr3")
-  vol = io.open_volume(str(tmp_path / "f.zarr"), resolution=RES)
+  vol = store.open_volume(str(tmp_path / "f.zarr"), resolution=RES)
   assert vol.kind == "field" and vol.is_field and vol.shape() == SHAPE + (2,)
   assert np.array_equal(vol.read(), field)
   # a 4-d array whose layout is not obvious is refused with the reason
   _ts_write(tmp_path / "odd.zarr", np.zeros((2, 4, 5, 2), np.float32), "zarr3")
   with pytest.raises(InputError, match="axes"):
-    io.open_volume(str(tmp_path / "odd.zarr"), resolution=RES)
+    store.open_volume(str(tmp_path / "odd.zarr"), resolution=RES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,13 +133,13 @@ def test_ome_zarr_04_tczyx_hand_built(tmp_path):
     _ts_write(url / str(k), data[None, None], "zarr")  # [1, 1, Z, Y, X], no dimension names
   (url / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
   (url / ".zattrs").write_text(json.dumps({"multiscales": _ome_multiscales(axes, scales, version="0.4")}))
-  vol = io.open_volume(str(url))
+  vol = store.open_volume(str(url))
   assert vol.layout == "ome-zarr 0.4" and vol.format == "zarr2" and vol.levels == 2
   assert vol.resolution == RES and vol.resolution_at(1) == (50.0, 8.0, 12.0)
   for k, data in enumerate(levels):
     assert vol.shape(k) == data.shape and np.array_equal(vol.read(level=k), data)
   # one dataset of the image: axes and resolution come from the image's metadata
-  one = io.open_volume(str(url / "1"))
+  one = store.open_volume(str(url / "1"))
   assert one.resolution == (50.0, 8.0, 12.0) and np.array_equal(one.read(), levels[1])
 
 
@@ -154,7 +155,7 @@ def test_ome_zarr_written_by_ome_zarr_py(tmp_path, version):
   group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=fmt.zarr_format)
   write_image(img, group, scale_factors=(2,), fmt=fmt, axes="zyx",
               scale={"z": 0.05, "y": 0.004, "x": 0.006}, axes_units={a: "micrometer" for a in "zyx"})
-  vol = io.open_volume(str(tmp_path / "w.zarr"))
+  vol = store.open_volume(str(tmp_path / "w.zarr"))
   assert vol.layout == f"ome-zarr {version}" and vol.resolution == RES and vol.levels == 2
   assert np.array_equal(vol.read(), img)
   multiscales = group.attrs["multiscales"] if version == "0.4" else group.attrs["ome"]["multiscales"]
@@ -172,7 +173,7 @@ def test_ome_zarr_05_czyx_hand_built(tmp_path):
     _ts_write(url / f"s{k}", data[None], "zarr3", dimension_names=["c", "z", "y", "x"])
   _write_json(url, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {
       "ome": {"version": "0.5", "multiscales": _ome_multiscales(axes, scales, paths=("s0", "s1"))}}})
-  vol = io.open_volume(str(url))
+  vol = store.open_volume(str(url))
   assert vol.layout == "ome-zarr 0.5" and vol.format == "zarr3" and vol.dtype == np.uint8
   assert vol.levels == 2 and vol.resolution == RES
   for k, data in enumerate(levels):
@@ -188,8 +189,8 @@ def test_ome_zarr_without_units_needs_the_resolution(tmp_path):
   _write_json(url, "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {
       "ome": {"version": "0.5", "multiscales": _ome_multiscales(axes, [[1, 1, 1]], paths=("0",))}}})
   with pytest.raises(InputError, match=r"unit.*--resolution"):
-    io.open_volume(str(url))
-  assert io.open_volume(str(url), resolution=RES).resolution == RES
+    store.open_volume(str(url))
+  assert store.open_volume(str(url), resolution=RES).resolution == RES
 
 
 def test_jaxalign_zarr_is_read_by_ome_zarr_py(tmp_path):
@@ -199,9 +200,9 @@ def test_jaxalign_zarr_is_read_by_ome_zarr_py(tmp_path):
   img = _image(shape=(3, 20, 24), dtype=np.uint8)
   for fmt in ("zarr", "zarr3"):
     url = str(tmp_path / f"{fmt}.zarr")
-    vol = io.create_volume(url, img.shape, np.uint8, RES, chunks=(1, 8, 8), format=fmt, levels=2)
+    vol = store.create_volume(url, img.shape, np.uint8, RES, chunks=(1, 8, 8), format=fmt, levels=2)
     vol.write(img)
-    vol = io.build_pyramid(vol, 2, progress=False)
+    vol = build_pyramid(vol, 2, progress=False)
     node = next(iter(Reader(parse_url(url))()))
     assert [a["unit"] for a in node.metadata["axes"]] == ["nanometer"] * 3
     for k in range(2):
@@ -233,7 +234,7 @@ def test_n5_multiscale(tmp_path, layout):
     _write_json(root, "attributes.json", {"multiScale": True, "resolution": xyz})
   for k, data in enumerate(levels):
     _ts_write(root / f"s{k}", data.transpose(2, 1, 0), "n5")  # N5 lists dimensions x first
-  vol = io.open_volume(str(url))
+  vol = store.open_volume(str(url))
   assert vol.layout == layout and vol.format == "n5" and vol.levels == 2
   assert vol.resolution == RES and vol.shape() == SHAPE
   for k, data in enumerate(levels):
@@ -243,7 +244,7 @@ def test_n5_multiscale(tmp_path, layout):
            "dtype": "uint16", "schema": {"domain": {"shape": [SHAPE[2], SHAPE[1], SHAPE[0]]},
                                          "dimension_units": [f"{r}nm" for r in xyz]}}
           ).result().write(img.transpose(2, 1, 0)).result()
-  one = io.open_volume(str(tmp_path / "one.n5"))
+  one = store.open_volume(str(tmp_path / "one.n5"))
   assert one.layout == "array" and one.resolution == RES and np.array_equal(one.read(), img)
 
 
@@ -255,22 +256,22 @@ def test_missing_resolution_names_the_flag_and_the_environment_fills_in(tmp_path
   img = _image()
   _ts_write(tmp_path / "plain.zarr", img, "zarr3")
   with pytest.raises(InputError, match=r"no resolution.*--resolution=z,y,x"):
-    io.open_volume(str(tmp_path / "plain.zarr"))
+    store.open_volume(str(tmp_path / "plain.zarr"))
   with pytest.raises(InputError, match="resolution"):
-    io.open_volume(str(tmp_path / "plain.zarr"), resolution=(50, 4))  # z, y, x: three values
-  monkeypatch.setenv(io.RESOLUTION_ENV, "50,4,6")
-  assert io.open_volume(str(tmp_path / "plain.zarr")).resolution == RES
+    store.open_volume(str(tmp_path / "plain.zarr"), resolution=(50, 4))  # z, y, x: three values
+  monkeypatch.setenv(store.RESOLUTION_ENV, "50,4,6")
+  assert store.open_volume(str(tmp_path / "plain.zarr")).resolution == RES
   # a recorded resolution is never replaced by the environment's
-  vol = io.create_volume(str(tmp_path / "own.zarr"), SHAPE, np.uint16, (40, 8, 8))
-  assert io.open_volume(vol.url).resolution == (40.0, 8.0, 8.0)
+  vol = store.create_volume(str(tmp_path / "own.zarr"), SHAPE, np.uint16, (40, 8, 8))
+  assert store.open_volume(vol.url).resolution == (40.0, 8.0, 8.0)
   # jaxalign adds no levels to another tool's volume
   with pytest.raises(InputError, match="another tool"):
-    io.build_pyramid(str(tmp_path / "plain.zarr"), 2, progress=False)
+    build_pyramid(str(tmp_path / "plain.zarr"), 2, progress=False)
 
 
 def _jaxalign(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "jaxalign", *args], capture_output=True, text=True, cwd=REPO,
-                        timeout=TIMEOUT_S, env={**os.environ, io.RESOLUTION_ENV: ""})
+                        timeout=TIMEOUT_S, env={**os.environ, store.RESOLUTION_ENV: ""})
 
 
 def test_cli_commands_open_foreign_volumes(tmp_path):

@@ -1,7 +1,7 @@
 """align_pair: known distortions of a real ssTEM crop (ISBI 2012) are recovered, coarse to fine.
 
 Ground truth: tgt = warp(src, u) for an analytic field u (translation, affine, sinusoid) built with
-`jaxalign.fields.from_affine` / NumPy; a crack is made by pulling the two halves of the section apart
+`jaxalign.ops.fields.from_affine` / NumPy; a crack is made by pulling the two halves of the section apart
 (piecewise translation, gap zeroed and flagged as a defect). Errors are endpoint errors against u over
 pixels whose true sample lies on src tissue. All cases share one shape and the default config, so
 the coarse-to-fine program compiles once for the whole file.
@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import pytest
 from scipy import ndimage
 
-from jaxalign import fields
+from jaxalign.ops import fields
 from jaxalign.errors import InputError
-from jaxalign import pair
-from jaxalign.pair import PairConfig, align_pair, align_pairs
+from jaxalign.align import pair
+from jaxalign.align.pair import PairConfig, align_pair, align_pairs
 from tests.conftest import load_sections
 
 N = 256
@@ -345,8 +345,8 @@ def test_global_translation_ignores_unrelated_images():
 @pytest.mark.slow
 def test_fibsem_neighbour_accuracy_targets():
   # Issue 4's neighbour target on all 30 scorable FIB-SEM 40-nm neighbour pairs (distorted z vs
-  # original z-1, ground truth from jaxalign.groundtruth): median EPE <= 1.5 px, p95 <= 4 px.
-  from jaxalign import evaluation
+  # original z-1, ground truth from jaxalign.bench.groundtruth): median EPE <= 1.5 px, p95 <= 4 px.
+  from jaxalign.bench import evaluation
   from tests.conftest import em_stack_path
   em_stack_path("flyem_medulla_fibsem")
   case = evaluation.shared_case("neighbour", "flyem_medulla_fibsem", num=32)
@@ -360,7 +360,7 @@ def test_fibsem_neighbour_accuracy_targets():
 def test_real_fold_pair_cpc():
   # damaged_pair_dolw7 (50 nm sections at ~50 nm/px, fold mask given): no 50-px chunk below CPC 0.25.
   from PIL import Image
-  from jaxalign import metrics
+  from jaxalign.ops import metrics
   from tests.conftest import em_stack_path
   d = em_stack_path("damaged_pair_dolw7")
   tgt = np.asarray(Image.open(d / "000.png"), np.float32) / 255.0

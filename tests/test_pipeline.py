@@ -1,4 +1,4 @@
-"""The volume pipeline (jaxalign.pipeline), chunked sections (jaxalign.chunked) and the align/render CLI.
+"""The volume pipeline (jaxalign.volume.pipeline), chunked sections (jaxalign.volume.chunked) and the align/render CLI.
 
 Stacks are crops of a slowly changing texture at known integer offsets (tests/stack_helpers.py), so
 the exact fields and the exact aligned images are closed forms (NumPy slicing); the pair aligner is
@@ -14,12 +14,11 @@ import sys
 import numpy as np
 import pytest
 
-from jaxalign import distributed as jd
-from jaxalign import io, pipeline
-from jaxalign.block import BlockConfig
-from jaxalign.chunked import ChunkConfig, align_block_chunked, render_chunked
+from jaxalign.volume import distributed as jd, store, pipeline
+from jaxalign.stack.block import BlockConfig
+from jaxalign.volume.chunked import ChunkConfig, align_block_chunked, render_chunked
 from jaxalign.errors import InputError
-from jaxalign.stack import StackConfig
+from jaxalign.stack.chain import StackConfig
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 
 Z, SIZE = 10, 64
@@ -55,7 +54,7 @@ def aligned_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
   sections = texture_stack(SHIFTS, size=SIZE)
   src = str(root / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   dst = str(root / "dst")
   stats = jd.RunStats()
   plan = pipeline.align_volume(src, dst, CONFIG, progress=False, stats=stats)
@@ -63,7 +62,7 @@ def aligned_run(tmp_path_factory):
 
 
 def _outputs(dst):
-  return io.open_volume(dst + "/fields").read(), io.open_volume(dst + "/aligned").read()
+  return store.open_volume(dst + "/fields").read(), store.open_volume(dst + "/aligned").read()
 
 
 def test_align_volume_recovers_translations_and_renders(aligned_run):
@@ -74,7 +73,7 @@ def test_align_volume_recovers_translations_and_renders(aligned_run):
   np.testing.assert_allclose(fields, expected_fields(SHIFTS, SIZE), atol=1e-3)
   ref = expected_aligned(aligned_run["sections"], SHIFTS)
   np.testing.assert_allclose(aligned, ref, atol=1e-4)
-  vol = io.open_volume(aligned_run["dst"] + "/aligned")
+  vol = store.open_volume(aligned_run["dst"] + "/aligned")
   assert vol.levels == 2 and vol.resolution_at(1) == (40, 8, 8)
   lvl1 = ref.reshape(Z, SIZE // 2, 2, SIZE // 2, 2).astype(np.float64).mean(axis=(2, 4))
   np.testing.assert_allclose(vol.read(level=1), lvl1, atol=1e-4)
@@ -89,7 +88,7 @@ def test_rerun_skips_finished_work_and_redoes_only_a_lost_section(aligned_run):
   # Lose section 4's output and its record: only that section is recomputed.
   jd.CompletionRecords(dst).kv.delete_range(__import__("tensorstore").KvStore.KeyRange("section/000004",
                                                                                      "section/000005")).result()
-  io.open_volume(dst + "/fields").write(np.zeros((SIZE, SIZE, 2), np.float32), 4)
+  store.open_volume(dst + "/fields").write(np.zeros((SIZE, SIZE, 2), np.float32), 4)
   stats = jd.RunStats()
   pipeline.align_volume(aligned_run["src"], dst, CONFIG, progress=False, stats=stats)
   assert stats.executed == 1
@@ -179,12 +178,12 @@ def test_align_block_chunked_recovers_shifts_larger_than_the_overlap():
 def test_pair_aligner_gets_the_volume_resolution(tmp_path):
   # The median stage of the pair aligner depends on the section thickness in pixels: the pipeline
   # passes the volume's resolution at the aligned level unless the config sets one.
-  from jaxalign.block import BlockConfig
-  from jaxalign.pair import PairConfig
-  from jaxalign.stack import StackConfig
+  from jaxalign.stack.block import BlockConfig
+  from jaxalign.align.pair import PairConfig
+  from jaxalign.stack.chain import StackConfig
   url = str(tmp_path / "v")
-  io.create_volume(url, (3, 64, 64), "float32", (50, 25, 25), levels=2)
-  src = io.open_volume(url)
+  store.create_volume(url, (3, 64, 64), "float32", (50, 25, 25), levels=2)
+  src = store.open_volume(url)
   pair_cfg = pipeline._block_config(pipeline.VolumeConfig(level=1), src).pair
   assert pair_cfg.resolution_nm == (50.0, 50.0, 50.0) and not pair_cfg.median_active
   assert pipeline._block_config(pipeline.VolumeConfig(), src).pair.median_active  # 2 px thick at level 0

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from jaxalign import preprocess
+from jaxalign.ops import preprocess
 
 from tests.conftest import load_sections
 

@@ -16,11 +16,12 @@ import sys
 import numpy as np
 import pytest
 
-from jaxalign import distributed as jd
-from jaxalign import io, pipeline
-from jaxalign.block import BlockConfig
+from jaxalign.volume import distributed as jd, store
+from jaxalign.volume.pyramid import build_pyramid
+from jaxalign.volume import pipeline
+from jaxalign.stack.block import BlockConfig
 from jaxalign.errors import InputError, ReadError
-from jaxalign.stack import StackConfig
+from jaxalign.stack.chain import StackConfig
 from tests.stack_helpers import phase_aligner, random_shifts, texture_stack
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,9 +48,9 @@ def _stack(z_count: int = 6, size: int = 64) -> np.ndarray:
 def test_read_error_names_volume_section_and_chunk(tmp_path):
   url = str(tmp_path / "v")
   data = _stack(3)
-  io.create_volume(url, data.shape, "float32", RES, chunks=(1, 32, 32)).write(data)
+  store.create_volume(url, data.shape, "float32", RES, chunks=(1, 32, 32)).write(data)
   path = corrupt(url, 1, 1, 0)
-  vol = io.open_volume(url)
+  vol = store.open_volume(url)
   for z in (1, None, slice(0, 3)):  # a multi-section read names the section that fails
     with pytest.raises(ReadError) as e:
       vol.read(z)
@@ -67,9 +68,9 @@ def test_read_error_names_volume_section_and_chunk(tmp_path):
 def test_missing_data_zeroes_only_the_unreadable_chunk_at_every_level(tmp_path):
   url = str(tmp_path / "v")
   data = _stack(2)
-  io.create_volume(url, data.shape, "float32", RES, chunks=(1, 32, 32), levels=2).write(data)
-  io.build_pyramid(url, 2, progress=False)
-  vol = io.open_volume(url)
+  store.create_volume(url, data.shape, "float32", RES, chunks=(1, 32, 32), levels=2).write(data)
+  build_pyramid(url, 2, progress=False)
+  vol = store.open_volume(url)
   lvl1 = vol.read(level=1)
   corrupt(url, 1, 1, 0)
   (u,) = pipeline.locate_unreadable(vol, 1, 0)
@@ -98,12 +99,12 @@ def test_missing_aligns_as_if_the_chunk_were_blank(tmp_path):
   data = _stack()
   bad, blank = str(tmp_path / "bad"), str(tmp_path / "blank")
   for url in (bad, blank):
-    io.create_volume(url, data.shape, "float32", RES, chunks=(1, 32, 32), levels=2).write(data)
+    store.create_volume(url, data.shape, "float32", RES, chunks=(1, 32, 32), levels=2).write(data)
   zeroed = data.copy()
   zeroed[BAD_Z, :32, 32:] = 0
-  io.open_volume(blank).write(zeroed)
+  store.open_volume(blank).write(zeroed)
   for url in (bad, blank):
-    io.build_pyramid(url, 2, progress=False)
+    build_pyramid(url, 2, progress=False)
   chunk = corrupt(bad, BAD_Z, 0, 1)
 
   with pytest.raises(ReadError, match=f"section z={BAD_Z}"):
@@ -116,14 +117,14 @@ def test_missing_aligns_as_if_the_chunk_were_blank(tmp_path):
   (u,) = pipeline.read_errors(dst)
   assert (u.z, u.level, u.y, u.x, u.chunk) == (BAD_Z, 0, (0, 32), (32, 64), str(chunk))
   for name in ("fields", "aligned"):
-    np.testing.assert_array_equal(io.open_volume(f"{dst}/{name}").read(),
-                                  io.open_volume(f"{tmp_path}/ref/{name}").read())
-  assert not np.any(io.open_volume(f"{dst}/aligned").read(BAD_Z, box=((0, 16), (48, 64))))
+    np.testing.assert_array_equal(store.open_volume(f"{dst}/{name}").read(),
+                                  store.open_volume(f"{tmp_path}/ref/{name}").read())
+  assert not np.any(store.open_volume(f"{dst}/aligned").read(BAD_Z, box=((0, 16), (48, 64))))
 
   stats = jd.RunStats()  # a re-run resumes (same unreadable chunks)...
   pipeline.align_volume(bad, dst, CONFIG, progress=False, stats=stats, on_read_error="missing")
   assert stats.executed == 0 and stats.skipped > 0
-  io.open_volume(bad).write(data[BAD_Z], BAD_Z)  # ...a repaired input is refused (whole chunks: no read)
+  store.open_volume(bad).write(data[BAD_Z], BAD_Z)  # ...a repaired input is refused (whole chunks: no read)
   with pytest.raises(InputError, match="different parameters.*unreadable"):
     pipeline.align_volume(bad, dst, CONFIG, progress=False, on_read_error="missing")
   with pytest.raises(InputError, match="on_read_error"):
@@ -133,8 +134,8 @@ def test_missing_aligns_as_if_the_chunk_were_blank(tmp_path):
 def test_unreadable_coarse_level_is_found_before_anything_is_written(tmp_path):
   data = _stack(4)
   url = str(tmp_path / "v")
-  io.create_volume(url, data.shape, "float32", RES, levels=3).write(data)
-  io.build_pyramid(url, 3, progress=False)
+  store.create_volume(url, data.shape, "float32", RES, levels=3).write(data)
+  build_pyramid(url, 3, progress=False)
   corrupt(url, 1, level=2)  # the quality stage reads the coarsest level
   with pytest.raises(ReadError, match="section z=1 at level 2"):
     pipeline.align_volume(url, str(tmp_path / "d"), CONFIG, progress=False)
@@ -152,7 +153,7 @@ def cli(tmp_path_factory):
   d = tmp_path_factory.mktemp("read_errors")
   data = (_stack(4) * 100).astype(np.uint8)
   src = str(d / "src")
-  io.create_volume(src, data.shape, "uint8", RES).write(data)
+  store.create_volume(src, data.shape, "uint8", RES).write(data)
   chunk = corrupt(src, BAD_Z)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
@@ -194,6 +195,6 @@ def test_align_missing_completes_and_lists_the_section(cli):
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"1 chunk(s) in section(s) {BAD_Z}" in r.stdout, r.stdout
   assert f"section {BAD_Z} (level 0" in r.stdout and str(chunk) in r.stdout
-  aligned = io.open_volume(str(dst / "aligned")).read()
+  aligned = store.open_volume(str(dst / "aligned")).read()
   assert not np.any(aligned[BAD_Z]) and all(np.any(aligned[z]) for z in range(4) if z != BAD_Z)
-  assert np.all(np.isfinite(io.open_volume(str(dst / "fields")).read()))
+  assert np.all(np.isfinite(store.open_volume(str(dst / "fields")).read()))

@@ -1,4 +1,4 @@
-"""Neighbour refinement (`jaxalign.refine`): weights, templates, the refinement, its chunked form, its
+"""Neighbour refinement (`jaxalign.stack.refine`): weights, templates, the refinement, its chunked form, its
 use in align_stack and in the volume pipeline.
 
 References are independent: the template against a float64 SciPy rendering and NumPy statistics;
@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxalign.block import BlockConfig
+from jaxalign.stack.block import BlockConfig
 from jaxalign.errors import InputError
-from jaxalign.refine import (MIN_TEMPLATE_COVERAGE, RefineConfig, neighbour_template, neighbour_weights,
-                             refine_to_neighbours, render_window)
-from jaxalign.stack import StackConfig, align_stack
+from jaxalign.stack.refine import MIN_TEMPLATE_COVERAGE, RefineConfig, neighbour_template, neighbour_weights, refine_to_neighbours, render_window
+from jaxalign.stack.chain import StackConfig, align_stack
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 from tests.test_fields import smooth_field
 
@@ -103,7 +102,7 @@ def test_refinement_recovers_a_misaligned_section_from_its_neighbours():
 
 
 def test_chunked_refinement_matches_the_whole_section():
-  from jaxalign.chunked import ChunkConfig, refine_section_chunked
+  from jaxalign.volume.chunked import ChunkConfig, refine_section_chunked
   sections, fields, exact = _translation_case()
   config = RefineConfig()
   wts = neighbour_weights(len(sections), config, (sections.reshape(len(sections), -1) != 0).any(axis=1) * 1.0)
@@ -161,9 +160,9 @@ def test_align_stack_refines_each_section_once_after_composition():
 def test_default_residual_aligner_is_stiffer_by_the_configured_factor(monkeypatch):
   """The default residual aligner is align_pairs with PairConfig.gammas times `stiffness` (the
   given pair config's other settings kept); a custom aligner is used as it is."""
-  from jaxalign import block
-  from jaxalign.pair import PairConfig
-  from jaxalign.refine import refine_aligner
+  from jaxalign.stack import block
+  from jaxalign.align.pair import PairConfig
+  from jaxalign.stack.refine import refine_aligner
   seen = []
   monkeypatch.setattr(block, "default_aligner", lambda model, pair: seen.append((model, pair)) or "aligner")
   pair = PairConfig(gammas=(1.0, 2.0, 3.0), resolution_nm=(40.0, 4.0, 4.0))
@@ -201,17 +200,16 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
   fields are `refine_to_neighbours` of the drift stage's output (DST/work/drifted; without drift
   removal and with two sweeps, of the composed fields DST/work/composed), which pulls that
   section back; the aligned volume is SRC warped by them (float64 SciPy); a re-run skips everything."""
-  from jaxalign import distributed as jd
-  from jaxalign import io, pipeline
-  from jaxalign.chunked import ChunkConfig
-  from jaxalign.drift import DriftConfig
+  from jaxalign.volume import distributed as jd, store, pipeline
+  from jaxalign.volume.chunked import ChunkConfig
+  from jaxalign.stack.drift import DriftConfig
   from tests.test_fields import reference_warp
   z_count, size, bad = 10, (96 if chunked else 64), 6
   shifts = random_shifts(z_count, seed=6, limit=8)
   sections = texture_stack(shifts, size=size)
   sections[bad] += 2.0  # a marker the faulty aligner recognises in any window (alignment ignores the offset)
   src = str(tmp_path / "src")
-  io.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
+  store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
   error = np.array([2.0, -3.0], np.float32)
 
   def faulty(srcs, tgts, **kw):
@@ -234,14 +232,14 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
   # quality, 1 block, sections, then drift and one refinement sweep, or two sweeps (through
   # DST/work/refined_1).
   assert (stats.executed, stats.batches) == (4 * z_count + 1, 5)
-  drifted = io.open_volume(dst + ("/work/drifted" if drift else "/work/composed")).read()
-  fields = io.open_volume(dst + "/fields").read()
+  drifted = store.open_volume(dst + ("/work/drifted" if drift else "/work/composed")).read()
+  fields = store.open_volume(dst + "/fields").read()
   # The refinement stage equals refine_to_neighbours (tested above against closed forms) on the
   # drift stage's output; whole sections: it undid most of section `bad`'s error.
   if chunked:
     # Chunk windows may settle a near-tie of the integer aligner differently from whole sections:
     # the stage is compared with the chunked refinement (tested above) of the same windows.
-    from jaxalign.chunked import refine_section_chunked
+    from jaxalign.volume.chunked import refine_section_chunked
     wts = neighbour_weights(z_count, stack.neighbour_refine)
     expect = np.stack([refine_section_chunked([sections[k] for k in idx], [drifted[k] for k in idx], wts[z],
                                               list(idx).index(z), aligner=faulty, config=chunk)
@@ -252,7 +250,7 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
   if not chunked:  # (chunked blocks apply the fault in the coarse pass and again in each chunk)
     change = (fields[bad] - drifted[bad])[8:-8, 8:-8].reshape(-1, 2).mean(axis=0)
     np.testing.assert_allclose(change, -error, atol=1.0)
-  aligned = io.open_volume(dst + "/aligned").read()
+  aligned = store.open_volume(dst + "/aligned").read()
   for z in (0, bad, 9):
     np.testing.assert_allclose(aligned[z], reference_warp(sections[z], fields[z].astype(np.float64)), atol=1e-4)
   stats = jd.RunStats()
@@ -264,7 +262,7 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
 def test_refinement_batch_is_padded_only_where_the_aligner_is_vmapped(monkeypatch, backend, expected):
   """Three sections in batches of 8: three alignments on CPU (pair by pair), one full batch of 8 on
   accelerators (one vmapped compile); the results are the same."""
-  from jaxalign import pair
+  from jaxalign.align import pair
   monkeypatch.setattr(pair.jax, "default_backend", lambda: backend)
   sections, fields, exact = (a[:3] for a in _translation_case(outlier=1, error=(0, 0)))
   sizes = []

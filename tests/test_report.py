@@ -1,4 +1,4 @@
-"""HTML + PNG alignment reports (jaxalign.report)."""
+"""HTML + PNG alignment reports (jaxalign.bench.report)."""
 
 import re
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxalign import metrics
+from jaxalign.ops import metrics
 from jaxalign.errors import InputError
-from jaxalign.report import FIGURES, ReportData, format_table, write_report
+from jaxalign.bench.report import FIGURES, ReportData, format_table, write_report
 
 
 def _data(z=5, h=48, w=40):

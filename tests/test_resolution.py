@@ -11,10 +11,11 @@ import pytest
 from scipy import ndimage
 
 import jaxalign as ja
-from jaxalign import fields
+from jaxalign.ops import fields
 from jaxalign.errors import InputError
-from jaxalign.fields import level_nearest
-from jaxalign.pair import PairConfig
+from jaxalign.ops.fields import level_nearest
+from jaxalign.align import pair
+from jaxalign.align.pair import PairConfig
 from tests.conftest import load_sections
 
 N = 512  # the whole ISBI section: 64 px at the 32 nm working level
@@ -46,13 +47,13 @@ def test_precise_setting_and_overrides():
   assert PairConfig(resolution_nm=(50, 4, 4), levels=5).plan((2048, 2048)) == (5, 3)
   # gammas follow the working level: the paper's strong prior when the finest field is coarse.
   cfg = PairConfig(resolution_nm=(50, 4, 4))
-  assert cfg.physical and cfg.level_config(3, 3).gamma == ja.pair.COARSE_GAMMAS[0]
+  assert cfg.physical and cfg.level_config(3, 3).gamma == pair.COARSE_GAMMAS[0]
   # 50 nm data is computed at its own pixel, with the physical (strong) prior all the same...
-  assert PairConfig(resolution_nm=(50, 50, 50)).level_config(0, 0).gamma == ja.pair.COARSE_GAMMAS[0]
+  assert PairConfig(resolution_nm=(50, 50, 50)).level_config(0, 0).gamma == pair.COARSE_GAMMAS[0]
   # ...while the precise setting and unknown resolutions polish at the pixel with a light prior.
   for c in (PairConfig(resolution_nm=(50, 4, 4), finest_nm=0), PairConfig()):
-    assert not c.physical and c.level_config(0, 0).gamma == ja.pair.DEFAULT_GAMMAS[0]
-    assert c.median_window(0, 0)[0] == ja.pair.DEFAULT_MEDIAN_SIZES[0]
+    assert not c.physical and c.level_config(0, 0).gamma == pair.DEFAULT_GAMMAS[0]
+    assert c.median_window(0, 0)[0] == pair.DEFAULT_MEDIAN_SIZES[0]
   assert cfg.median_window(3, 3)[0] == 1  # off
 
 
@@ -129,7 +130,7 @@ def test_gamma_scale_equals_scaled_gammas(pair_at_two_resolutions):
   base = PairConfig(resolution_nm=(50, 4, 4))
   scaled = np.asarray(ja.align_pair(src, tgt, config=PairConfig(resolution_nm=(50, 4, 4), gamma_scale=3.0)))
   explicit = np.asarray(ja.align_pair(src, tgt, config=PairConfig(
-      resolution_nm=(50, 4, 4), gammas=tuple(3.0 * g for g in ja.pair.COARSE_GAMMAS))))
+      resolution_nm=(50, 4, 4), gammas=tuple(3.0 * g for g in pair.COARSE_GAMMAS))))
   plain = np.asarray(ja.align_pair(src, tgt, config=base))
   np.testing.assert_allclose(scaled, explicit, atol=1e-4)
   assert np.abs(scaled - plain).max() > 1e-2

@@ -1,4 +1,4 @@
-"""Batches sharded over local devices (jaxalign.sharding).
+"""Batches sharded over local devices (jaxalign.volume.sharding).
 
 The 8-device case runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 so
 this test process keeps its single CPU device. References: SciPy float64 `map_coordinates`
@@ -35,8 +35,8 @@ def scipy_warp(images, fields):
 
 
 def test_sharded_map_one_device_pads_and_matches_scipy():
-  from jaxalign import sharding
-  from jaxalign.fields import warp
+  from jaxalign.volume import sharding
+  from jaxalign.ops.fields import warp
   images, fields = make_batch()
   out = sharding.sharded_map(warp, images, fields, batch_size=4)  # 13 items -> 4 calls, last padded
   assert out.shape == images.shape and out.dtype == np.float32
@@ -50,8 +50,8 @@ SCRIPT = textwrap.dedent("""
   import numpy as np, jax
   sys.path.insert(0, {repo!r})
   from tests.test_sharding import make_batch
-  from jaxalign import sharding
-  from jaxalign.fields import warp
+  from jaxalign.volume import sharding
+  from jaxalign.ops.fields import warp
   images, fields = make_batch()
   mesh8 = sharding.local_mesh()
   mesh1 = sharding.local_mesh(jax.local_devices()[:1])
@@ -82,9 +82,9 @@ def test_eight_cpu_devices_identical_to_one_device(tmp_path):
 
 
 def test_bad_batches_raise():
-  from jaxalign import sharding
+  from jaxalign.volume import sharding
   from jaxalign.errors import InputError
-  from jaxalign.fields import warp
+  from jaxalign.ops.fields import warp
   with pytest.raises(InputError, match="leading axis"):
     sharding.sharded_map(warp, np.zeros((3, 4, 4)), np.zeros((2, 4, 4, 2)))
   with pytest.raises(InputError, match="cannot pad"):

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxalign.block import BlockConfig, align_block
+from jaxalign.stack.block import BlockConfig, align_block
 from jaxalign.errors import InputError
-from jaxalign.stack import (StackConfig, align_block_task, align_stack, choose_starters, compose_with_decay,
-                            plan_blocks, section_quality)
+from jaxalign.stack.chain import StackConfig, align_block_task, align_stack, choose_starters, compose_with_decay, plan_blocks, section_quality
 from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
 
 SIZE = 64
@@ -184,7 +183,7 @@ def test_align_stack_rotations_match_truth_and_single_block():
   """Non-commuting distortions (rotations): blocks + stitching reproduce the exact inverse affine
   fields (float64 matrix inverse) and the single-block run, with a real dense aligner."""
   import jaxalign as ja
-  from jaxalign.blockmatch import BlockMatchConfig, block_match
+  from jaxalign.align.blockmatch import BlockMatchConfig, block_match
   z_count, size = 10, 96
   tex = texture_stack(np.zeros((z_count, 2), int), size, seed=4, change=0.3, smooth=2.0)
   rng = np.random.default_rng(0)

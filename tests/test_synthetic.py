@@ -1,10 +1,10 @@
-"""Statistics of the procedural EM stack (jaxalign.synthetic), against float64 NumPy references."""
+"""Statistics of the procedural EM stack (jaxalign.bench.synthetic), against float64 NumPy references."""
 
 import numpy as np
 import pytest
 
 from jaxalign.errors import InputError
-from jaxalign.synthetic import SyntheticConfig, make_stack
+from jaxalign.bench.synthetic import SyntheticConfig, make_stack
 
 SMALL = SyntheticConfig(sections=10, size=160, seed=3)
 

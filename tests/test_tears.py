@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import pytest
 from scipy import ndimage
 
-from jaxalign import tears
-from jaxalign.losses import SPRING_OFFSETS
+from jaxalign.ops import tears
+from jaxalign.ops.losses import SPRING_OFFSETS
 
 
 def _band(h, w, y0, width):
@@ -81,7 +81,7 @@ def test_no_defects_no_cuts():
 
 
 def test_spring_pairs_equals_pixel_mask_in_elastic_loss():
-  from jaxalign.losses import elastic_loss
+  from jaxalign.ops.losses import elastic_loss
   rng = np.random.default_rng(1)
   f = jnp.asarray(rng.normal(scale=0.5, size=(12, 10, 2)), jnp.float32)
   mask = rng.random((12, 10)) > 0.3
@@ -92,7 +92,7 @@ def test_spring_pairs_equals_pixel_mask_in_elastic_loss():
 def test_coarse_level_cuts_even_when_its_own_mask_lost_the_crack():
   # A 3 px crack is below half a pixel at level 3 (8 px per pixel): the level's own (thresholded)
   # defect mask is empty, but the springs must still be cut from the full-resolution mask.
-  from jaxalign.finetuner import FinetuneConfig, _spring_weights
+  from jaxalign.align.finetuner import FinetuneConfig, _spring_weights
   h = w = 64
   gap = _band(h, w, 30, 3)
   coarse_mask = jnp.zeros((h // 8, w // 8))

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 from scipy import ndimage
 
-from jaxalign import losses, models, train
+from jaxalign.ops import losses
+from jaxalign.models import seamless, train_data, train_encoder, train_pyramid
 from jaxalign.errors import InputError
 from tests.conftest import load_sections
 
@@ -25,17 +26,17 @@ def np_warp(img, field):
 
 
 def tiny_level_cfg(mip=0):
-  return models.LevelConfig(mip=mip, encoder=models.EncoderConfig(channels=4, blocks=1, out_channels=3),
-                            aligner=models.AlignerConfig(scales=2, channels=6, dilations=(1,), radius=1),
+  return seamless.LevelConfig(mip=mip, encoder=seamless.EncoderConfig(channels=4, blocks=1, out_channels=3),
+                            aligner=seamless.AlignerConfig(scales=2, channels=6, dilations=(1,), radius=1),
                             finetune=None)
 
 
 def tiny_train_cfg(**kw):
-  base = dict(pyramid=models.PyramidConfig(levels=(tiny_level_cfg(0),)), crop=32, batch_size=2, chunk=16,
+  base = dict(pyramid=seamless.PyramidConfig(levels=(tiny_level_cfg(0),)), crop=32, batch_size=2, chunk=16,
               stage1_epochs=1, stage2_epochs=1, eval_every=2, checkpoint_every=2, keep_last=2,
               learning_rate=3e-3)
   base.update(kw)
-  return train.TrainConfig(**base)
+  return train_data.TrainConfig(**base)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,19 +58,19 @@ def test_stage1_loss_matches_numpy_reference():
   num = den = 0.0
   for i in range(b):
     warped = np_warp(src[i], field[i])
-    support = np_warp((src[i] != 0).astype(float), field[i]) > train.FULL_SUPPORT
+    support = np_warp((src[i] != 0).astype(float), field[i]) > train_data.FULL_SUPPORT
     mask = support & (tgt[i] != 0)
     num += ((warped - tgt[i]) ** 2)[mask].sum()
     den += mask.sum()
   mse_ref = num / den
   el_mask_ref = 1.0 - (np.stack([np_warp(defects[i].astype(float), field[i]) for i in range(b)]) > 0)
 
-  loss0, terms = train.stage1_loss(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field), jnp.asarray(defects), 0.0)
+  loss0, terms = train_pyramid.stage1_loss(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field), jnp.asarray(defects), 0.0)
   np.testing.assert_allclose(float(loss0), mse_ref, rtol=1e-4)
   np.testing.assert_allclose(float(terms["mse"]), mse_ref, rtol=1e-4)
   # the elastic term is gamma times the kernel's masked elastic loss, with the weight zeroed on defects
   gamma = 7.0
-  loss_g, _ = train.stage1_loss(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field), jnp.asarray(defects), gamma)
+  loss_g, _ = train_pyramid.stage1_loss(jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(field), jnp.asarray(defects), gamma)
   el_ref = float(losses.elastic_loss(jnp.asarray(field), jnp.asarray(el_mask_ref, jnp.float32)))
   np.testing.assert_allclose(float(loss_g) - float(loss0), gamma * el_ref, rtol=1e-4)
   assert el_mask_ref.min() == 0.0  # the defect really released some springs
@@ -83,7 +84,7 @@ def np_best_sample(a, b, mask, chunk, pct):
     for y in range(0, a.shape[1], chunk):
       for x in range(0, a.shape[2], chunk):
         m = mask[n, y:y + chunk, x:x + chunk].astype(np.float64)
-        if m.sum() / chunk ** 2 < train.MIN_CHUNK_COVERAGE:
+        if m.sum() / chunk ** 2 < train_data.MIN_CHUNK_COVERAGE:
           continue
         d = ((a[n, y:y + chunk, x:x + chunk] - b[n, y:y + chunk, x:x + chunk]) ** 2).mean(-1)
         mses.append((d * m).sum() / m.sum())
@@ -106,7 +107,7 @@ def test_best_sample_selection_matches_numpy(pct):
   mask = np.ones((bsz, h, w), np.float32)
   mask[0, :20, :40] = 0.0          # partly empty chunks (some under 50 % coverage)
   mask[2, 30:, :] = 0.0
-  got = float(train.best_sample_similarity(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask), chunk=chunk,
+  got = float(train_pyramid.best_sample_similarity(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask), chunk=chunk,
                                            percentile=pct))
   np.testing.assert_allclose(got, np_best_sample(a, b, mask, chunk, pct), rtol=1e-5)
   # the bottom half is strictly more similar than all chunks together
@@ -123,12 +124,12 @@ def test_stage2_loss_matches_numpy_reference():
   init = np.zeros_like(field)
   defects = np.zeros((bsz, h, w), bool)
   alpha = 0.7
-  loss, terms = train.stage2_loss(jnp.asarray(se), jnp.asarray(te), jnp.asarray(init), jnp.asarray(field),
+  loss, terms = train_pyramid.stage2_loss(jnp.asarray(se), jnp.asarray(te), jnp.asarray(init), jnp.asarray(field),
                                   jnp.asarray(defects), 0.0, alpha, 16, 50.0)
   num = den = 0.0
   for i in range(bsz):
     warped = np.stack([np_warp(se[i, ..., k], field[i]) for k in range(c)], -1)
-    mask = np_warp(np.ones((h, w)), field[i]) > train.FULL_SUPPORT
+    mask = np_warp(np.ones((h, w)), field[i]) > train_data.FULL_SUPPORT
     num += ((warped - te[i]) ** 2).mean(-1)[mask].sum()
     den += mask.sum()
   mse_ref = num / den
@@ -154,10 +155,10 @@ def test_augment_keeps_pair_geometry():
   field = np.broadcast_to(shift, (n, n, 2)).astype(np.float32)
   np.testing.assert_allclose(np_warp(src, field)[4:-4, 4:-4], tgt[4:-4, 4:-4], atol=1e-6)
   bsz = 8
-  batch = train.Batch(jnp.asarray(np.stack([src + 5] * bsz), jnp.float32),
+  batch = train_pyramid.Batch(jnp.asarray(np.stack([src + 5] * bsz), jnp.float32),
                       jnp.asarray(np.stack([tgt + 5] * bsz), jnp.float32),
                       jnp.zeros((bsz, n, n)), jnp.asarray(np.stack([field] * bsz)))
-  out = train.augment(jax.random.PRNGKey(0), batch, (1.0, 1.0))
+  out = train_pyramid.augment(jax.random.PRNGKey(0), batch, (1.0, 1.0))
   fields_seen = set()
   for i in range(bsz):
     s, t, f = np.asarray(out.src[i]), np.asarray(out.tgt[i]), np.asarray(out.init[i])
@@ -170,7 +171,7 @@ def test_augment_keeps_pair_geometry():
 # Training
 # ------------------------------------------------------------------------------------------------
 
-TINY_AUG = dataclasses.replace(train.AugmentConfig(), max_translation=3.0, smooth_amplitude=1.5, smooth_spacing=16,
+TINY_AUG = dataclasses.replace(train_data.AugmentConfig(), max_translation=3.0, smooth_amplitude=1.5, smooth_spacing=16,
                                max_rotation_deg=0.5, stripe_probability=0.0, blob_probability=0.0,
                                swap_probability=0.0)
 
@@ -182,8 +183,8 @@ def tiny_sections():
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tiny_sections):
-  return (train.make_pairs(tiny_sections[:3], jax.random.PRNGKey(0), TINY_AUG, multiple=2, name="t"),
-          train.make_pairs(tiny_sections[3:], jax.random.PRNGKey(1), TINY_AUG, multiple=2, name="v"))
+  return (train_data.make_pairs(tiny_sections[:3], jax.random.PRNGKey(0), TINY_AUG, multiple=2, name="t"),
+          train_data.make_pairs(tiny_sections[3:], jax.random.PRNGKey(1), TINY_AUG, multiple=2, name="v"))
 
 
 def test_make_pairs_ground_truth_undoes_the_distortion(tiny_sections, tiny_pairs):
@@ -202,40 +203,40 @@ def test_make_pairs_ground_truth_undoes_the_distortion(tiny_sections, tiny_pairs
 
 def test_tiny_model_trains_and_compiles_once(tiny_pairs):
   cfg = tiny_train_cfg()
-  level = models.Level(tiny_level_cfg(), rngs=nnx.Rngs(0))
-  opt = train.make_optimizer(level, cfg, 100)
-  ts = train.TrainStep(level, opt, cfg, 0, stage=1)
-  data = train.level_data(tiny_pairs[0], 0, None)
+  level = seamless.Level(tiny_level_cfg(), rngs=nnx.Rngs(0))
+  opt = train_pyramid.make_optimizer(level, cfg, 100)
+  ts = train_pyramid.TrainStep(level, opt, cfg, 0, stage=1)
+  data = train_pyramid.level_data(tiny_pairs[0], 0, None)
   rng = np.random.default_rng(0)
-  fixed = train.sample_batch(rng, [data], cfg.batch_size, cfg.crop)
+  fixed = train_pyramid.sample_batch(rng, [data], cfg.batch_size, cfg.crop)
   key = jax.random.PRNGKey(0)
-  traces = train.TRACE_COUNT[0]
+  traces = train_pyramid.TRACE_COUNT[0]
   first = float(ts(fixed, key)["loss"])
   for i in range(12):
     # fresh batches too: the step must not retrace for new data
-    ts(train.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(i + 1))
+    ts(train_pyramid.sample_batch(rng, [data], cfg.batch_size, cfg.crop), jax.random.PRNGKey(i + 1))
     ts(fixed, key)
   last = float(ts(fixed, key)["loss"])
-  assert train.TRACE_COUNT[0] == traces + 1  # compiled once, for all batches
+  assert train_pyramid.TRACE_COUNT[0] == traces + 1  # compiled once, for all batches
   assert last < 0.95 * first, (first, last)
 
 
 def test_checkpoint_save_restore_identical(tmp_path):
   """Orbax round trip of parameters + optimiser state + meta: a fresh model restores to identical outputs."""
   cfg = tiny_train_cfg()
-  pyr = models.Pyramid(cfg.pyramid, rngs=nnx.Rngs(1))
-  opt = train.make_optimizer(pyr.levels[0], cfg, 10)
+  pyr = seamless.Pyramid(cfg.pyramid, rngs=nnx.Rngs(1))
+  opt = train_pyramid.make_optimizer(pyr.levels[0], cfg, 10)
   # make the optimiser state non-trivial
   grads = jax.tree.map(lambda p: jnp.ones_like(p), nnx.state(pyr.levels[0], nnx.Param))
   opt.update(pyr.levels[0], grads)
-  ck = train.Checkpoints(tmp_path, keep_last=2)
+  ck = train_pyramid.Checkpoints(tmp_path, keep_last=2)
   for step, val in ((3, 9.0), (5, 4.0), (7, 6.0)):
     ck.save(step, pyr, opt, {"step": step, "level": 0, "stage": 1}, val_epe=val)
   assert ck.last.all_steps() == [5, 7]           # keep_last = 2
   assert ck.best.all_steps() == [5]              # lowest validation EPE
   assert ck.latest_step() == 7 and ck.restore_meta(7) == {"step": 7, "level": 0, "stage": 1}
-  fresh = models.Pyramid(cfg.pyramid, rngs=nnx.Rngs(99))
-  fresh_opt = train.make_optimizer(fresh.levels[0], cfg, 10)
+  fresh = seamless.Pyramid(cfg.pyramid, rngs=nnx.Rngs(99))
+  fresh_opt = train_pyramid.make_optimizer(fresh.levels[0], cfg, 10)
   x = jnp.asarray(np.random.default_rng(0).uniform(0.1, 1, size=(1, 32, 32)), jnp.float32)
   y, z = jnp.roll(x, 2, axis=2), jnp.zeros((1, 32, 32, 2))
   assert not np.array_equal(np.asarray(fresh.levels[0](x, y, z)), np.asarray(pyr.levels[0](x, y, z)))
@@ -251,12 +252,12 @@ def test_checkpoint_save_restore_identical(tmp_path):
 def test_checkpoint_resume_and_restore(tmp_path, tiny_pairs):
   cfg = tiny_train_cfg()
   n_pairs = tiny_pairs[0].src.shape[0]
-  total = sum(p.steps for p in train.schedule(cfg, n_pairs))
+  total = sum(p.steps for p in train_pyramid.schedule(cfg, n_pairs))
   assert total == 2  # 2 pairs / batch 2 = 1 step per epoch; 1 epoch per stage
   wd = tmp_path / "run"
-  part = train.train(cfg, wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]), max_steps=1)
+  part = train_pyramid.train(cfg, wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]), max_steps=1)
   assert part.step == 1 and not (wd / "pyramid.npz").exists()
-  full = train.train(cfg, wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]))
+  full = train_pyramid.train(cfg, wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]))
   assert full.step == total
   recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in recs if "loss" in r]
@@ -266,9 +267,9 @@ def test_checkpoint_resume_and_restore(tmp_path, tiny_pairs):
   src = jnp.asarray(tiny_pairs[1].src[:1, :32, :32])
   tgt = jnp.asarray(tiny_pairs[1].tgt[:1, :32, :32])
   init = jnp.zeros((1, 32, 32, 2))
-  fresh = models.Pyramid(cfg.pyramid, rngs=nnx.Rngs(123))
+  fresh = seamless.Pyramid(cfg.pyramid, rngs=nnx.Rngs(123))
   before = np.asarray(fresh.levels[0](src, tgt, init))
-  ck = train.Checkpoints(wd, cfg.keep_last)
+  ck = train_pyramid.Checkpoints(wd, cfg.keep_last)
   assert ck.latest_step() == total
   ck.restore(total, fresh)
   ck.close()
@@ -276,11 +277,11 @@ def test_checkpoint_resume_and_restore(tmp_path, tiny_pairs):
   np.testing.assert_array_equal(np.asarray(fresh.levels[0](src, tgt, init)), want)
   assert not np.array_equal(before, want)
   # the exported compact weights give the same outputs too
-  loaded = models.load_weights(wd / "pyramid")
+  loaded = seamless.load_weights(wd / "pyramid")
   np.testing.assert_array_equal(np.asarray(loaded.levels[0](src, tgt, init)), want)
   # a different config in the same workdir is refused instead of mixing runs
   with pytest.raises(InputError, match="different config"):
-    train.train(dataclasses.replace(cfg, learning_rate=1e-2), wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]))
+    train_pyramid.train(dataclasses.replace(cfg, learning_rate=1e-2), wd, datasets=([tiny_pairs[0]], [tiny_pairs[1]]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,41 +294,41 @@ def test_checkpoint_resume_and_restore(tmp_path, tiny_pairs):
     (dict(stage1_epochs=0, stage2_epochs=0), "epochs"),
     (dict(percentile=0.0), "percentile"),
     (dict(gammas=(-1.0,)), "gammas"),
-    (dict(pyramid=models.PyramidConfig(levels=(tiny_level_cfg(0), tiny_level_cfg(1)))), "coarse to fine"),
+    (dict(pyramid=seamless.PyramidConfig(levels=(tiny_level_cfg(0), tiny_level_cfg(1)))), "coarse to fine"),
 ])
 def test_malformed_config_is_input_error(kw, msg):
   with pytest.raises(InputError, match=msg):
-    train.validate_train_config(tiny_train_cfg(**kw))
+    train_data.validate_train_config(tiny_train_cfg(**kw))
 
 
 def test_malformed_dataset_and_config_dict_are_input_errors(tmp_path):
   with pytest.raises(InputError, match="does not exist"):
-    train.build_dataset(tiny_train_cfg(data_root=str(tmp_path / "nope")))
+    train_data.build_dataset(tiny_train_cfg(data_root=str(tmp_path / "nope")))
   (tmp_path / "empty").mkdir()
   with pytest.raises(InputError, match="at least 2 sections"):
-    train.build_dataset(tiny_train_cfg(data_root=str(tmp_path), stacks=(("empty", 1),)))
+    train_data.build_dataset(tiny_train_cfg(data_root=str(tmp_path), stacks=(("empty", 1),)))
   with pytest.raises(InputError, match="stack"):
-    train.make_pairs(np.zeros((1, 8, 8)), jax.random.PRNGKey(0), train.AugmentConfig())
-  d = train.config_to_dict(tiny_train_cfg())
-  assert train.config_from_dict(d) == tiny_train_cfg()
+    train_data.make_pairs(np.zeros((1, 8, 8)), jax.random.PRNGKey(0), train_data.AugmentConfig())
+  d = train_data.config_to_dict(tiny_train_cfg())
+  assert train_data.config_from_dict(d) == tiny_train_cfg()
   d["pyramid"]["levels"][0]["encoder"]["channels"] = "wide"
   with pytest.raises(InputError):
-    train.config_from_dict(d)
+    train_data.config_from_dict(d)
   del d["pyramid"]
   with pytest.raises(InputError, match="malformed"):
-    train.config_from_dict(d)
+    train_data.config_from_dict(d)
 
 
 def test_blur_masked_matches_scipy_and_keeps_no_data():
   rng = np.random.default_rng(5)
   x = rng.normal(size=(2, 30, 34)).astype(np.float32)
   x[1, 5:12, 8:20] = 0.0
-  got = np.asarray(train.blur_masked(jnp.asarray(x), 1.5))
+  got = np.asarray(train_pyramid.blur_masked(jnp.asarray(x), 1.5))
   for i in range(2):
     ref = ndimage.gaussian_filter(x[i].astype(np.float64), 1.5, mode="mirror", truncate=3.0) * (x[i] != 0)
     np.testing.assert_allclose(got[i], ref, atol=1e-5)
   enc = np.stack([x, 2 * x], -1)
-  got_e = np.asarray(train.blur_masked(jnp.asarray(enc), 1.5))
+  got_e = np.asarray(train_pyramid.blur_masked(jnp.asarray(enc), 1.5))
   np.testing.assert_allclose(got_e[..., 1], 2 * got, atol=1e-5)
 
 
@@ -336,11 +337,11 @@ def test_blur_masked_matches_scipy_and_keeps_no_data():
 # ------------------------------------------------------------------------------------------------
 
 def test_shift_offsets_and_integer_shift_match_numpy():
-  offs = train._shift_offsets(train.EncoderTrainConfig())
+  offs = train_encoder._shift_offsets(train_encoder.EncoderTrainConfig())
   assert offs.dtype.kind == "i" and len(offs) == len({tuple(o) for o in offs}) and not np.any(np.all(offs == 0, -1))
   x = np.random.default_rng(0).normal(size=(2, 9, 11, 3)).astype(np.float32)
   for dy, dx in ((1, -2), (-3, 0), (2, 2)):
-    got = np.asarray(train._shifted(jnp.asarray(x), dy, dx))
+    got = np.asarray(train_encoder._shifted(jnp.asarray(x), dy, dx))
     ref = np.zeros_like(x)  # ref[y, x] = x[y + dy, x + dx], zeros outside
     for y in range(9):
       for xx in range(11):
@@ -353,7 +354,7 @@ def _smooth_encodings(shift=(1.5, -2.0), size=48, seed=0):
   rng = np.random.default_rng(seed)
   base = ndimage.gaussian_filter(rng.normal(size=(1, size + 16, size + 16, 4)), (0, 1.5, 1.5, 0))
   base /= base.std()
-  from jaxalign import fields
+  from jaxalign.ops import fields
   tgt = base[:, 8:8 + size, 8:8 + size].astype(np.float32)
   field = np.broadcast_to(np.array(shift, np.float32), (1, size, size, 2)).copy()
   # src such that warp(src, field) == tgt: src(r + shift) = tgt(r)
@@ -364,22 +365,22 @@ def _smooth_encodings(shift=(1.5, -2.0), size=48, seed=0):
 
 def test_encoder_loss_prefers_the_true_alignment_and_matches_reference():
   src, tgt, field = _smooth_encodings()
-  offs = train._shift_offsets(train.EncoderTrainConfig())
+  offs = train_encoder._shift_offsets(train_encoder.EncoderTrainConfig())
   kw = dict(margin=6, chunk=16, temperature=0.1, nce_weight=1.0)
-  loss, t = train.encoder_loss(src, tgt, field, offs, **kw)
+  loss, t = train_encoder.encoder_loss(src, tgt, field, offs, **kw)
   # aligned MSE equals the kernel's masked MSE on the same mask (float64 reference of the inner part)
-  from jaxalign import fields
+  from jaxalign.ops import fields
   warped = np.asarray(fields.warp(src, field), np.float64)
   inner = np.zeros((48, 48), bool)
   inner[6:-6, 6:-6] = True
-  support = np.asarray(fields.warp((src != 0).any(-1).astype(jnp.float32), field))[0] > train.FULL_SUPPORT
+  support = np.asarray(fields.warp((src != 0).any(-1).astype(jnp.float32), field))[0] > train_data.FULL_SUPPORT
   m = inner & support
   ref = np.mean(((warped[0] - np.asarray(tgt[0], np.float64)) ** 2)[m])
   np.testing.assert_allclose(float(t["mse"]), ref, rtol=1e-4, atol=1e-6)
   assert float(t["acc"]) > 0.9 and float(t["mse_wrong"]) > 5 * float(t["mse"])
-  wrong, tw = train.encoder_loss(src, tgt, field + 2.0, offs, **kw)
+  wrong, tw = train_encoder.encoder_loss(src, tgt, field + 2.0, offs, **kw)
   assert float(wrong) > float(loss) + 1.0 and float(tw["acc"]) < 0.5
-  g = jax.grad(lambda s: train.encoder_loss(s, tgt, field, offs, **kw)[0])(src)
+  g = jax.grad(lambda s: train_encoder.encoder_loss(s, tgt, field, offs, **kw)[0])(src)
   assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -389,23 +390,23 @@ def test_stripe_power_fraction_closed_form():
   period, theta = 8.0, 0.0  # along y: frequency bin 64 / 8 = 8 exactly
   yy = np.arange(64)[:, None] * np.ones((1, 64))
   stripe = 0.5 * np.sin(2 * np.pi * yy / period)
-  f = train.stripe_power_fraction(img, img + stripe, period, theta)
+  f = train_encoder.stripe_power_fraction(img, img + stripe, period, theta)
   win = np.outer(np.hanning(64), np.hanning(64))
   total = np.sum(np.abs(np.fft.fft2((img - img.mean()) * win)) ** 2)
   stripe_power = np.sum(np.abs(np.fft.fft2((stripe - stripe.mean()) * win)) ** 2)  # all near ±bin 8
   np.testing.assert_allclose(f, stripe_power / total, rtol=0.02)
-  assert train.stripe_power_fraction(img, img, period, theta) == 0.0
+  assert train_encoder.stripe_power_fraction(img, img, period, theta) == 0.0
   # an "encoding" that passes the image through unchanged has ratio 1; channels add up
   enc = np.stack([img, img], -1)
-  np.testing.assert_allclose(train.stripe_power_fraction(enc, enc + stripe[..., None], period, theta), f, rtol=1e-6)
+  np.testing.assert_allclose(train_encoder.stripe_power_fraction(enc, enc + stripe[..., None], period, theta), f, rtol=1e-6)
 
 
 def tiny_encoder_cfg(**kw):
-  base = dict(encoder=models.EncoderConfig(channels=4, blocks=1, out_channels=3), encoding_levels=0, crop=32,
+  base = dict(encoder=seamless.EncoderConfig(channels=4, blocks=1, out_channels=3), encoding_levels=0, crop=32,
               margin=4, chunk=8, batch_size=2, steps=4, eval_every=2, checkpoint_every=2, keep_last=2,
               val_pairs=1, shift_radii=(1.0,), shift_directions=4, learning_rate=3e-3)
   base.update(kw)
-  return train.EncoderTrainConfig(**base)
+  return train_encoder.EncoderTrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +414,7 @@ def tiny_level_stacks():
   rng = np.random.default_rng(5)
   base = ndimage.gaussian_filter(rng.uniform(size=(3, 40, 40)), (0, 1.2, 1.2))
   imgs = (0.2 + 0.6 * (base - base.min()) / (base.max() - base.min())).astype(np.float32)
-  return [train.LevelStack("tiny", imgs, 32.0)]
+  return [train_encoder.LevelStack("tiny", imgs, 32.0)]
 
 
 def _params(pyramid):
@@ -423,11 +424,11 @@ def _params(pyramid):
 def test_encoder_training_resumes_at_the_right_step(tmp_path, tiny_level_stacks):
   cfg = tiny_encoder_cfg()
   st = tiny_level_stacks
-  full = train.train_encoder(cfg, tmp_path / "a", stacks=st, val_stacks=st, progress=False)
+  full = train_encoder.train_encoder(cfg, tmp_path / "a", stacks=st, val_stacks=st, progress=False)
   assert full.step == 4 and full.weights_path.is_file()
-  part = train.train_encoder(cfg, tmp_path / "b", stacks=st, val_stacks=st, max_steps=2, progress=False)
+  part = train_encoder.train_encoder(cfg, tmp_path / "b", stacks=st, val_stacks=st, max_steps=2, progress=False)
   assert part.step == 2 and not part.weights_path.exists()
-  resumed = train.train_encoder(cfg, tmp_path / "b", stacks=st, val_stacks=st, progress=False)
+  resumed = train_encoder.train_encoder(cfg, tmp_path / "b", stacks=st, val_stacks=st, progress=False)
   assert resumed.step == 4
   a, b = _params(full.pyramid), _params(resumed.pyramid)
   for k in a:
@@ -435,7 +436,7 @@ def test_encoder_training_resumes_at_the_right_step(tmp_path, tiny_level_stacks)
   rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [2, 4]
   assert rows[0]["event"] == "start" and "val_epe_raw" in rows[0] and all("val_epe" in r for r in rows if "loss" in r)
-  back = models.load_weights(tmp_path / "a" / "encoder")
+  back = seamless.load_weights(tmp_path / "a" / "encoder")
   assert back.cfg.levels[0].aligner is None and back.cfg.levels[0].nm == 32.0
 
 
@@ -448,21 +449,21 @@ def test_encoder_training_resumes_at_the_right_step(tmp_path, tiny_level_stacks)
 ])
 def test_malformed_encoder_config_is_input_error(kw, msg):
   with pytest.raises(InputError, match=msg):
-    train.validate_encoder_config(tiny_encoder_cfg(**kw))
+    train_encoder.validate_encoder_config(tiny_encoder_cfg(**kw))
 
 
 def test_empty_or_missing_encoder_dataset_is_input_error(tmp_path, tiny_level_stacks):
   cfg = tiny_encoder_cfg()
   with pytest.raises(InputError, match="empty"):
-    train.train_encoder(cfg, tmp_path / "e", stacks=[], val_stacks=tiny_level_stacks, progress=False)
-  small = [train.LevelStack("small", np.ones((2, 16, 16), np.float32), 32.0)]
+    train_encoder.train_encoder(cfg, tmp_path / "e", stacks=[], val_stacks=tiny_level_stacks, progress=False)
+  small = [train_encoder.LevelStack("small", np.ones((2, 16, 16), np.float32), 32.0)]
   with pytest.raises(InputError, match="crop"):
-    train.train_encoder(cfg, tmp_path / "e", stacks=small, val_stacks=tiny_level_stacks, progress=False)
+    train_encoder.train_encoder(cfg, tmp_path / "e", stacks=small, val_stacks=tiny_level_stacks, progress=False)
   assert not (tmp_path / "e").exists()  # nothing half-written
   with pytest.raises(InputError, match="does not exist"):
-    train.load_level_stacks(tiny_encoder_cfg(data_root=str(tmp_path / "nowhere")))
+    train_encoder.load_level_stacks(tiny_encoder_cfg(data_root=str(tmp_path / "nowhere")))
   import pathlib
-  if (pathlib.Path(train.DEFAULT_DATA_ROOT) / "isbi2012_train").is_dir():
+  if (pathlib.Path(train_data.DEFAULT_DATA_ROOT) / "isbi2012_train").is_dir():
     with pytest.raises(InputError, match="at least 2"):
-      train.load_level_stacks(tiny_encoder_cfg(stacks=(("isbi2012_train", 4.0, 0, 1, 1),),
-                                               data_root=train.DEFAULT_DATA_ROOT))
+      train_encoder.load_level_stacks(tiny_encoder_cfg(stacks=(("isbi2012_train", 4.0, 0, 1, 1),),
+                                               data_root=train_data.DEFAULT_DATA_ROOT))

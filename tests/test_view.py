@@ -23,7 +23,7 @@ import PIL.Image
 import pytest
 import tensorstore as ts
 
-from jaxalign import io
+from jaxalign.volume import store
 from jaxalign.commands import view
 from jaxalign.errors import InputError
 
@@ -36,8 +36,8 @@ def volumes(tmp_path):
   rng = np.random.default_rng(1)
   img = rng.uniform(0.1, 1, (3, 40, 48)).astype(np.float32)
   fld = rng.normal(0, 3, (3, 40, 48, 2)).astype(np.float32)
-  io.create_volume(str(tmp_path / "raw"), img.shape, "float32", RES).write(img)
-  io.create_volume(str(tmp_path / "fld"), fld.shape, "float32", RES, kind="field").write(fld)
+  store.create_volume(str(tmp_path / "raw"), img.shape, "float32", RES).write(img)
+  store.create_volume(str(tmp_path / "fld"), fld.shape, "float32", RES, kind="field").write(fld)
   return tmp_path, img, fld
 
 
@@ -79,7 +79,7 @@ def _disk_volume(d, name="disk", z=3, size=128, radius=28):
   yy, xx = np.mgrid[:size, :size]
   disk = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius ** 2, 1.0, 0.1).astype(np.float32)
   path = str(d / name)
-  io.create_volume(path, (z, size, size), "float32", DISK_RES).write(np.stack([disk] * z))
+  store.create_volume(path, (z, size, size), "float32", DISK_RES).write(np.stack([disk] * z))
   return path
 
 
@@ -296,7 +296,7 @@ def test_local_viewer_renders_image_in_headless_chromium(tmp_path):
     pytest.skip("headless Chromium is not installed (Debian: apt-get install -y chromium; or set $CHROMIUM)")
   raw = _disk_volume(tmp_path)
   fld = str(tmp_path / "fld")
-  io.create_volume(fld, (3, 128, 128, 2), "float32", DISK_RES, kind="field").write(
+  store.create_volume(fld, (3, 128, 128, 2), "float32", DISK_RES, kind="field").write(
       np.ones((3, 128, 128, 2), np.float32))
   out = tmp_path / "ng"
   view.write_view(str(out), {"raw": raw, "field": fld}, progress=False)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from jaxalign.errors import InputError, check_pair
-from jaxalign.fields import blur_field, compose, downsample_image, gaussian_blur, upsample_field, warp
+from jaxalign.ops.fields import blur_field, compose, downsample_image, gaussian_blur, upsample_field, warp
 
 # Below this variance (intensity^2 x pixels) a patch is treated as featureless.
 MIN_VARIANCE = 1e-6

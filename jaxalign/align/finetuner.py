@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxalign import fields as _fields
+from jaxalign.ops import fields as _fields
 from jaxalign.errors import InputError
-from jaxalign import losses as _losses
-from jaxalign import preprocess as _preprocess
-from jaxalign import tears as _tears
+from jaxalign.ops import losses as _losses
+from jaxalign.ops import preprocess as _preprocess
+from jaxalign.ops import tears as _tears
 
 
 

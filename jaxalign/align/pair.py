@@ -39,11 +39,11 @@ from jax import lax
 from absl import logging
 
 from jaxalign import errors
-from jaxalign import fields as _fields
-from jaxalign import losses as _losses
-from jaxalign import preprocess as _preprocess
-from jaxalign import tears as _tears
-from jaxalign.finetuner import FinetuneConfig, FinetuneStats, finetune_core
+from jaxalign.ops import fields as _fields
+from jaxalign.ops import losses as _losses
+from jaxalign.ops import preprocess as _preprocess
+from jaxalign.ops import tears as _tears
+from jaxalign.align.finetuner import FinetuneConfig, FinetuneStats, finetune_core
 
 # Per-level defaults, level 0 (full resolution) first. Coarse levels are cheap, so they get many
 # steps and a strong elastic prior (paper: gamma 5-25, larger at coarser levels); full resolution gets
@@ -542,7 +542,7 @@ def _pad_to(x: np.ndarray, multiple: int, spatial_axes: tuple[int, int]) -> np.n
 
 def _block_match(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None):
   try:
-    bm = importlib.import_module("jaxalign.blockmatch")
+    bm = importlib.import_module("jaxalign.align.blockmatch")
   except ImportError as e:
     raise errors.InputError(f"config.init='blockmatch' needs jaxalign.blockmatch ({e})") from None
   return bm.block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)

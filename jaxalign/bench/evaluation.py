@@ -36,9 +36,9 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.fields import FULL_SUPPORT, downsample_image, level_nearest, warp
-from jaxalign.groundtruth import DistortionConfig, distort_stack
-from jaxalign.metrics import LOW_CPC_THRESHOLD, cpc
+from jaxalign.ops.fields import FULL_SUPPORT, downsample_image, level_nearest, warp
+from jaxalign.bench.groundtruth import DistortionConfig, distort_stack
+from jaxalign.ops.metrics import LOW_CPC_THRESHOLD, cpc
 
 CASE_FORMAT_VERSION = 1
 CASE_KINDS = ("same", "neighbour", "stack")
@@ -111,7 +111,7 @@ def em_data_dir() -> pathlib.Path:
   env = os.environ.get("JAXALIGN_EM_DATA")
   if env:
     return pathlib.Path(env)
-  return (pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em").resolve()
+  return (pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em").resolve()
 
 
 def load_stack(name: str, *, num: int | None = None, start: int = 0, step: int = 1,
@@ -190,12 +190,12 @@ def shared_case(kind: str, stack_name: str, *, num: int = 5, step: int | None = 
 
 def case_from_volume(kind: str, url: str, *, num: int | None = None, start: int = 0, step: int = 1,
                      seed: int = 0, config: DistortionConfig | None = None, level: int = 0) -> Case:
-  """A case from any `jaxalign.io` image volume (sections `start::step`, `num` of them, at `level`).
+  """A case from any `jaxalign.volume.store` image volume (sections `start::step`, `num` of them, at `level`).
 
   Integer volumes are scaled to [0, 1] by their dtype's maximum.
   """
-  from jaxalign import io
-  vol = io.open_volume(url)
+  from jaxalign.volume import store
+  vol = store.open_volume(url)
   if vol.is_field:
     raise InputError(f"{url} is a field volume; a case needs an image volume")
   z_count = vol.shape(level)[0]
@@ -214,13 +214,13 @@ def case_from_volume(kind: str, url: str, *, num: int | None = None, start: int 
 def write_distorted_volume(case: Case, url: str) -> str:
   """Writes a stack case's distorted sections to a float32 image volume at `url` (zarr v3) and its
   crack/fold masks to `url + "_defects"`, so `jaxalign align` can run on them. Returns `url`."""
-  from jaxalign import io
+  from jaxalign.volume import store
   if case.kind != "stack":
     raise InputError(f"only a 'stack' case is a volume to align, got {case.kind!r}")
   res = case.meta.get("resolution_nm") or [1.0, 1.0, 1.0]
-  vol = io.create_volume(url, case.src.shape, np.float32, res, kind="image")
+  vol = store.create_volume(url, case.src.shape, np.float32, res, kind="image")
   vol.write(case.src.astype(np.float32))
-  dvol = io.create_volume(url.rstrip("/") + "_defects", case.src.shape, np.uint8, res, kind="defect")
+  dvol = store.create_volume(url.rstrip("/") + "_defects", case.src.shape, np.uint8, res, kind="defect")
   dvol.write(case.src_defects.astype(np.uint8))
   return url
 
@@ -536,7 +536,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def deformation_scores(fields, tissue, *, resolution_nm, case: Case | None = None, ran=None) -> dict[str, Any]:
-  """Tissue deformation (issue 18, `jaxalign.metrics.deformation`) of alignment fields, and with a
+  """Tissue deformation (issue 18, `jaxalign.ops.metrics.deformation`) of alignment fields, and with a
   stack case also of the residual field (`metrics.residual_deformation`) and of the truth itself.
 
   Args:
@@ -551,7 +551,7 @@ def deformation_scores(fields, tissue, *, resolution_nm, case: Case | None = Non
     series name -> `metrics.Deformation`: "fields"[, "residual vs truth", "truth"] (the truth over
     the residual's pixels).
   """
-  from jaxalign import metrics
+  from jaxalign.ops import metrics
   tissue = np.asarray(tissue, bool)
   if case is None:
     return {"fields": metrics.deformation(fields, resolution_nm=resolution_nm, tissue=tissue)}
@@ -651,7 +651,7 @@ def worst_chunks_state(chunks: list[dict[str, Any]], resolution_nm, *,
   Each point carries its CPC as the annotation property `cpc`; the layer (`state["layers"][0]`) can
   be added to the layers of a `jaxalign view` state.json. Returns a JSON-able dict.
   """
-  from jaxalign.io import neuroglancer_dimensions  # deferred: io pulls in tensorstore
+  from jaxalign.volume.store import neuroglancer_dimensions  # deferred: io pulls in tensorstore
   dims = neuroglancer_dimensions(resolution_nm)
   points = [dict(type="point", id=f"worst-{c['rank']:06d}",
                  point=[c["x"] + 0.5, c["y"] + 0.5, c["z"] + 0.5], props=[float(c["cpc"])],

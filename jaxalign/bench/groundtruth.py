@@ -38,7 +38,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.fields import warp
+from jaxalign.ops.fields import warp
 
 # Fixed-point inversion of the smooth map stops once the update is below this (pixels).
 # (float32 coordinates of a 1k-px section carry ~1e-4 px rounding, so tighter is meaningless.)

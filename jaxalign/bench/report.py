@@ -11,7 +11,7 @@ when its data is given):
   per stack / method.
 - `field_magnitude.png`: |field| (px) of a few sections, and |field - ground truth| when given.
 - `deformation.png`: per section, the p1 and p99 of the local area change of the fields'
-  non-affine part (`jaxalign.metrics.deformation`), one band per series (fields, residual vs the
+  non-affine part (`jaxalign.ops.metrics.deformation`), one band per series (fields, residual vs the
   truth, ...), with the [0.9, 1.1] "tissue kept intact" band; a per-section table follows it.
 - `deformation_map.png`: the area-change map of each series' worst section.
 
@@ -67,7 +67,7 @@ class ReportData:
     summary: table rows (dicts with the same keys), shown at the top of the page.
     notes: free-text paragraphs (settings, timings, the command that reproduces it).
     section_for_overlay: the section z whose overlay with z-1 is shown (default: middle).
-    deformation: series name -> `jaxalign.metrics.Deformation` (e.g. "fields", "residual vs truth"),
+    deformation: series name -> `jaxalign.ops.metrics.Deformation` (e.g. "fields", "residual vs truth"),
       all of one stack `[Z, H, W]`: drawn per section and as the worst section's map.
     resolution_nm: nm per pixel (z, y, x) of the fields, for the captions' physical scale.
   """
@@ -120,7 +120,7 @@ def _check(data: ReportData) -> None:
   for name, d in data.deformation.items():
     z = dets[name][:1]
     if len(dets[name]) != 3 or np.shape(getattr(d, "low", None)) != z or np.shape(getattr(d, "high", None)) != z:
-      raise InputError(f"report: deformation {name!r} must be a jaxalign.metrics.Deformation of a [Z, H, W] stack")
+      raise InputError(f"report: deformation {name!r} must be a jaxalign.ops.metrics.Deformation of a [Z, H, W] stack")
   if len(set(dets.values())) > 1:
     raise InputError(f"report: deformation series have different shapes {dets}")
   if data.resolution_nm is not None:
@@ -234,7 +234,7 @@ def _field_figure(data: ReportData, path: pathlib.Path) -> str:
 
 def _deformation_scale(results: Mapping[str, Any], resolution_nm=None) -> str:
   """"smoothed at 100 nm (25 px at 4 nm/px)" for captions (sigma in px when the resolution is unknown)."""
-  from jaxalign.metrics import DEFORMATION_SMOOTH_NM
+  from jaxalign.ops.metrics import DEFORMATION_SMOOTH_NM
   sigma = next(iter(results.values())).sigma_px
   if resolution_nm is None:
     return f"Gaussian smoothing sigma {sigma:.3g} px"
@@ -248,13 +248,13 @@ def draw_deformation(results: Mapping[str, Any], path: str | os.PathLike, *, res
   """Per-section p1 and p99 of the area change, one band per series, with the [0.9, 1.1] band.
 
   Args:
-    results: series name -> `jaxalign.metrics.Deformation` (`low`, `high`: `[Z]`).
+    results: series name -> `jaxalign.ops.metrics.Deformation` (`low`, `high`: `[Z]`).
     path: PNG to write.
     resolution_nm: nm per pixel (z, y, x) of the fields (caption only).
   Returns:
     the figure's caption.
   """
-  from jaxalign.metrics import DEFORMATION_BAND
+  from jaxalign.ops.metrics import DEFORMATION_BAND
   fig, axes = _figure(1, 1, (8.0, 3.6))
   ax = axes[0, 0]
   lo_band, hi_band = DEFORMATION_BAND
@@ -290,13 +290,13 @@ def draw_deformation_map(results: Mapping[str, Any], path: str | os.PathLike) ->
   """Area-change map of each series' worst section (p1 or p99 farthest from 1), diverging about 1.
 
   Args:
-    results: series name -> `jaxalign.metrics.Deformation` (`det`: `[Z, H, W]`, NaN = not scored).
+    results: series name -> `jaxalign.ops.metrics.Deformation` (`det`: `[Z, H, W]`, NaN = not scored).
     path: PNG to write.
   Returns:
     the figure's caption.
   """
   import matplotlib
-  from jaxalign.metrics import DEFORMATION_BAND
+  from jaxalign.ops.metrics import DEFORMATION_BAND
   names = list(results)
   fig, axes = _figure(1, len(names), (3.4 * len(names) + 0.6, 3.4))
   lo_band, hi_band = DEFORMATION_BAND

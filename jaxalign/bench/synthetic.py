@@ -13,7 +13,7 @@ sections, so neighbouring sections are similar but not identical, as in real ssT
 - Mitochondria are 3D ellipsoids (several sections deep) with a dark rim and cristae stripes;
   vesicles are small spheres (1-2 sections deep) with a dark shell, clustered where a smooth
   "synapse density" field is high.
-- Contrast: per-cell cytoplasm shade, Gaussian blur (`jaxalign.fields.gaussian_blur`), additive
+- Contrast: per-cell cytoplasm shade, Gaussian blur (`jaxalign.ops.fields.gaussian_blur`), additive
   noise, values clipped to `[floor, 1]` so the image never contains 0 (0 means *no data*).
 
 Every object is found with the Worley-noise trick (each pixel only looks at the seeds of the
@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.fields import gaussian_blur
+from jaxalign.ops.fields import gaussian_blur
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,15 +43,15 @@ flags.DEFINE_boolean("precise", False, "refine fields down to the data's own pix
 flags.DEFINE_float("max_displacement_nm", 2048.0, "largest displacement expected between neighbouring "
                    "sections, nm (sizes the coarsest level)")
 flags.DEFINE_enum("pair_init", "identity", ["identity", "blockmatch"], "initial field of each pair alignment")
-flags.DEFINE_float("drift_sigma", 2.0, "remove the fields' drift along z (jaxalign.drift): Gaussian width, "
+flags.DEFINE_float("drift_sigma", 2.0, "remove the fields' drift along z (jaxalign.stack.drift): Gaussian width, "
                    "sections; 0 = off (the paper's ABCD)")
 flags.DEFINE_integer("drift_degree", 1, "degree of the local fit along z for --drift_sigma (0, 1 or 2)")
 flags.DEFINE_boolean("drift_keep_translation", True, "leave each section's mean translation out of the drift "
                      "fit, so steps (a section moved during acquisition) are not smeared over neighbours")
 flags.DEFINE_integer("neighbour_refine", 1, "sweeps re-aligning each section to the mean of its aligned "
-                     "neighbours on both sides (jaxalign.refine); 0 = off")
+                     "neighbours on both sides (jaxalign.stack.refine); 0 = off")
 flags.DEFINE_float("refine_stiffness", 4.0, "elastic weights of the neighbour refinement relative to pair "
-                   "alignment's (jaxalign.refine.RefineConfig.stiffness; thicker sections in pixels need more)")
+                   "alignment's (jaxalign.stack.refine.RefineConfig.stiffness; thicker sections in pixels need more)")
 flags.DEFINE_boolean("restart", False, "discard DST's completion records and recompute everything")
 flags.DEFINE_enum("on_read_error", "stop", ["stop", "missing"], "a chunk of SRC that cannot be read (corrupt, "
                   "truncated): stop before writing anything, or treat it as missing data (no data, like a "
@@ -64,23 +64,22 @@ PRINT_UNREADABLE = 20
 def main(argv):
   if len(argv) != 3:
     raise InputError(f"usage: jaxalign align SRC DST [--flags] (got {len(argv) - 1} positional args)")
-  from jaxalign import distributed as jd
-  from jaxalign import pipeline
-  from jaxalign.block import BlockConfig
-  from jaxalign.chunked import ChunkConfig
-  from jaxalign.pair import PairConfig
-  from jaxalign.stack import StackConfig
+  from jaxalign.volume import distributed as jd, pipeline
+  from jaxalign.stack.block import BlockConfig
+  from jaxalign.volume.chunked import ChunkConfig
+  from jaxalign.align.pair import PairConfig
+  from jaxalign.stack.chain import StackConfig
   try:
     starters = None if FLAGS.starters is None else tuple(int(s) for s in FLAGS.starters)
   except ValueError:
     raise InputError(f"--starters must be integers, got {FLAGS.starters}") from None
   chunk = None if FLAGS.chunk is None else ChunkConfig(chunk=FLAGS.chunk, overlap=FLAGS.chunk_overlap)
-  from jaxalign.drift import DriftConfig
+  from jaxalign.stack.drift import DriftConfig
   if FLAGS.drift_sigma < 0:
     raise InputError(f"--drift_sigma must be >= 0 sections (0 = off), got {FLAGS.drift_sigma}")
   drift = (DriftConfig(sigma=FLAGS.drift_sigma, degree=FLAGS.drift_degree,
                       keep_translation=FLAGS.drift_keep_translation) if FLAGS.drift_sigma > 0 else None)
-  from jaxalign.refine import RefineConfig
+  from jaxalign.stack.refine import RefineConfig
   if FLAGS.neighbour_refine < 0:
     raise InputError(f"--neighbour_refine must be >= 0 sweeps, got {FLAGS.neighbour_refine}")
   refine = (RefineConfig(iterations=FLAGS.neighbour_refine, stiffness=FLAGS.refine_stiffness)

@@ -1,13 +1,13 @@
 """`jaxalign demo [--output=DIR]`: the whole pipeline on a synthetic stack, nothing to download.
 
-1. make a realistic EM-like stack (`jaxalign.synthetic`),
+1. make a realistic EM-like stack (`jaxalign.bench.synthetic`),
 2. distort it with known fields: elastic + affine, cracks, folds, missing blobs, blank sections,
-   knife chatter, contrast changes (`jaxalign.groundtruth` via `jaxalign.evaluation.make_case`),
+   knife chatter, contrast changes (`jaxalign.bench.groundtruth` via `jaxalign.bench.evaluation.make_case`),
 3. align it with `jaxalign.align_stack` (blocks, vector voting, Online Field Finetuner, stitching,
    composition with decay; the shipped SEAMLeSS pyramid when present, `--model`),
 4. render the aligned stack, score it against the ground truth (EPE), by neighbour CPC and by how
    much the fields deform the tissue (local area change of their non-affine part, also of the
-   residual against the known distortion; `jaxalign.metrics.deformation`),
+   residual against the known distortion; `jaxalign.ops.metrics.deformation`),
 5. write DIR/{distorted,aligned,fields,original}.zarr, DIR/report/index.html (+ PNGs) and
    DIR/summary.json, and print the summary table.
 
@@ -66,7 +66,7 @@ class DemoConfig:
       (24 nm at the demo's 6 nm pixels) and upsampled; 0 = the data's pixel (the precise setting).
     gammas: finetuner elastic weight per working level, finest first (`PairConfig.gammas`; None =
       the aligner's defaults).
-    model: "auto", "none" or a weights path for `jaxalign.models.load_weights`.
+    model: "auto", "none" or a weights path for `jaxalign.models.seamless.load_weights`.
     resolution: nm per pixel (z, y, x) written into the volumes (synthetic: ~6 nm px, 40 nm sections).
     elastic_amplitude: bound of the smooth distortion, px (kept below ~4 % of the section size so
       small smoke runs stay well posed).
@@ -85,7 +85,7 @@ class DemoConfig:
   elastic_amplitude: float = 12.0
 
 
-# Smallest section the metrics accept: CPC uses 32-px chunks at MIP 1 (jaxalign.evaluation).
+# Smallest section the metrics accept: CPC uses 32-px chunks at MIP 1 (jaxalign.bench.evaluation).
 MIN_SIZE = 64
 MIN_SECTIONS = 3
 # Relative elastic bound for small sections (px per px of section size).
@@ -128,29 +128,29 @@ def _load_model(spec: str):
   if spec == "none":
     return None, "Online Field Finetuner (no model)"
   try:
-    from jaxalign import models
+    from jaxalign.models import seamless
   except ImportError as e:  # models need flax; the finetuner does not
     if spec == "auto":
-      return None, f"Online Field Finetuner (jaxalign.models unavailable: {e})"
-    raise InputError(f"--model {spec}: jaxalign.models unavailable ({e})") from None
+      return None, f"Online Field Finetuner (jaxalign.models.seamless unavailable: {e})"
+    raise InputError(f"--model {spec}: jaxalign.models.seamless unavailable ({e})") from None
   if spec == "auto":
     try:
-      return models.pretrained(), "shipped SEAMLeSS pyramid + finetuner"
+      return seamless.pretrained(), "shipped SEAMLeSS pyramid + finetuner"
     except (InputError, AttributeError, FileNotFoundError) as e:
       logging.info("no shipped pyramid (%s): using the finetuner alone", e)
       return None, "Online Field Finetuner (no shipped pyramid)"
-  return models.load_weights(spec), f"SEAMLeSS pyramid {spec}"
+  return seamless.load_weights(spec), f"SEAMLeSS pyramid {spec}"
 
 
 def _neighbour_cpc(stack: np.ndarray) -> np.ndarray:
   """Neighbour CPC maps `[Z-1, h, w]` of a stack `[Z, H, W]` (CPC of sections z-1 and z)."""
-  from jaxalign.evaluation import cpc_map
+  from jaxalign.bench.evaluation import cpc_map
   return np.stack([cpc_map(stack[z - 1], stack[z]) for z in range(1, len(stack))])
 
 
 def _low_fraction(maps: np.ndarray, axis=None) -> np.ndarray | float:
   """Fraction of scored chunks below the paper's 0.25 threshold (NaN chunks unscored)."""
-  from jaxalign.metrics import LOW_CPC_THRESHOLD
+  from jaxalign.ops.metrics import LOW_CPC_THRESHOLD
   scored = ~np.isnan(maps)
   with np.errstate(invalid="ignore"):
     low = np.sum(scored & (np.nan_to_num(maps, nan=1.0) < LOW_CPC_THRESHOLD), axis=axis)
@@ -160,7 +160,7 @@ def _low_fraction(maps: np.ndarray, axis=None) -> np.ndarray | float:
 
 def _per_section_epe(fields: np.ndarray, case) -> np.ndarray:
   """Median end-point error per section `[Z]` (px) over its scorable pixels; NaN if none."""
-  from jaxalign.evaluation import endpoint_errors
+  from jaxalign.bench.evaluation import endpoint_errors
   err = endpoint_errors(fields, case.gt)
   out = np.full(len(err), np.nan)
   for z in range(1, len(err)):   # section 0 is the undistorted anchor
@@ -171,15 +171,16 @@ def _per_section_epe(fields: np.ndarray, case) -> np.ndarray:
 
 
 def _write_volumes(folder: pathlib.Path, arrays: dict[str, np.ndarray], resolution, progress: bool) -> None:
-  from jaxalign import io
+  from jaxalign.volume import store
+  from jaxalign.volume.pyramid import build_pyramid
   for name, arr in arrays.items():
-    vol = io.create_volume(str(folder / f"{name}.zarr"), arr.shape, "float32", resolution,
+    vol = store.create_volume(str(folder / f"{name}.zarr"), arr.shape, "float32", resolution,
                            kind="field" if arr.ndim == 4 else "image")
     vol.write(arr.astype(np.float32))
     if name == "aligned":
       levels = max(1, int(math.floor(math.log2(arr.shape[1] / MIN_SIZE))) + 1)
       if levels > 1:
-        io.build_pyramid(vol, levels, progress=progress)
+        build_pyramid(vol, levels, progress=progress)
 
 
 def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, overwrite: bool = True,
@@ -193,11 +194,12 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   out = pathlib.Path(output).resolve()
   _check_output(out, overwrite)
   import jaxalign as ja
-  from jaxalign import evaluation, metrics, report, synthetic
-  from jaxalign.block import BlockConfig
-  from jaxalign.groundtruth import DistortionConfig
-  from jaxalign.pair import PairConfig
-  from jaxalign.stack import StackConfig
+  from jaxalign.bench import evaluation, report, synthetic
+  from jaxalign.ops import metrics
+  from jaxalign.stack.block import BlockConfig
+  from jaxalign.bench.groundtruth import DistortionConfig
+  from jaxalign.align.pair import PairConfig
+  from jaxalign.stack.chain import StackConfig
 
   model, model_desc = _load_model(config.model)
   times = {}
@@ -337,7 +339,7 @@ def _parse_gammas(values) -> tuple[float, ...] | None:
 def main(argv):
   if len(argv) > 1:
     raise InputError(f"demo takes no positional arguments, got {argv[1:]}")
-  from jaxalign.report import format_table
+  from jaxalign.bench.report import format_table
   config = DemoConfig(sections=FLAGS.sections, size=FLAGS.size, seed=FLAGS.seed, block_size=FLAGS.block_size,
                       overlap=FLAGS.overlap, voting_distance=FLAGS.voting_distance,
                       decay_distance=FLAGS.decay_distance, finest_nm=0.0 if FLAGS.precise else FLAGS.finest_nm,

@@ -1,6 +1,6 @@
 """`jaxalign detect SRC DST`: crack / fold / tissue masks of an image volume, with MIP pyramids.
 
-A thin wrapper of `jaxalign.detector.detect_volume`. Runs the detector (shipped weights by default) on MIP `--mip` of SRC, section by
+A thin wrapper of `jaxalign.models.detector.detect_volume`. Runs the detector (shipped weights by default) on MIP `--mip` of SRC, section by
 section and in overlapping chunks within a section, and writes (zarr v3 unless --format says otherwise)::
 
   DST/crack, DST/fold   [Z, H, W] uint8 probability x 255, kind "defect" (pyramid by max)
@@ -37,9 +37,9 @@ flags.DEFINE_boolean("progress", True, "show progress bars")
 def main(argv):
   if len(argv) != 3:
     raise InputError(f"usage: jaxalign detect SRC DST [--flags] (got {len(argv) - 1} positional args)")
-  from jaxalign import io
-  io.open_volume(argv[1])  # before importing JAX: a bad path fails fast
-  from jaxalign import detector
+  from jaxalign.volume import store
+  store.open_volume(argv[1])  # before importing JAX: a bad path fails fast
+  from jaxalign.models import detector
   if FLAGS.z:
     try:
       z = tuple(int(v) for v in FLAGS.z)

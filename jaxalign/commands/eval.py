@@ -13,16 +13,16 @@ worst_chunks_layer.json (a viewer state in the volume's voxel space, dimensions 
 
 Given the fields that produced VOLUME (--fields, or VOLUME/../fields when VOLUME is a `jaxalign
 align` output; at VOLUME's level 0 or any coarser MIP level, found from their shape): how much they
-deform the tissue (`jaxalign.metrics.deformation`: local area change of each section's non-affine
+deform the tissue (`jaxalign.ops.metrics.deformation`: local area change of each section's non-affine
 part, smoothed at 100 nm, over VOLUME's tissue; p1 - p99 over the stack and per section), with a
 per-section plot (deformation.png) and the worst section's map (deformation_map.png). Without a
 ground-truth case eval knows no crack or fold masks in the aligned frame, so fields that tear there
 show up as large area changes (the worst section's map shows where).
 
-With a ground-truth case directory (see `jaxalign.evaluation`, written by
+With a ground-truth case directory (see `jaxalign.bench.evaluation`, written by
 `experiments/eval_alignment.py --case=stack --case_dir=...`): the same CPC numbers for the distorted
 input and the undistorted original next to VOLUME's and, with the fields, endpoint errors and the
-deformation of the residual field `compose(invert(fields), truth)` (`jaxalign.metrics.residual_field`:
+deformation of the residual field `compose(invert(fields), truth)` (`jaxalign.ops.metrics.residual_field`:
 it maps the aligned sections onto the truth, on the grid where the endpoint error is measured) and of
 the truth itself, all left out within 20 px of cracks and folds.
 """
@@ -37,7 +37,7 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.evaluation import WORST_CHUNKS, cpc_scale
+from jaxalign.bench.evaluation import WORST_CHUNKS, cpc_scale
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ground_truth", None, "ground-truth case directory (case.json + arrays.npz)")
@@ -65,7 +65,7 @@ def neighbour_cpc(stack, *, level: int, chunk: int, progress: bool = False, desc
 
   Returns (list of Z-1 maps `[h, w]` for pairs (z-1, z), list of per-pair low-CPC fractions).
   """
-  from jaxalign import evaluation as ev
+  from jaxalign.bench import evaluation as ev
   read = (lambda z: np.asarray(stack.read(z=z), np.float32)) if hasattr(stack, "read") else (lambda z: stack[z])
   n = stack.shape()[0] if hasattr(stack, "read") else stack.shape[0]
   maps, fracs = [], []
@@ -116,11 +116,11 @@ def _plot(maps_by_name: dict[str, list[np.ndarray]], path: pathlib.Path, thresho
 
 def _open_fields(furl: str, url: str, shape):
   """Opens and checks the fields volume; returns (Volume, MIP level of VOLUME its sections match)."""
-  from jaxalign import io
+  from jaxalign.volume import store
   if "://" not in furl and not pathlib.Path(furl).exists():
     raise InputError(f"--fields: missing path {furl}")
   try:
-    fvol = io.open_volume(furl)
+    fvol = store.open_volume(furl)
   except InputError as e:
     raise InputError(f"--fields: {e}") from None
   fshape = tuple(fvol.shape())
@@ -128,7 +128,7 @@ def _open_fields(furl: str, url: str, shape):
     raise InputError(f"--fields {furl}: expected a field volume [Z, H, W, 2], got {fvol.kind} {fshape}")
   if fshape[0] != shape[0]:
     raise InputError(f"--fields {furl}: {fshape[0]} sections, but {url} has {shape[0]}")
-  level = next((k for k in range(MAX_FIELD_LEVEL + 1) if tuple(io.level_shape(shape, k)[1:3]) == fshape[1:3]),
+  level = next((k for k in range(MAX_FIELD_LEVEL + 1) if tuple(store.level_shape(shape, k)[1:3]) == fshape[1:3]),
                None)
   if level is None:
     raise InputError(f"--fields {furl}: sections of {fshape[1]}x{fshape[2]} px match no MIP level of {url} "
@@ -149,7 +149,7 @@ def _tissue(vol, level: int) -> np.ndarray:
 
 def _deformation_text(results: dict, sigma_px: float, resolution_nm, level: int) -> str:
   """The printed deformation summary: stack p1 - p99 per series, then per-section p1 / p99."""
-  from jaxalign.metrics import DEFORMATION_BAND, DEFORMATION_SMOOTH_NM
+  from jaxalign.ops.metrics import DEFORMATION_BAND, DEFORMATION_SMOOTH_NM
   px = 0.5 * (resolution_nm[1] + resolution_nm[2])
   f = lambda v: "-" if np.isnan(v) else f"{v:.4f}"  # noqa: E731
   lines = [f"tissue deformation: local area change of the non-affine field, smoothed at {DEFORMATION_SMOOTH_NM:g} nm "
@@ -191,8 +191,8 @@ def main(argv):
   if len(argv) != 2:
     raise InputError(f"usage: jaxalign eval VOLUME [--ground_truth=CASE_DIR] [--fields=FIELDS] "
                      f"(got {len(argv) - 1} positional args)")
-  from jaxalign import evaluation as ev
-  from jaxalign import io
+  from jaxalign.bench import evaluation as ev
+  from jaxalign.volume import store
   if (FLAGS.level is not None and FLAGS.level < 0) or (FLAGS.chunk is not None and FLAGS.chunk < 2):
     raise InputError(f"--level must be >= 0 and --chunk >= 2 (got {FLAGS.level}, {FLAGS.chunk})")
   if FLAGS.worst_chunks < 0:
@@ -200,7 +200,7 @@ def main(argv):
   url = argv[1]
   if "://" not in url and not pathlib.Path(url).exists():
     raise InputError(f"missing path: {url}")
-  vol = io.open_volume(url)
+  vol = store.open_volume(url)
   if vol.is_field:
     raise InputError(f"{url} is a field volume; eval expects an image volume (pass fields with --fields)")
   shape = vol.shape()
@@ -245,12 +245,12 @@ def main(argv):
     logging.warning("no --fields given (and no sibling 'fields' volume): %s skipped",
                     "EPE and deformation" if case is not None else "deformation")
   else:
-    from jaxalign import metrics
+    from jaxalign.ops import metrics
     ran = None
     if case is not None:
       ran = np.r_[False, [bool(np.any(s)) for s in case.src[1:]]]
       summary["epe"] = ev.score_fields(fields, case, ran=ran)
-    field_res = io.level_resolution(vol.resolution, field_level)
+    field_res = store.level_resolution(vol.resolution, field_level)
     if not np.allclose(fvol.resolution, field_res, rtol=1e-6):
       logging.warning("fields %s say %s nm/px, but they match %s at level %d (%s nm/px): using the latter",
                       furl, fvol.resolution, url, field_level, field_res)
@@ -274,7 +274,7 @@ def main(argv):
     summary["worst_chunks"] = dict(count=len(worst), file=WORST_CHUNKS_FILE, layer_file=WORST_CHUNKS_LAYER_FILE)
     written += [out / WORST_CHUNKS_FILE, out / WORST_CHUNKS_LAYER_FILE]
   if deform is not None:
-    from jaxalign import report
+    from jaxalign.bench import report
     report.draw_deformation(deform, out / "deformation.png", resolution_nm=field_res)
     report.draw_deformation_map(deform, out / "deformation_map.png")
     written += [out / "deformation.png", out / "deformation_map.png"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from absl import flags
 
 from jaxalign import compile_cache
-from jaxalign import distributed as jd
+from jaxalign.volume import distributed as jd
 
 
 def define() -> None:

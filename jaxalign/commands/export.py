@@ -15,7 +15,8 @@ flags.DEFINE_boolean("progress", True, "show progress bars")
 def main(argv):
   if len(argv) != 3:
     raise InputError(f"usage: jaxalign export SRC DST_DIR (got {len(argv) - 1} positional args)")
-  from jaxalign import io
-  paths = io.export_stack(io.open_volume(argv[1]), argv[2], FLAGS.fmt, level=FLAGS.level, progress=FLAGS.progress)
+  from jaxalign.volume import store
+  from jaxalign.volume.images import export_stack
+  paths = export_stack(store.open_volume(argv[1]), argv[2], FLAGS.fmt, level=FLAGS.level, progress=FLAGS.progress)
   print(f"exported {len(paths)} sections to {argv[2]}")
   return 0

@@ -23,10 +23,11 @@ flags.DEFINE_boolean("progress", True, "show progress bars")
 def main(argv):
   if len(argv) != 3:
     raise InputError(f"usage: jaxalign import SRC DST --resolution=z,y,x (got {len(argv) - 1} positional args)")
-  from jaxalign import io
+  from jaxalign.volume import store
+  from jaxalign.volume.images import import_stack
   src, dst = argv[1], argv[2]
-  res = io.parse_resolution(FLAGS.resolution)
-  vol = io.import_stack(src, dst, res, format=FLAGS.format, chunks=FLAGS.chunks, levels=FLAGS.levels,
+  res = store.parse_resolution(FLAGS.resolution)
+  vol = import_stack(src, dst, res, format=FLAGS.format, chunks=FLAGS.chunks, levels=FLAGS.levels,
                         kind=FLAGS.kind, progress=FLAGS.progress)
   print(f"imported {vol.shape(0)[0]} sections {vol.shape(0)[1]}x{vol.shape(0)[2]} {vol.dtype} into {vol.url} "
         f"({vol.format}, {vol.resolution[0]:g},{vol.resolution[1]:g},{vol.resolution[2]:g} nm, {vol.levels} level(s))")

@@ -19,8 +19,9 @@ flags.DEFINE_boolean("progress", True, "show progress bars")
 def main(argv):
   if len(argv) != 2:
     raise InputError(f"usage: jaxalign pyramid DST --levels=N (got {len(argv) - 1} positional args)")
-  from jaxalign import io
-  vol = io.build_pyramid(io.open_volume(argv[1]), FLAGS.levels, FLAGS.kind, progress=FLAGS.progress)
+  from jaxalign.volume import store
+  from jaxalign.volume.pyramid import build_pyramid
+  vol = build_pyramid(store.open_volume(argv[1]), FLAGS.levels, FLAGS.kind, progress=FLAGS.progress)
   print(f"{vol.url}: {vol.levels} level(s)")
   for k in range(vol.levels):
     shape, res = vol.shape(k), vol.resolution_at(k)

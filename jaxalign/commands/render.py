@@ -21,9 +21,8 @@ flags.DEFINE_boolean("restart", False, "discard DST's completion records and rec
 def main(argv):
   if len(argv) != 4:
     raise InputError(f"usage: jaxalign render SRC FIELDS DST [--flags] (got {len(argv) - 1} positional args)")
-  from jaxalign import distributed as jd
-  from jaxalign import pipeline
-  from jaxalign.chunked import ChunkConfig
+  from jaxalign.volume import distributed as jd, pipeline
+  from jaxalign.volume.chunked import ChunkConfig
   chunk = None if FLAGS.chunk is None else ChunkConfig(chunk=FLAGS.chunk, overlap=0)
   config = pipeline.VolumeConfig(level=FLAGS.level, pyramid_levels=FLAGS.pyramid_levels, chunk=chunk)
   stats = jd.RunStats()

@@ -1,7 +1,7 @@
 """`jaxalign train-detector`: train the crack / fold / tissue UNet on generated labels.
 
 Examples (the shipped weights are stage 1 + stage 2; exact commands in
-jaxalign/weights/detector/README.md)::
+jaxalign/models/weights/detector/README.md)::
 
   jaxalign train-detector --workdir=runs/detector --steps=800
   # fine-tune with hard negatives mined by the starting weights
@@ -50,7 +50,7 @@ flags.DEFINE_string("mine_from", None, "detector weights used for mining (defaul
 
 
 def _parse_stacks(items):
-  from jaxalign.train_detector import StackSpec
+  from jaxalign.models.train_detector import StackSpec
   out = []
   for it in items:
     parts = it.split(":")
@@ -69,7 +69,7 @@ def _parse_stacks(items):
 def main(argv):
   if len(argv) > 1:
     raise InputError(f"unexpected arguments {argv[1:]} (train-detector takes flags only)")
-  from jaxalign import detector, train_detector
+  from jaxalign.models import detector, train_detector
   try:
     channels = tuple(int(c) for c in FLAGS.channels)
     mips = tuple(int(m) for m in FLAGS.mips)

@@ -39,7 +39,7 @@ from absl import flags
 from tqdm.auto import tqdm
 
 from jaxalign.errors import InputError
-from jaxalign.io import neuroglancer_dimensions
+from jaxalign.volume.store import neuroglancer_dimensions
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "folder for the neuroglancer_precomputed copies and state.json")
@@ -76,12 +76,12 @@ void main() {
 
 def _open_inputs(paths: dict[str, str]):
   """Opens and cross-checks the input volumes; returns name -> Volume."""
-  from jaxalign import io
+  from jaxalign.volume import store
   vols = {}
   for name, path in paths.items():
     if not os.path.exists(path) and "://" not in path:
       raise InputError(f"--{name}: missing path {path}")
-    vol = io.open_volume(path)
+    vol = store.open_volume(path)
     want_field = name == "field"
     if vol.is_field != want_field:
       raise InputError(f"--{name}: {path} holds a {vol.kind} volume, expected "
@@ -114,9 +114,9 @@ def _open_inputs(paths: dict[str, str]):
 
 def _copy(vol, dst: pathlib.Path, progress: bool) -> None:
   """Copies every level of `vol` to a neuroglancer_precomputed volume at `dst`, section by section."""
-  from jaxalign import io
+  from jaxalign.volume import store
   shape = vol.shape(0)
-  out = io.create_volume(str(dst), shape, vol.dtype, vol.resolution, format="neuroglancer_precomputed",
+  out = store.create_volume(str(dst), shape, vol.dtype, vol.resolution, format="neuroglancer_precomputed",
                          levels=vol.levels, kind=vol.kind)
   for level in range(vol.levels):
     for z in tqdm(range(shape[0]), desc=f"{dst.name} level {level}", unit="section", disable=not progress,

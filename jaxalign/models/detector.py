@@ -9,12 +9,12 @@ probabilities (channels `CLASSES` = crack, fold, tissue; sigmoid outputs).
 * `UNet`: images `[B, H, W]` float32 in [0, 1] (0 = no data) -> logits `[B, H, W, 3]`; H and W must
   be multiples of `2 ** (len(channels) - 1)` (`detect` pads).
 * `detect(image, model)`: any-size section `[H, W]` -> dict of float32 probability maps `[H, W]`
-  (`crack`, `fold`, `tissue`), computed in overlapping chunks (`jaxalign.chunking`) of a fixed
+  (`crack`, `fold`, `tissue`), computed in overlapping chunks (`jaxalign.volume.chunking`) of a fixed
   shape (one compilation), blended across the overlaps.
 * `masks_for_alignment(probs)`: probabilities -> `defects` bool (crack | fold, thresholded and
   dilated) for `align_pair` / `align_block` (`src_defects=` / `defects=`), optionally resampled to the
   alignment MIP (defects by max, tissue by min, DESIGN.md §1); `tissue_mask(probs)` likewise.
-* `pretrained()` loads the detector shipped in `jaxalign/weights/detector/` (README there gives the
+* `pretrained()` loads the detector shipped in `jaxalign/models/weights/detector/` (README there gives the
   data and the command that reproduces it); `save_weights` / `load_weights` use the same compact
   npz + JSON format as the SEAMLeSS pyramid.
 """
@@ -33,9 +33,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxalign import chunking, fields, nnx_weights
+from jaxalign.volume import chunking
+from jaxalign.ops import fields
+from jaxalign.models import nnx_weights
 from jaxalign.errors import InputError, check_image
-from jaxalign.preprocess import dilate, erode
+from jaxalign.ops.preprocess import dilate, erode
 
 CLASSES = ("crack", "fold", "tissue")
 DEFECT_CLASSES = ("crack", "fold")
@@ -295,7 +297,7 @@ DONE_DIR = "_done"
 
 def pick_mip(resolution_yx: float, nm: float) -> int:
   """MIP level whose pixel size is closest (log scale) to `nm`, for level-0 pixels of `resolution_yx` nm."""
-  from jaxalign.fields import level_nearest
+  from jaxalign.ops.fields import level_nearest
   return level_nearest(resolution_yx, max(nm, 1e-6))
 
 
@@ -325,7 +327,7 @@ def detect_volume(src, dst: str, *, model: UNet | None = None, mip: int | None =
   `overwrite`, so an interrupted run is simply repeated.
 
   Args:
-    src: image `jaxalign.io.Volume` or its URL.
+    src: image `jaxalign.volume.store.Volume` or its URL.
     dst: output folder / URL prefix.
     model: detector (default `pretrained()`).
     mip: MIP of SRC to run on; default `pick_mip(resolution, nm)`. A level SRC lacks is computed by
@@ -345,8 +347,9 @@ def detect_volume(src, dst: str, *, model: UNet | None = None, mip: int | None =
 
   from tqdm import tqdm
 
-  from jaxalign import io
-  vol = io.open_volume(src) if isinstance(src, str) else src
+  from jaxalign.volume import store
+  from jaxalign.volume.pyramid import build_pyramid
+  vol = store.open_volume(src) if isinstance(src, str) else src
   if vol.is_field or vol.kind != "image":
     raise InputError(f"{vol.url} is a {vol.kind} volume; detection needs an image volume")
   model = model if model is not None else pretrained()
@@ -356,7 +359,7 @@ def detect_volume(src, dst: str, *, model: UNet | None = None, mip: int | None =
   mip = pick_mip(vol.resolution[1], nm) if mip is None else int(mip)
   if mip < 0:
     raise InputError(f"mip must be >= 0, got {mip}")
-  shape = io.level_shape(vol.shape(0), mip)
+  shape = store.level_shape(vol.shape(0), mip)
   if min(shape[1:]) < 8:
     raise InputError(f"MIP {mip} of {vol.url} is only {shape[1]}x{shape[2]} px")
   z0, z1 = (0, shape[0]) if z is None else (int(z[0]), int(z[1]))
@@ -371,8 +374,8 @@ def detect_volume(src, dst: str, *, model: UNet | None = None, mip: int | None =
   if config.chunk % model.cfg.multiple or config.chunk <= 2 * config.overlap:
     raise InputError(f"chunk={config.chunk} must be a multiple of {model.cfg.multiple} and > 2 * overlap")
   dst = dst.rstrip("/")
-  res = io.level_resolution(vol.resolution, mip)
-  outs = {name: io.create_volume(f"{dst}/{name}", shape, "uint8", res, format=format, levels=levels, kind=kind)
+  res = store.level_resolution(vol.resolution, mip)
+  outs = {name: store.create_volume(f"{dst}/{name}", shape, "uint8", res, format=format, levels=levels, kind=kind)
           for name, kind in VOLUME_OUTPUTS}
   done_dir = None if "://" in dst else os.path.join(dst, DONE_DIR)
   if done_dir:
@@ -392,7 +395,7 @@ def detect_volume(src, dst: str, *, model: UNet | None = None, mip: int | None =
     data["defects"] = defects.astype(np.uint8)
     for name, _ in VOLUME_OUTPUTS:
       outs[name].write(data[name], zz, 0)
-      io.build_pyramid(outs[name], levels, z=zz, progress=False)
+      build_pyramid(outs[name], levels, z=zz, progress=False)
     if marker:
       with open(marker, "w") as fh:
         fh.write(json.dumps({"defect_fraction": float(defects.mean()),
@@ -412,7 +415,7 @@ def resample_mask(mask, from_mip: int, to_mip: int, reduce: str) -> np.ndarray:
   """Moves a mask `[H, W]` between MIP levels (DESIGN.md §1).
 
   Coarser: repeated 2x2 `reduce` ("max" for defects, "min" for tissue), with an odd last row /
-  column replicated (as `jaxalign.io` does). Finer: each pixel repeated 2x2 per level.
+  column replicated (as `jaxalign.volume.store` does). Finer: each pixel repeated 2x2 per level.
   Returns a float32 `[H', W']` array (same values as the input, resampled).
   """
   if reduce not in ("max", "min"):
@@ -535,5 +538,5 @@ def _pretrained_cached(name: str) -> UNet:
 
 
 def pretrained(name: str = DEFAULT_WEIGHTS) -> UNet:
-  """The detector shipped in `jaxalign/weights/detector/<name>.{npz,json}` (see the README there)."""
+  """The detector shipped in `jaxalign/models/weights/detector/<name>.{npz,json}` (see the README there)."""
   return _pretrained_cached(name)

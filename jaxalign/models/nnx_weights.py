@@ -1,6 +1,6 @@
 """Compact shipped weights for flax NNX models: `<path>.npz` (float32 parameters keyed by their
 state path) beside `<path>.json` (the model's config). Used by the SEAMLeSS pyramid and the defect
-detector; training checkpoints use orbax instead (jaxalign.train)."""
+detector; training checkpoints use orbax instead (jaxalign.models.train_pyramid)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ Paper: Popovych et al., Nat. Commun. 2024, Methods "Image pair alignment" / Resu
   `pyramid(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> field [H, W, 2]`
   with `warp(src, field) ≈ tgt`, so `ja.align_pair(src, tgt, model=pyramid)` just calls it.
 
-`pretrained()` loads the default pyramid shipped in `jaxalign/weights/` (see the README there for the
+`pretrained()` loads the default pyramid shipped in `jaxalign/models/weights/` (see the README there for the
 data and the exact command that reproduces it).
 """
 
@@ -38,7 +38,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxalign import fields, nnx_weights
+from jaxalign.ops import fields
+from jaxalign.models import nnx_weights
 from jaxalign.errors import InputError, check_image, check_pair
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
@@ -98,7 +99,7 @@ class LevelConfig:
     mip: resolution level (0 = full resolution; k = 2**k coarser).
     encoder: Encoder architecture.
     aligner: Aligner architecture.
-    finetune: overrides of `jaxalign.finetuner.FinetuneConfig` for this level (JSON-able dict, as a
+    finetune: overrides of `jaxalign.align.finetuner.FinetuneConfig` for this level (JSON-able dict, as a
       tuple of (name, value) pairs so the config stays hashable); `None` disables the finetuner.
     nm: pixel size (nm) this level was trained at; when > 0 and the caller gives the images'
       `resolution_nm`, the level runs at the MIP whose pixel is nearest (`fields.level_nearest`)
@@ -135,7 +136,7 @@ MIN_ENCODING_SIZE = 16
 
 def encoding_finetune(k: int):
   """`FinetuneConfig` of an encoder-only level at its k-th coarser encoding reduction (0 = itself)."""
-  from jaxalign import finetuner
+  from jaxalign.align import finetuner
   pick = lambda seq: seq[min(k, len(seq) - 1)]
   return finetuner.FinetuneConfig(gamma=pick(ENCODING_GAMMAS), learning_rate=pick(ENCODING_LEARNING_RATES),
                                   iterations=pick(ENCODING_ITERATIONS))
@@ -232,7 +233,7 @@ class ResBlock(nnx.Module):
 
 def _normalize_images(images: jax.Array) -> jax.Array:
   """Zero mean / unit variance over each image's non-zero pixels, zeros kept (`[B, H, W]`)."""
-  from jaxalign import preprocess  # the team's kernel; imported lazily (lands with the kernels)
+  from jaxalign.ops import preprocess  # the team's kernel; imported lazily (lands with the kernels)
   return jax.vmap(preprocess.normalize)(images)
 
 
@@ -405,7 +406,7 @@ def finetune_config(level_cfg: LevelConfig):
   """This level's `FinetuneConfig` (or None when the finetuner is disabled)."""
   if level_cfg.finetune is None:
     return None
-  from jaxalign import finetuner
+  from jaxalign.align import finetuner
   return finetuner.FinetuneConfig(**dict(level_cfg.finetune))
 
 
@@ -521,7 +522,7 @@ class Pyramid(nnx.Module):
         continue
       ft_cfg = finetune_config(level.cfg) if use_finetuner else None
       if ft_cfg is not None:
-        from jaxalign import finetuner
+        from jaxalign.align import finetuner
         field = finetuner.finetune(
             src_enc, tgt_enc, field,
             src_mask=src_mips[mip] != 0, tgt_mask=tgt_mips[mip] != 0,
@@ -553,7 +554,7 @@ def finetune_encodings(src_enc, tgt_enc, init_field, *, src_mask, tgt_mask, src_
   and the field are reduced `levels` times (fewer where a side would drop below
   `MIN_ENCODING_SIZE`); at each reduction k (coarsest first) the finetuner runs with
   `encoding_finetune(k)`, and its correction is upsampled to the next finer one (as
-  `jaxalign.pair`: init_k + up(f_{k+1} - init_{k+1})). `config` (this level's own finetuner
+  `jaxalign.align.pair`: init_k + up(f_{k+1} - init_{k+1})). `config` (this level's own finetuner
   settings) replaces `encoding_finetune(0)` at the level itself.
 
   Args:
@@ -566,7 +567,7 @@ def finetune_encodings(src_enc, tgt_enc, init_field, *, src_mask, tgt_mask, src_
   Returns:
     `[H, W, 2]` float32 field, px of this level, with `warp(src_enc, field) ≈ tgt_enc`.
   """
-  from jaxalign import finetuner
+  from jaxalign.align import finetuner
   h, w = src_enc.shape[:2]
   levels = max(0, min(int(levels), int(math.floor(math.log2(max(min(h, w) / MIN_ENCODING_SIZE, 1))))))
   while levels and (h % 2 ** levels or w % 2 ** levels):
@@ -614,9 +615,9 @@ def load_weights(path) -> Pyramid:
 
 
 def pretrained(name: str = DEFAULT_WEIGHTS) -> Pyramid:
-  """The default SEAMLeSS pyramid shipped in `jaxalign/weights/<name>.{npz,json}`.
+  """The default SEAMLeSS pyramid shipped in `jaxalign/models/weights/<name>.{npz,json}`.
 
-  See `jaxalign/weights/README.md` for the training data and the command that reproduces it.
+  See `jaxalign/models/weights/README.md` for the training data and the command that reproduces it.
   """
   path = WEIGHTS_DIR / name
   if not path.with_suffix(".npz").is_file():
@@ -625,6 +626,6 @@ def pretrained(name: str = DEFAULT_WEIGHTS) -> Pyramid:
 
 
 # The defect/tissue detector UNet lives in its own module (it is trained and shipped separately);
-# it is part of the model family users reach through `jaxalign.models`.
-from jaxalign.detector import UNet, DetectorConfig, detect, masks_for_alignment  # noqa: E402,F401
-from jaxalign.detector import pretrained as pretrained_detector  # noqa: E402,F401
+# it is part of the model family users reach through `jaxalign.models.seamless`.
+from jaxalign.models.detector import UNet, DetectorConfig, detect, masks_for_alignment  # noqa: E402,F401
+from jaxalign.models.detector import pretrained as pretrained_detector  # noqa: E402,F401

@@ -1,9 +1,9 @@
-"""Supervised training of the defect / tissue detector (`jaxalign.detector.UNet`).
+"""Supervised training of the defect / tissue detector (`jaxalign.models.detector.UNet`).
 
 Labels are synthetic but the tissue is real: aligned EM sections from `../shared/data/em`
 (isbi2012_train, gerhard_vnc_stack1, every 4th flyem_medulla_fibsem slice; the last sections of each
 stack are held out) are downsampled to a coarse MIP, cut into patches and damaged by the team's
-ground-truth generator (`jaxalign.groundtruth.distort_stack`), which returns exact crack / fold /
+ground-truth generator (`jaxalign.bench.groundtruth.distort_stack`), which returns exact crack / fold /
 missing-data masks: a crack is a gap with no tissue, a fold squeezes a strip of tissue of width 2b into
 a band of width b (compressed, doubled tissue). On top, `render_appearance` (here) gives them the
 looks of raw sections:
@@ -40,10 +40,12 @@ import optax
 from absl import logging
 from flax import nnx
 
-from jaxalign import detector, fields, groundtruth
+from jaxalign.models import detector
+from jaxalign.ops import fields
+from jaxalign.bench import groundtruth
 from jaxalign.errors import InputError
 
-DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em"
+DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em"
 FORBIDDEN_STACKS = ("damaged_pair_dolw7",)
 DARK_BLOBS = 3
 

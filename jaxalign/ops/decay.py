@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxalign.fields import downsample_field, upsample_field
+from jaxalign.ops.fields import downsample_field, upsample_field
 
 DEFAULT_DECAY_DISTANCE = 100.0
 DEFAULT_BLUR_RATE = 0.2

@@ -92,7 +92,7 @@ def elastic_loss(field: jax.Array, mask: jax.Array | None = None,
     mask: optional `[..., H, W]` per-pixel weights (a spring counts with the product of its ends').
     spring_weights: optional `[..., H, W, 4]` per-spring weights: entry k at p weighs the spring from
       p to p + `SPRING_OFFSETS[k]` (entries whose neighbour is outside the image are ignored). This is
-      how a tear is cut one spring wide (see `jaxalign.tears`), instead of freeing whole pixels.
+      how a tear is cut one spring wide (see `jaxalign.ops.tears`), instead of freeing whole pixels.
   """
   field = field.astype(jnp.float32)
   h, w = field.shape[-3:-1]

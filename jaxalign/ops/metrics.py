@@ -176,13 +176,13 @@ def area_change(field: jax.Array, *, sigma: float = 0.0, remove_affine: bool = T
   if remove_affine:
     u = u - _affine_part(affine_fit(u, weight), h, w)
   if sigma > 0:
-    from jaxalign.fields import blur_field  # deferred: metrics stays importable on its own
+    from jaxalign.ops.fields import blur_field  # deferred: metrics stays importable on its own
     if weight is not None:
       # Outside the weighted pixels (resin, defects, where the truth maps off the image) a field can
       # be anything; smoothing would spread it into the tissue. Replace it by the normalised
       # (weight-averaged) blur of the weighted field, which tends to 0 (= the removed affine part)
       # far from any weight.
-      from jaxalign.fields import gaussian_blur  # deferred: metrics stays importable alone
+      from jaxalign.ops.fields import gaussian_blur  # deferred: metrics stays importable alone
       wt = jnp.asarray(weight, jnp.float32)
       fill = blur_field(u * wt[..., None], sigma) / (gaussian_blur(wt, sigma)[..., None] + _FILL_EPS)
       u = jnp.where(wt[..., None] > 0, u, fill)
@@ -256,7 +256,7 @@ def deformation(fields, *, resolution_nm=None, smooth_nm: float = DEFORMATION_SM
   if tissue is not None:
     keep &= mask(tissue, "tissue")
   if defects is not None:
-    from jaxalign.preprocess import dilate
+    from jaxalign.ops.preprocess import dilate
     keep &= ~np.asarray(dilate(jnp.asarray(mask(defects, "defects")), int(margin_px)))
   sigma = round(float(sigma_px), 3)
   det = np.stack([np.asarray(area_change(jnp.asarray(f[i]), sigma=sigma, weight=jnp.asarray(keep[i])))
@@ -290,7 +290,7 @@ def residual_field(fields: jax.Array, truth: jax.Array) -> jax.Array:
     `[..., H, W, 2]` float32 residual field, pixels (identity where `fields == truth`). Approximate
     where `fields` is not invertible (tears at cracks and folds: `deformation` leaves those out).
   """
-  from jaxalign.fields import compose, invert  # deferred: metrics stays importable on its own
+  from jaxalign.ops.fields import compose, invert  # deferred: metrics stays importable on its own
   return compose(invert(fields), truth)
 
 
@@ -318,7 +318,7 @@ def residual_deformation(fields, truth, *, tissue=None, **kwargs) -> Deformation
     InputError: bad or mismatched fields, and as `deformation`.
   """
   from jaxalign import errors  # deferred: keeps the module's import light
-  from jaxalign.preprocess import erode
+  from jaxalign.ops.preprocess import erode
   f = errors.check_field(fields, "deformation: fields")
   g = errors.check_field(truth, "deformation: truth")
   errors.check_same_shape(f, g, "deformation: fields", "truth")

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxalign import fields as _fields
-from jaxalign.losses import SPRING_OFFSETS, shifted
+from jaxalign.ops import fields as _fields
+from jaxalign.ops.losses import SPRING_OFFSETS, shifted
 
 # A spring is cut when the nearest-tissue map jumps by this many full-resolution pixels more than the
 # spacing of the samples: cracks and folds narrower than ~2 px are bridged (sub-pixel effect on EPE).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.errors import InputError
-from jaxalign.fields import blur_field
+from jaxalign.ops.fields import blur_field
 
 # Paper default (FAFB v15, n = 3).
 DEFAULT_TEMPERATURE = 5.7

@@ -5,7 +5,7 @@ A block is a run of contiguous sections aligned into the frame of its first sect
 identity). Section z is aligned *transitively*: to each of the previous `n` (voting distance)
 sections as already aligned, i.e. to `target_k = warp(section_k, field_k)`; each such pair alignment
 is directly a candidate for `field_z` (no composition needed), and the `n` candidates are merged by
-`jaxalign.voting.vector_vote`. A target without data at a pixel (blank section, masked defect, or
+`jaxalign.ops.voting.vector_vote`. A target without data at a pixel (blank section, masked defect, or
 outside its warped footprint) is not a valid voter there: each pixel votes over the nearest `n`
 previous sections that have data at that pixel (within `BlockConfig.max_lookback`). The first
 sections of a block vote over what exists. `n = 1` is plain sequential alignment.
@@ -18,7 +18,7 @@ see `batch_rows`).
 The pair aligner is injectable (`BlockConfig.aligner`), with the batched protocol
 `aligner(srcs[B,H,W], tgts[B,H,W], *, src_defects[B,H,W] bool, tgt_defects[B,H,W] bool,
 init_fields[B,H,W,2]) -> [B,H,W,2]` (warp(srcs[b], out[b]) ≈ tgts[b]); by default it is
-`jaxalign.pair.align_pairs` with `model` and `BlockConfig.pair`.
+`jaxalign.align.pair.align_pairs` with `model` and `BlockConfig.pair`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxalign import errors
-from jaxalign.fields import warp
-from jaxalign.voting import DEFAULT_BLUR_SIGMA, DEFAULT_TEMPERATURE, vector_vote
+from jaxalign.ops.fields import warp
+from jaxalign.ops.voting import DEFAULT_BLUR_SIGMA, DEFAULT_TEMPERATURE, vector_vote
 
 # Paper (FAFB v15): each section votes over the 3 previous ones.
 DEFAULT_VOTING_DISTANCE = 3
@@ -58,7 +58,7 @@ class BlockConfig:
     init_from_target: start each pair alignment from the target's own field (both raw sections are
       roughly pre-aligned, so the answer is close to it); False starts from the identity.
     aligner: batched pair aligner (protocol in the module docstring); None = `align_pairs`.
-    pair: `jaxalign.pair.PairConfig` for the default aligner (None = its defaults).
+    pair: `jaxalign.align.pair.PairConfig` for the default aligner (None = its defaults).
   """
   temperature: float = DEFAULT_TEMPERATURE
   blur_sigma: float = DEFAULT_BLUR_SIGMA
@@ -118,8 +118,8 @@ def aligned_data(data: jax.Array, field: jax.Array) -> jax.Array:
 
 
 def default_aligner(model=None, pair_config=None) -> Callable:
-  """`jaxalign.pair.align_pairs` bound to `model` and `pair_config`, in the batched protocol."""
-  from jaxalign.pair import align_pairs  # deferred: pair pulls in the finetuner and optax
+  """`jaxalign.align.pair.align_pairs` bound to `model` and `pair_config`, in the batched protocol."""
+  from jaxalign.align.pair import align_pairs  # deferred: pair pulls in the finetuner and optax
 
   def aligner(srcs, tgts, *, src_defects=None, tgt_defects=None, init_fields=None):
     return align_pairs(srcs, tgts, model=model, src_defects=src_defects, tgt_defects=tgt_defects,
@@ -129,9 +129,9 @@ def default_aligner(model=None, pair_config=None) -> Callable:
 
 def with_resolution(config: BlockConfig | None, resolution_nm) -> BlockConfig:
   """`config` (default `BlockConfig()`) with its default pair aligner told the sections' resolution
-  ((z, y, x) nm per pixel or one y/x value; `jaxalign.pair.with_resolution`), so that fields are
+  ((z, y, x) nm per pixel or one y/x value; `jaxalign.align.pair.with_resolution`), so that fields are
   computed at physical working levels. None, or a custom `aligner`, leaves the config unchanged."""
-  from jaxalign import pair as _pair  # deferred: pair pulls in the finetuner and optax
+  from jaxalign.align import pair as _pair  # deferred: pair pulls in the finetuner and optax
   config = config or BlockConfig()
   if errors.check_resolution(resolution_nm) is None or config.aligner is not None:
     return config
@@ -143,7 +143,7 @@ def for_defects(config: BlockConfig | None, defects) -> BlockConfig:
   every pair (`PairConfig.tears_always`) when any section of `defects [Z, H, W]` (bool) has one: on a CPU
   that is one compiled pair program for the stack instead of two (2.5-5 s at 512² on 2 cores). A custom
   `aligner` is left unchanged."""
-  from jaxalign import pair as _pair  # deferred: pair pulls in the finetuner and optax
+  from jaxalign.align import pair as _pair  # deferred: pair pulls in the finetuner and optax
   config = config or BlockConfig()
   if config.aligner is not None or defects is None or not np.any(defects):
     return config
@@ -163,10 +163,10 @@ def batch_rows(start: int, count: int, batch: int) -> np.ndarray:
 
   Where the default aligner is one vmapped program (accelerators), every call gets exactly `batch`
   rows, the last batch padded by repeating the last item, so it compiles once per batch size. Where
-  it runs pairs one by one (CPU, `jaxalign.pair.pairs_one_by_one`) the padding would be aligned for
+  it runs pairs one by one (CPU, `jaxalign.align.pair.pairs_one_by_one`) the padding would be aligned for
   nothing (a 2-section stack refined in batches of 8 aligned 8 pairs), so only real items are given.
   """
-  from jaxalign.pair import pairs_one_by_one  # deferred: pair pulls in the finetuner and optax
+  from jaxalign.align.pair import pairs_one_by_one  # deferred: pair pulls in the finetuner and optax
   stop = start + batch if not pairs_one_by_one() else min(start + batch, count)
   return np.arange(start, stop).clip(max=count - 1)
 
@@ -193,10 +193,10 @@ def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, mod
     sections: `[Z, H, W]` images (any real dtype; 0 = no data).
     voting_distance: n, the number of previous aligned sections each section votes over (1 = plain
       sequential alignment).
-    model: optional pair model for the default aligner (team protocol, see `jaxalign.pair`).
+    model: optional pair model for the default aligner (team protocol, see `jaxalign.align.pair`).
     defects: optional `[Z, H, W]` bool defect masks (True = crack/fold: no data, zeroed).
     resolution_nm: nm per pixel (z, y, x) or one y/x value: fields are computed at physical working
-      levels (`jaxalign.pair.PairConfig.finest_nm`, 32 nm) and upsampled; None = the pair config's.
+      levels (`jaxalign.align.pair.PairConfig.finest_nm`, 32 nm) and upsampled; None = the pair config's.
     config: `BlockConfig`.
     progress: show a tqdm bar over sections.
     return_info: also return a list of `SectionInfo` (targets used and status per section).

@@ -14,7 +14,7 @@ nearest first:
 
     G_z = compose(...compose(compose(F^N_z, D(t_N, d_N)), D(t_{N-1}, d_{N-1}))..., D(t_1, d_1)),
 
-with d_k = z - (s_k + overlap) sections from interface k and D = `jaxalign.decay.decay_field`
+with d_k = z - (s_k + overlap) sections from interface k and D = `jaxalign.ops.decay.decay_field`
 (gain 1 - d/decay_distance, blur growing with d). At d = 0 this is the exact (plain) composition
 so neighbouring sections on both sides of an interface agree; beyond decay_distance a stitch field
 is gone, so rigid drift cannot accumulate and no global solve is needed.
@@ -37,14 +37,14 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from jaxalign import errors
-from jaxalign.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, aligned_data,
-                            align_block, batch_rows, check_stack, default_aligner, for_defects)
-from jaxalign.block import with_resolution as block_with_resolution
-from jaxalign.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
-from jaxalign.drift import DriftConfig, remove_drift
-from jaxalign.fields import compose, invert, warp
-from jaxalign.refine import RefineConfig, refine_to_neighbours
-from jaxalign.voting import vector_vote
+from jaxalign.stack.block import (DEFAULT_VOTING_DISTANCE, BlockConfig, aligned_data,
+                                  align_block, batch_rows, check_stack, default_aligner, for_defects)
+from jaxalign.stack.block import with_resolution as block_with_resolution
+from jaxalign.ops.decay import DEFAULT_BLUR_RATE, DEFAULT_DECAY_DISTANCE, decay_field
+from jaxalign.stack.drift import DriftConfig, remove_drift
+from jaxalign.ops.fields import compose, invert, warp
+from jaxalign.stack.refine import RefineConfig, refine_to_neighbours
+from jaxalign.ops.voting import vector_vote
 
 # Paper (FAFB): 25-section blocks overlapping by 3 sections.
 DEFAULT_BLOCK_SIZE = 25
@@ -67,13 +67,13 @@ class StackConfig:
       (paper). False votes the algebraic estimates `compose(invert(F^{N+1}_i), F^N_i)` alone: both
       blocks already aligned each overlap section, so no extra pair alignment (and none of its
       bias, which otherwise adds once per interface under plain composition) is needed.
-    drift: optional `jaxalign.drift.DriftConfig`: after composition, take the part of the fields
-      that varies slowly along z out of every section (`jaxalign.drift.remove_drift`; the drift of
+    drift: optional `jaxalign.stack.drift.DriftConfig`: after composition, take the part of the fields
+      that varies slowly along z out of every section (`jaxalign.stack.drift.remove_drift`; the drift of
       content-following chains, which blocks restart and a single block accumulates: the tissue's
       own section-to-section change, which bends the tissue when it accumulates). None = off
       (the paper's ABCD).
-    neighbour_refine: optional `jaxalign.refine.RefineConfig`: last, re-align every section to the
-      mean of its aligned neighbours on both sides (`jaxalign.refine.refine_to_neighbours`), which
+    neighbour_refine: optional `jaxalign.stack.refine.RefineConfig`: last, re-align every section to the
+      mean of its aligned neighbours on both sides (`jaxalign.stack.refine.refine_to_neighbours`), which
       re-registers neighbours that drift removal left slightly apart. None = off.
     Both are on by default (issue 18): on the real ISBI stack (30 x 512², 4 nm) with fields at
     32 nm, ABCD alone bends the tissue (area change p1-p99 0.84-1.13) and drift removal alone costs
@@ -329,7 +329,7 @@ def stitch_field(overlap_sections, prev_fields, next_fields, *, overlap_defects=
     refine: align the renderings (paper); False votes the algebraic estimates alone (no pair
       alignment, see `StackConfig.stitch_refine`).
     next_inside: optional `[H, W]` bool: where the block N+1 renderings exist (a chunk of a larger
-      section, `jaxalign.chunked`); elsewhere they are no data and not valid voters.
+      section, `jaxalign.volume.chunked`); elsewhere they are no data and not valid voters.
   Returns:
     `[H, W, 2]` float32 t with `warp(warp(S, next_fields[i]), t) ≈ warp(S, prev_fields[i])`.
   """
@@ -388,7 +388,7 @@ def compose_with_decay(field: jax.Array, stitches: jax.Array, distances: jax.Arr
     stitches: `[K, H, W, 2]` stitch fields of the interfaces before it, nearest first (t_N, t_{N-1},
       ...); zero fields pad the chain (they are neutral), so one compile serves every section.
     distances: `[K]` sections from each interface (z - first owned section of that block).
-    decay_distance, blur_rate: see `jaxalign.decay.decay_field`.
+    decay_distance, blur_rate: see `jaxalign.ops.decay.decay_field`.
   Returns:
     `[H, W, 2]` float32 `compose(...compose(field, D(t_N, d_N))..., D(t_1, d_1))`; vmap for sections.
   """

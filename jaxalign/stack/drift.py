@@ -6,7 +6,7 @@ that motion. Along a chain it adds up (on 40-nm FIB-SEM at 320², 15-20 px after
 docs/benchmarks/stack.md §1), while the distortions alignment must undo (each section's own
 compression, warping, cracks, pre-alignment error) are independent from one section to the next.
 So the drift is the low-z-frequency part of the fields and the distortions are the rest. Composition
-with decay (`jaxalign.decay`) only forgets the stitch fields between blocks; the drift inside a block
+with decay (`jaxalign.ops.decay`) only forgets the stitch fields between blocks; the drift inside a block
 stays. Removing the low-z-frequency part everywhere also makes the result independent of where the
 chains started, so blocks and a single block agree (issue 6 §4).
 
@@ -20,7 +20,7 @@ it is off by about `grad(F) * L`, 0.5-1 px for a 15-px drift).
 Cost. The local fit also contains the average of the neighbours' own distortions, which the output
 loses: about `|distortion| * sqrt(sum_k W[z, k]**2)`, i.e. less for larger `sigma`; a smaller `sigma`
 removes faster-varying drift. Measured trade-offs are in docs/benchmarks/stack.md. Neighbour refinement
-(`jaxalign.refine`, `StackConfig.neighbour_refine`) afterwards re-registers the neighbours that this
+(`jaxalign.stack.refine`, `StackConfig.neighbour_refine`) afterwards re-registers the neighbours that this
 leaves slightly apart (§6 there).
 
 Limits. The fit is not robust: a section whose alignment failed leaks its error into its neighbours'
@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import errors
-from jaxalign.fields import compose, invert
+from jaxalign.ops.fields import compose, invert
 
 # Weights beyond this many sigmas are dropped (exp(-4.5) ~ 1 % of the peak).
 WINDOW_SIGMAS = 3.0

@@ -1,6 +1,6 @@
 """Neighbour refinement: re-align every section to the mean of its aligned neighbours on both sides.
 
-Why. Drift removal (`jaxalign.drift`) takes the slowly varying part out of each section's field, but
+Why. Drift removal (`jaxalign.stack.drift`) takes the slowly varying part out of each section's field, but
 its estimate of that part also contains the neighbours' own distortions, which differ from one
 section to the next: neighbours end up misregistered to each other by a fraction of a pixel (on
 40-nm FIB-SEM at 320², the low-CPC fraction rises from 8.5 % to 9.6 %; docs/benchmarks/stack.md).
@@ -17,7 +17,7 @@ each rendered with its field and normalised (zero mean, unit variance over its d
 where they have data (not blank, not a defect). The pair aligner then aligns section z, rendered with
 its field, to the template from the identity, and that residual goes after the field; so its elastic
 prior penalises only the correction, and a chunk of a large section needs nothing but windows of the
-renderings (`jaxalign.chunked.refine_section_chunked`).
+renderings (`jaxalign.volume.chunked.refine_section_chunked`).
 
 What it does to errors: each section takes on about the weighted mean of its neighbours' errors
 (plus the aligner's own). That smooths errors along z, which is what re-registers neighbours; it does
@@ -41,9 +41,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import errors
-from jaxalign.drift import window_indices
-from jaxalign.fields import compose, warp
-from jaxalign.preprocess import normalize
+from jaxalign.stack.drift import window_indices
+from jaxalign.ops.fields import compose, warp
+from jaxalign.ops.preprocess import normalize
 
 # A template pixel needs data from neighbours carrying at least this fraction of the window's weight;
 # elsewhere the template has no data (with radius 2 and sigma 1, one second neighbour alone is 6 %).
@@ -112,8 +112,8 @@ def refine_aligner(config: RefineConfig, aligner: Callable | None = None, model=
   (default `PairConfig()`) whose elastic weights are multiplied by `config.stiffness`."""
   if aligner is not None:
     return aligner
-  from jaxalign.block import default_aligner  # deferred: block imports the voting kernels
-  from jaxalign.pair import PairConfig  # deferred: pair pulls in the finetuner and optax
+  from jaxalign.stack.block import default_aligner  # deferred: block imports the voting kernels
+  from jaxalign.align.pair import PairConfig  # deferred: pair pulls in the finetuner and optax
   pair = pair_config or PairConfig()
   pair = dataclasses.replace(pair, gamma_scale=pair.gamma_scale * config.stiffness)
   return default_aligner(model, pair)
@@ -221,11 +221,11 @@ def section_and_template(images, fields, data, weights, center: int,
 def refine_section(images, fields, data, weights, center: int, aligner: Callable,
                    valid_threshold: float) -> np.ndarray:
   """One section's refined field from its window (the volume pipeline's task; chunks use
-  `jaxalign.chunked.refine_section_chunked`).
+  `jaxalign.volume.chunked.refine_section_chunked`).
 
   Args:
     images, fields, data, weights, center, valid_threshold: as `section_and_template`.
-    aligner: batched pair aligner (`jaxalign.block` protocol).
+    aligner: batched pair aligner (`jaxalign.stack.block` protocol).
   Returns:
     `[H, W, 2]` float32: `compose(fields[center], R)`.
   """
@@ -251,7 +251,7 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
     section_weights: optional `[Z]` weights; a section with weight 0 is no one's neighbour and keeps
       its field (blank sections). Sections without data are treated so in any case.
     aligner: batched pair aligner `aligner(srcs, tgts, *, src_defects, tgt_defects, init_fields)`
-      (`jaxalign.block` protocol); None = `refine_aligner` (`align_pairs` with `model` and
+      (`jaxalign.stack.block` protocol); None = `refine_aligner` (`align_pairs` with `model` and
       `pair_config`, elastic weights times `config.stiffness`).
     model, pair_config: for the default aligner.
     progress: tqdm bar over batches.
@@ -260,7 +260,7 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
   Raises:
     InputError: wrong shapes, NaN/Inf, bad config or weights.
   """
-  from jaxalign.block import batch_rows, check_stack  # deferred: block imports the voting kernels
+  from jaxalign.stack.block import batch_rows, check_stack  # deferred: block imports the voting kernels
   config = config or RefineConfig()
   sec, dfx = check_stack(sections, defects)
   f = errors.check_field(fields, "fields")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import errors
-from jaxalign.fields import warp
+from jaxalign.ops.fields import warp
 
 # Sections warped per jitted call; the last batch is padded so one compile serves a whole stack.
 DEFAULT_RENDER_BATCH = 8

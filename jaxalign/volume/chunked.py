@@ -23,7 +23,7 @@ re-centred by an integer translation, the mean displacement of its window, and o
   mean of the decayed stitch sampled through it; equal to the whole-section composition to float
   rounding (the margins are checked per chunk).
 
-Chunk windows come from `jaxalign.chunking.split`; reassembly "crop" keeps each chunk's core (at
+Chunk windows come from `jaxalign.volume.chunking.split`; reassembly "crop" keeps each chunk's core (at
 least `overlap` px from interior window edges), "blend" cross-fades the overlaps.
 """
 
@@ -39,10 +39,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from jaxalign import chunking
-from jaxalign.drift import remove_one
+from jaxalign.volume import chunking
+from jaxalign.stack.drift import remove_one
 from jaxalign.errors import InputError
-from jaxalign.fields import compose, downsample_image, upsample_field, warp
+from jaxalign.ops.fields import compose, downsample_image, upsample_field, warp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,7 @@ class ArraySource:
 
 @dataclasses.dataclass
 class VolumeSource:
-  """Section `z` of a `jaxalign.io.Volume` at `level`, read window by window through tensorstore."""
+  """Section `z` of a `jaxalign.volume.store.Volume` at `level`, read window by window through tensorstore."""
   volume: object
   z: int
   level: int = 0
@@ -164,7 +164,7 @@ def coarse_of(src: Source, levels: int, tile: int = 1024) -> np.ndarray:
   the last tile is edge-padded to a multiple of `2^levels`. Returns
   `[ceil(H/2^levels), ceil(W/2^levels)(, 2)]` float32.
   """
-  from jaxalign.fields import downsample_field
+  from jaxalign.ops.fields import downsample_field
   f = 2 ** levels
   h, w = src.shape
   ch, cw = -(-h // f), -(-w // f)
@@ -227,7 +227,7 @@ def render_chunked(image, field, *, config: ChunkConfig = ChunkConfig(),
   Returns:
     `[H, W]` float32 (None with a sink). Equal to the whole-section `warp` up to float rounding.
   """
-  from jaxalign import sharding
+  from jaxalign.volume import sharding
   img, fld = as_source(image), as_source(field)
   if img.shape != fld.shape:
     raise InputError(f"image shape {img.shape} does not match field shape {fld.shape}")
@@ -317,7 +317,7 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
 
   Args:
     sections: `[Z, H, W]` array, or a sequence of Z `Source`s (e.g. `VolumeSource` per section).
-    block: `jaxalign.stack.BlockPlan` (default: the whole stack, starter 0).
+    block: `jaxalign.stack.chain.BlockPlan` (default: the whole stack, starter 0).
     voting_distance, block_config: as `align_block` (`BlockConfig`: aligner, voting).
     config: `ChunkConfig`.
     coarse_fields: optional `[Z, H/2^c, W/2^c, 2]` coarse block fields (c = `coarse_levels_for`);
@@ -332,7 +332,7 @@ def align_block_chunked(sections, block=None, *, voting_distance: int = 3, confi
   Returns:
     `[Z, H, W, 2]` float32 fields into the starter's frame (None with a sink).
   """
-  from jaxalign.stack import BlockPlan, align_block_task
+  from jaxalign.stack.chain import BlockPlan, align_block_task
   srcs = [as_source(s) for s in sections] if not isinstance(sections, np.ndarray) else \
       [ArraySource(np.asarray(s, np.float32)) for s in sections]
   z_count = len(srcs)
@@ -432,7 +432,7 @@ def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[fl
                                config: ChunkConfig = ChunkConfig(),
                                sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                                progress: bool = False):
-  """`jaxalign.stack.compose_with_decay` of one section, computed chunk by chunk.
+  """`jaxalign.stack.chain.compose_with_decay` of one section, computed chunk by chunk.
 
   Output chunk W needs the last (farthest) decayed stitch E_K on W, the previous one on W shifted by
   E_K, and so on down to the block field: `G_j(r) = E_j(r) + G_{j-1}(r + E_j(r))`. Each step's window
@@ -448,14 +448,14 @@ def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[fl
     field: `[H, W, 2]` float32 block field of the section (pixels, (dy, dx)), array or `Source`.
     stitches: K stitch fields `[H, W, 2]` (arrays or `Source`s), nearest interface first.
     distances: `[K]` sections from each interface; entries >= decay_distance are dropped (zero).
-    decay_distance, blur_rate: see `jaxalign.decay.decay_field`.
+    decay_distance, blur_rate: see `jaxalign.ops.decay.decay_field`.
     config: `ChunkConfig` (`chunk`: core window edge; `overlap`: initial margin, px).
     sink: optional `sink(core_slices, field_core [h, w, 2])` instead of assembling in memory.
     progress: tqdm bar over chunks.
   Returns:
     `[H, W, 2]` float32 (None with a sink).
   """
-  from jaxalign.decay import MAX_DECAY_LEVELS, decay_field, num_levels
+  from jaxalign.ops.decay import MAX_DECAY_LEVELS, decay_field, num_levels
   fld = as_source(field)
   h, w = fld.shape
   if len(stitches) != len(distances):
@@ -488,7 +488,7 @@ def compose_with_decay_chunked(field, stitches: Sequence, distances: Sequence[fl
     # smaller than the section reproduces it.
     logging.warning("compose_with_decay_chunked: blur of %.1f px reaches the whole %dx%d section; "
                     "composing the whole section at once", blur_rate * max(d for _, d in chain), h, w)
-    from jaxalign.stack import compose_with_decay
+    from jaxalign.stack.chain import compose_with_decay
     res = np.asarray(compose_with_decay(
         jnp.asarray(fld.window(0, h, 0, w)), jnp.asarray(np.stack([t.window(0, h, 0, w) for t, _ in chain])),
         jnp.asarray([d for _, d in chain], jnp.float32), decay_distance=decay_distance, blur_rate=blur_rate))
@@ -568,7 +568,7 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
                          block_config=None, refine: bool = True, coarse_field: np.ndarray | None = None,
                          sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                          progress: bool = False):
-  """`jaxalign.stack.stitch_field` on overlapping, re-centred chunks (memory ~ O x chunk^2).
+  """`jaxalign.stack.chain.stitch_field` on overlapping, re-centred chunks (memory ~ O x chunk^2).
 
   A coarse stitch field (the overlap sections and block fields `2^coarse_levels` coarser, through
   `stitch_field`) gives each chunk window W an integer offset o ~ t on W. Writing `src = warp(S,
@@ -592,7 +592,7 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
   Returns:
     `[H, W, 2]` float32 stitch field (None with a sink).
   """
-  from jaxalign.stack import stitch_field
+  from jaxalign.stack.chain import stitch_field
   secs = [as_source(s) for s in overlap_sections]
   prevs, nxts = [as_source(f) for f in prev_fields], [as_source(f) for f in next_fields]
   if not secs or len(prevs) != len(secs) or len(nxts) != len(secs):
@@ -635,7 +635,7 @@ def stitch_field_chunked(overlap_sections, prev_fields, next_fields, *, config: 
 
 def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np.ndarray, config,
                   refine: bool) -> np.ndarray:
-  """`jaxalign.stack.stitch_field` on one re-centred chunk, where the block N+1 rendering only
+  """`jaxalign.stack.chain.stitch_field` on one re-centred chunk, where the block N+1 rendering only
   exists at `inside`: beyond the section it is no data (zero, not a valid voter), as in the
   whole-section stitch, instead of a rendering through edge-extrapolated block fields.
 
@@ -648,7 +648,7 @@ def _stitch_chunk(sec: np.ndarray, prev: np.ndarray, nxt: np.ndarray, inside: np
   Returns:
     `[h, w, 2]` float32 stitch field of the chunk's shifted problem.
   """
-  from jaxalign.stack import stitch_field
+  from jaxalign.stack.chain import stitch_field
   if not (sec != 0).any() or not inside.any():
     return np.zeros(sec.shape[1:] + (2,), np.float32)
   return np.asarray(stitch_field(sec, prev, nxt, config=config, refine=refine, next_inside=inside), np.float32)
@@ -661,7 +661,7 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, translation
                          config: ChunkConfig = ChunkConfig(),
                          sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                          progress: bool = False):
-  """`jaxalign.drift` for one section, chunk by chunk: `compose(field, invert(sum_k w_k (F_k - t_k)))`.
+  """`jaxalign.stack.drift` for one section, chunk by chunk: `compose(field, invert(sum_k w_k (F_k - t_k)))`.
 
   Each chunk reads its core grown by a margin covering the drift there (the inverse samples the
   drift, and the composition the field, at most |drift| + 1 px away), with edge replication (the
@@ -672,9 +672,9 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, translation
   Args:
     field: the section's field `[H, W, 2]` (array or `Source`).
     window_fields: the K fields `F_k` of the drift estimate (arrays or `Source`s).
-    weights: `[K]` float weights (`jaxalign.drift.drift_weights` row).
+    weights: `[K]` float weights (`jaxalign.stack.drift.drift_weights` row).
     translations: optional `[K, 2]` (dy, dx) px `t_k` left out of each window field: its whole
-      section's mean translation (`jaxalign.drift.section_translations`); None = zeros.
+      section's mean translation (`jaxalign.stack.drift.section_translations`); None = zeros.
     config: `ChunkConfig` (chunk size, base margin).
     sink: optional `sink(core_slices, field [h, w, 2])` instead of assembling the section.
     progress: tqdm bar over chunks.
@@ -722,7 +722,7 @@ def remove_drift_chunked(field, window_fields: Sequence, weights, *, translation
 @jax.jit
 def _render_with_data(box: jax.Array, resid: jax.Array, valid_threshold: float) -> jax.Array:
   """`_render_one` of a source box, 0 where its rendered data mask is at most `valid_threshold`
-  (as `jaxalign.refine.render_window` on the whole section)."""
+  (as `jaxalign.stack.refine.render_window` on the whole section)."""
   data = _render_one((box != 0).astype(jnp.float32), resid)
   return jnp.where(data > valid_threshold, _render_one(box, resid), 0.0)
 
@@ -739,7 +739,7 @@ def refine_section_chunked(sections: Sequence, fields: Sequence, weights, center
                            valid_threshold: float = 0.5, config: ChunkConfig = ChunkConfig(),
                            sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                            progress: bool = False):
-  """`jaxalign.refine` for one section, chunk by chunk.
+  """`jaxalign.stack.refine` for one section, chunk by chunk.
 
   Every chunk window (with `config.overlap` px of context) renders the window's sections with their
   fields (re-centred as `render_chunked`), builds the template (`neighbour_template`), aligns the
@@ -751,17 +751,17 @@ def refine_section_chunked(sections: Sequence, fields: Sequence, weights, center
   Args:
     sections: the K window sections (arrays `[H, W]` or `Source`s), 0 = no data.
     fields: their K fields `[H, W, 2]` (arrays or `Source`s).
-    weights: `[K]` template weights (`jaxalign.refine.neighbour_weights` row, 0 at `center`).
+    weights: `[K]` template weights (`jaxalign.stack.refine.neighbour_weights` row, 0 at `center`).
     center: the section being refined.
-    aligner: batched pair aligner (`jaxalign.block` protocol).
-    valid_threshold: see `jaxalign.refine.RefineConfig`.
+    aligner: batched pair aligner (`jaxalign.stack.block` protocol).
+    valid_threshold: see `jaxalign.stack.refine.RefineConfig`.
     config: `ChunkConfig` (chunk, overlap, render margin).
     sink: optional `sink(core_slices, field [h, w, 2])` instead of assembling the section.
     progress: tqdm bar over chunks.
   Returns:
     `[H, W, 2]` float32 (None with a sink).
   """
-  from jaxalign.refine import neighbour_template, residual  # deferred: refine imports block lazily
+  from jaxalign.stack.refine import neighbour_template, residual  # deferred: refine imports block lazily
   imgs = [as_source(s) for s in sections]
   flds = [as_source(f) for f in fields]
   weights = np.asarray(weights, np.float32)

@@ -1,20 +1,20 @@
-"""The volume pipeline as jobs: align a `jaxalign.io` volume into a field volume and an aligned image
+"""The volume pipeline as jobs: align a `jaxalign.volume.store` volume into a field volume and an aligned image
 volume (with its MIP pyramid), resumable per section, on any executor (DESIGN.md §3, issue 6 §3).
 
 `align_volume(SRC, DST)` runs the job `align_job`, four barriers of idempotent tasks:
 
 1. `quality/<z>`  per section: tissue and defect fractions (only when starters are chosen
-   automatically); the driver then plans the blocks (`jaxalign.stack.choose_starters`, `plan_blocks`).
+   automatically); the driver then plans the blocks (`jaxalign.stack.chain.choose_starters`, `plan_blocks`).
 2. `block/<k>`    per block: `align_block_task` on the block's sections -> `DST/work/block_<k>`.
 3. `stitch/<k>`   per interface: `stitch_field` on the overlap -> `DST/work/stitches[k]`.
 4. `section/<z>`  per section: `compose_with_decay` of its block field and the stitch fields within
    `decay_distance` -> `DST/fields[z]`; render -> `DST/aligned[z]` and its pyramid levels.
 5. `drift/<z>`    only with `StackConfig.drift`: step 4 writes `DST/work/composed[z]` instead, and this
-   stage takes the drift out (`jaxalign.drift`, from the composed fields of the sections around z)
+   stage takes the drift out (`jaxalign.stack.drift`, from the composed fields of the sections around z)
    -> `DST/fields[z]`, then renders. Quality (step 1) then always runs: blank sections are left out
    of the drift estimates.
 6. `refine/<i>/<z>` only with `StackConfig.neighbour_refine`, one barrier per sweep i: section z is
-   re-aligned to the mean of its neighbours (`jaxalign.refine`), from the previous stage's fields
+   re-aligned to the mean of its neighbours (`jaxalign.stack.refine`), from the previous stage's fields
    (`DST/work/composed`, or `DST/work/drifted` when the drift stage runs) -> `DST/work/refined_<i>`,
    the last sweep -> `DST/fields`, then renders.
 
@@ -32,14 +32,14 @@ too; re-running into DST with different parameters is refused rather than mixing
 Every task reads its inputs from volumes, so results do not depend on which worker or executor ran
 it: inline, processes and Dask give identical output.
 
-Sections larger than `VolumeConfig.chunk` run every stage chunk by chunk (`jaxalign.chunked`:
+Sections larger than `VolumeConfig.chunk` run every stage chunk by chunk (`jaxalign.volume.chunked`:
 `align_block_chunked`, `stitch_field_chunked`, `compose_with_decay_chunked`, `render_chunked`), reading
 windows from and writing chunk cores to the volumes, so memory per worker does not grow with the
 section size.
 
 `render_volume(SRC, FIELDS, DST)` is the same per-section render job for given fields.
 
-Progress: besides the bar per batch of tasks (`jaxalign.distributed.run_batch`), each block task
+Progress: besides the bar per batch of tasks (`jaxalign.volume.distributed.run_batch`), each block task
 reports per section (per section of each chunk for chunked sections), with an ETA (`SectionProgress`):
 
 - inline executor: a tqdm bar in this process, nested under the batch bar, named after the block;
@@ -72,18 +72,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxalign import distributed as jd
-from jaxalign import io
-from jaxalign.chunked import (ChunkConfig, VolumeSource, align_block_chunked, compose_with_decay_chunked,
-                              refine_section_chunked, remove_drift_chunked, render_chunked, stitch_field_chunked)
-from jaxalign.drift import drift_weights, remove_one, section_translations, window_indices
+from jaxalign.volume import distributed as jd, store
+from jaxalign.volume.chunked import ChunkConfig, VolumeSource, align_block_chunked, compose_with_decay_chunked, refine_section_chunked, remove_drift_chunked, render_chunked, stitch_field_chunked
+from jaxalign.stack.drift import drift_weights, remove_one, section_translations, window_indices
 from jaxalign.errors import InputError, ReadError
-from jaxalign.refine import neighbour_weights, refine_aligner, refine_section
-from jaxalign.stack import (DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan,
-                            align_block_task, choose_starters, compose_with_decay, plan_blocks,
-                            stitch_chain, stitch_field)
-from jaxalign.block import DEFAULT_VOTING_DISTANCE
-from jaxalign.decay import DEFAULT_DECAY_DISTANCE
+from jaxalign.stack.refine import neighbour_weights, refine_aligner, refine_section
+from jaxalign.stack.chain import DEFAULT_BLOCK_SIZE, DEFAULT_OVERLAP, BlockPlan, StackConfig, StackPlan, align_block_task, choose_starters, compose_with_decay, plan_blocks, stitch_chain, stitch_field
+from jaxalign.stack.block import DEFAULT_VOTING_DISTANCE
+from jaxalign.ops.decay import DEFAULT_DECAY_DISTANCE
 
 FIELDS, ALIGNED, WORK = "fields", "aligned", "work"
 
@@ -134,9 +130,9 @@ def output_url(dst: str, *parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _open(url: str) -> io.Volume:
+def _open(url: str) -> store.Volume:
   """Volume handles cached per worker process (opening reads metadata; tasks reuse it)."""
-  return io.open_volume(url)
+  return store.open_volume(url)
 
 
 # --------------------------------------------------------------------------- unreadable input
@@ -176,7 +172,7 @@ class UnreadableChunk:
     return (min(y[0], shape[1]), min(y[1], shape[1])), (min(x[0], shape[2]), min(x[1], shape[2]))
 
 
-def locate_unreadable(vol: io.Volume, z: int, level: int, box=None) -> list[UnreadableChunk]:
+def locate_unreadable(vol: store.Volume, z: int, level: int, box=None) -> list[UnreadableChunk]:
   """The storage chunks of section `z` at `level` within `box` ((y0, y1), (x0, x1) px of the level;
   None = the section) that cannot be read, found by reading chunk by chunk (`vol.chunks(level)`)."""
   h, w = vol.shape(level)[1:3]
@@ -211,7 +207,7 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
 
 
 class MissingData:
-  """A `jaxalign.io.Volume` (read-only use) whose `unreadable` chunks read as zeros, no data, at every
+  """A `jaxalign.volume.store.Volume` (read-only use) whose `unreadable` chunks read as zeros, no data, at every
   MIP level (`UnreadableChunk.box_at`); the chunks themselves are never read. Everything else is the
   volume's own (shape, levels, resolution, ...).
 
@@ -220,7 +216,7 @@ class MissingData:
     unreadable: `UnreadableChunk`s of it.
   """
 
-  def __init__(self, volume: io.Volume, unreadable: Sequence[UnreadableChunk]):
+  def __init__(self, volume: store.Volume, unreadable: Sequence[UnreadableChunk]):
     self.volume = volume
     self.by_z: dict[int, list[UnreadableChunk]] = {}
     for u in unreadable:
@@ -272,10 +268,10 @@ def _source(src_url: str, config: "VolumeConfig"):
   return MissingData(vol, config.unreadable) if config.unreadable else vol
 
 
-def source_levels(src: io.Volume, config: "VolumeConfig") -> list[int]:
+def source_levels(src: store.Volume, config: "VolumeConfig") -> list[int]:
   """MIP levels of SRC the align tasks read: the aligned level, the quality level and (chunked) the
   re-centring level, where SRC has them."""
-  from jaxalign.chunked import coarse_levels_for
+  from jaxalign.volume.chunked import coarse_levels_for
   levels = {config.level, min(src.levels - 1, config.level + QUALITY_LEVELS)}
   h, w = src.shape(config.level)[1:3]
   if _chunked(config, h, w):
@@ -388,10 +384,10 @@ def _tiles(h: int, w: int, tile: int):
       yield (y0, min(y0 + tile, h)), (x0, min(x0 + tile, w))
 
 
-def _stream_pyramid(vol: io.Volume, z: int, tile: int) -> None:
+def _stream_pyramid(vol: store.Volume, z: int, tile: int) -> None:
   """MIP levels 1.. of section z from the level below, tile by tile (2x2 mean, odd edges
-  replicated like `io.build_pyramid`): memory ~ (2 tile)^2 px whatever the section size."""
-  from jaxalign.chunked import downsample_to
+  replicated like `jaxalign.volume.pyramid.build_pyramid`): memory ~ (2 tile)^2 px whatever the section size."""
+  from jaxalign.volume.chunked import downsample_to
   for k in range(1, vol.levels):
     hk, wk = vol.shape(k)[1:3]
     hb, wb = vol.shape(k - 1)[1:3]
@@ -400,10 +396,10 @@ def _stream_pyramid(vol: io.Volume, z: int, tile: int) -> None:
       vol.write(_to_dtype(downsample_to(a[None], 1)[0], vol.dtype), z, k, ((y0, y1), (x0, x1)))
 
 
-def _write_pyramid(vol: io.Volume, z: int, image: np.ndarray, levels: int) -> None:
+def _write_pyramid(vol: store.Volume, z: int, image: np.ndarray, levels: int) -> None:
   """Writes section z at level 0 and its MIP levels 1.. (2x2 mean, odd edges replicated like
-  `io.build_pyramid`), all chunk-aligned (one section per chunk in z)."""
-  from jaxalign.chunked import downsample_to
+  `jaxalign.volume.pyramid.build_pyramid`), all chunk-aligned (one section per chunk in z)."""
+  from jaxalign.volume.chunked import downsample_to
   a = image.astype(np.float32)
   vol.write(_to_dtype(a, vol.dtype), z, 0)
   for k in range(1, levels):
@@ -431,10 +427,10 @@ def quality_task(src_url: str, z: int, level: int, config_tile: int | None = Non
   return count / float(h * w), 0.0
 
 
-def _block_config(config: VolumeConfig, src: io.Volume):
+def _block_config(config: VolumeConfig, src: store.Volume):
   """`config.stack.block` with the default pair aligner told the volume's resolution at the aligned
   level (its median stage depends on the section thickness in pixels) unless set explicitly."""
-  from jaxalign.block import with_resolution
+  from jaxalign.stack.block import with_resolution
   block = config.stack.block
   if block.aligner is not None or (block.pair is not None and block.pair.resolution_nm is not None):
     return block
@@ -539,7 +535,7 @@ def section_task(src_url: str, dst: str, plan: StackPlan, z: int, config: Volume
 
 def drift_task(src_url: str, dst: str, z: int, sections: Sequence[int], weights: Sequence[float],
                translations: Sequence[Sequence[float]], config: VolumeConfig) -> dict:
-  """Final field of section z with the drift taken out (`jaxalign.drift`): `weights` over the
+  """Final field of section z with the drift taken out (`jaxalign.stack.drift`): `weights` over the
   composed fields of `sections`, each without its `translations` entry ((dy, dx) px: the section's
   mean translation, or zeros); written with its rendering and pyramid. Returns {"seconds"}."""
   t0 = time.perf_counter()
@@ -580,7 +576,7 @@ def _refine_volumes(dst: str, config: VolumeConfig) -> list[str]:
 
 def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[int], weights: Sequence[float],
                 config: VolumeConfig) -> dict:
-  """Section z re-aligned to the mean of its neighbours `sections` (`jaxalign.refine`, sweep `sweep`
+  """Section z re-aligned to the mean of its neighbours `sections` (`jaxalign.stack.refine`, sweep `sweep`
   from 1) from the previous stage's fields; the last sweep writes DST/fields and renders.
   Returns {"seconds"}."""
   t0 = time.perf_counter()
@@ -615,7 +611,7 @@ def refine_task(src_url: str, dst: str, sweep: int, z: int, sections: Sequence[i
   return {"seconds": time.perf_counter() - t0}
 
 
-def _render_section(src: io.Volume, fields: io.Volume, out: io.Volume, z: int, config: VolumeConfig,
+def _render_section(src: store.Volume, fields: store.Volume, out: store.Volume, z: int, config: VolumeConfig,
                     field: np.ndarray | None = None) -> None:
   h, w = src.shape(config.level)[1:3]
   if _chunked(config, h, w):
@@ -627,7 +623,7 @@ def _render_section(src: io.Volume, fields: io.Volume, out: io.Volume, z: int, c
     return
   field = fields.read(z) if field is None else field
   image = src.read(z, config.level).astype(np.float32)
-  from jaxalign.render import render
+  from jaxalign.stack.render import render
   aligned = np.asarray(render(image[None], field[None], batch_size=1))[0]
   _write_pyramid(out, z, aligned, out.levels)
 
@@ -662,7 +658,7 @@ def _params(src_url: str, config: VolumeConfig) -> dict:
   return params
 
 
-def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool, tile: int | None = None,
+def _check_sections(vol: store.Volume, url: str, level: int, *, need_data: bool, tile: int | None = None,
                     also_levels: Sequence[int] = (), on_read_error: str = "stop") -> list[UnreadableChunk]:
   """Reads every section of `vol` at `level` once (tile by tile with `tile`, so the driver never
   holds a whole large section), before anything is written: NaN/Inf anywhere, or (with
@@ -702,9 +698,9 @@ def _check_sections(vol: io.Volume, url: str, level: int, *, need_data: bool, ti
   return unreadable
 
 
-def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.CompletionRecords) -> io.Volume:
+def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.CompletionRecords) -> store.Volume:
   """Checks the inputs and creates DST's volumes (idempotent). Raises InputError on bad input."""
-  src = io.open_volume(src_url)
+  src = store.open_volume(src_url)
   if src.is_field:
     raise InputError(f"{src_url} is a field volume; align needs an image volume")
   if config.level >= src.levels:
@@ -714,8 +710,8 @@ def prepare_output(src_url: str, dst: str, config: VolumeConfig, records: jd.Com
     raise InputError(f"{src_url}: need at least 2 sections to align, got {shape[0]}")
   _check_params(records, _params(src_url, config), dst)
   res = src.resolution_at(config.level)
-  io.create_volume(output_url(dst, FIELDS), shape + (2,), "float32", res, kind="field")
-  io.create_volume(output_url(dst, ALIGNED), shape, src.dtype.name, res, levels=pyramid_levels_for(shape, config),
+  store.create_volume(output_url(dst, FIELDS), shape + (2,), "float32", res, kind="field")
+  store.create_volume(output_url(dst, ALIGNED), shape, src.dtype.name, res, levels=pyramid_levels_for(shape, config),
                    kind="image")
   return src
 
@@ -743,15 +739,15 @@ def align_job(src_url: str, dst: str, config: VolumeConfig, *, progress: str = "
   logging.info("align_volume plan: %s", plan.describe())
   res = src.resolution_at(config.level)
   for b in plan.blocks:
-    io.create_volume(output_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
+    store.create_volume(output_url(dst, WORK, f"block_{b.index:05d}"), (b.stop - b.start, h, w, 2), "float32", res,
                      kind="field")
-  io.create_volume(output_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
+  store.create_volume(output_url(dst, WORK, "stitches"), (len(plan.blocks), h, w, 2), "float32", res, kind="field")
   if drift is not None or refine is not None:
-    io.create_volume(output_url(dst, WORK, "composed"), (z_count, h, w, 2), "float32", res, kind="field")
+    store.create_volume(output_url(dst, WORK, "composed"), (z_count, h, w, 2), "float32", res, kind="field")
   if refine is not None:
     for url in _refine_volumes(dst, config)[:-1]:
       if not url.endswith("composed"):
-        io.create_volume(url, (z_count, h, w, 2), "float32", res, kind="field")
+        store.create_volume(url, (z_count, h, w, 2), "float32", res, kind="field")
   yield jd.Batch([jd.Task(f"block/{b.index:05d}", block_task, (src_url, dst, b, config), (("progress", progress),))
                   for b in plan.blocks], "blocks")
   if len(plan.blocks) > 1:
@@ -786,7 +782,7 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
   """Aligns the volume at `src_url` into `dst` (layout in the module docstring).
 
   Args:
-    src_url: image volume (`jaxalign.io`), `[Z, H, W]`.
+    src_url: image volume (`jaxalign.volume.store`), `[Z, H, W]`.
     dst: output folder / URL.
     config: `VolumeConfig`.
     executor: where tasks run (default inline); the output does not depend on it.
@@ -804,7 +800,7 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
   config = config or VolumeConfig()
   if on_read_error not in READ_ERROR_POLICIES:
     raise InputError(f"on_read_error must be one of {', '.join(READ_ERROR_POLICIES)}, got {on_read_error!r}")
-  src = io.open_volume(src_url)
+  src = store.open_volume(src_url)
   unreadable: list[UnreadableChunk] = []
   if not src.is_field and config.level < src.levels:
     # Validate before CompletionRecords or any volume touches dst: bad input writes nothing.
@@ -834,11 +830,11 @@ def align_volume(src_url: str, dst: str, config: VolumeConfig | None = None, *,
 
 def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig | None = None, *,
                   executor: jd.Executor | None = None, progress: bool = True,
-                  stats: jd.RunStats | None = None, restart: bool = False) -> io.Volume:
+                  stats: jd.RunStats | None = None, restart: bool = False) -> store.Volume:
   """Renders `warp(SRC[z], FIELDS[z])` into a new image volume `dst` (with pyramid), per section;
   resumable like `align_volume` (`restart` discards dst's completion records)."""
   config = config or VolumeConfig()
-  src, fields = io.open_volume(src_url), io.open_volume(fields_url)
+  src, fields = store.open_volume(src_url), store.open_volume(fields_url)
   if not fields.is_field:
     raise InputError(f"{fields_url} is not a field volume")
   shape = src.shape(config.level)
@@ -854,7 +850,7 @@ def render_volume(src_url: str, fields_url: str, dst: str, config: VolumeConfig 
   if restart:
     records.clear()
   _check_params(records, {"src": src_url, "fields": fields_url, "config": _stable_repr(config)}, dst)
-  out = io.create_volume(dst, shape, src.dtype.name, src.resolution_at(config.level),
+  out = store.create_volume(dst, shape, src.dtype.name, src.resolution_at(config.level),
                          levels=pyramid_levels_for(shape, config), kind="image")
   tasks = [jd.Task(f"render/{z:06d}", render_task, (src_url, fields_url, dst, z, config)) for z in range(shape[0])]
 

@@ -9,7 +9,7 @@ fixed size so the sharded function compiles once for a whole volume.
 
 Typical use::
 
-  from jaxalign import sharding
+  from jaxalign.volume import sharding
   fields = sharding.sharded_map(lambda s, t: align_chunk(s, t), src_chunks, tgt_chunks, batch_size=16)
 
 On CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=8` gives 8 devices for testing.

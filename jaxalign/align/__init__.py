@@ -1,0 +1,2 @@
+"""Pair alignment: the Online Field Finetuner (`finetuner`), SEAMLeSS / finetuner pair alignment
+(`pair`) and block matching (`blockmatch`)."""
