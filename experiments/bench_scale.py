@@ -92,7 +92,7 @@ def _run_child(code: str) -> dict:
 def _block_config():
   from jaxalign.stack.block import BlockConfig
   from jaxalign.align.pair import PairConfig
-  from tests.stack_helpers import phase_aligner
+  from tests.references import phase_aligner
   return {"finetuner": BlockConfig(pair=PairConfig()),
           "blockmatch": BlockConfig(pair=PairConfig(init="blockmatch")),  # NCC init, then finetuner
           "fft": BlockConfig(aligner=phase_aligner)}[FLAGS.aligner]
@@ -102,7 +102,7 @@ def throughput(work: pathlib.Path) -> None:
   from jaxalign import compile_cache
   from jaxalign.volume import distributed as jd, pipeline, store
   from jaxalign.stack.chain import StackConfig
-  from tests.stack_helpers import random_shifts, texture_stack
+  from tests.references import random_shifts, texture_stack
   sections = texture_stack(random_shifts(FLAGS.sections, limit=6), size=FLAGS.size)
   src = str(work / "src")
   store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)
@@ -264,7 +264,7 @@ def stages(work: pathlib.Path) -> None:
       from jaxalign.volume import store
       from jaxalign.volume.chunked import ChunkConfig, VolumeSource, compose_with_decay_chunked, stitch_field_chunked
       from jaxalign.stack.block import BlockConfig
-      from tests.stack_helpers import phase_aligner
+      from tests.references import phase_aligner
       d = {str(d)!r}
       bf, st = store.open_volume(d + '/block'), store.open_volume(d + '/stitches')
       sec, prev, nxt = store.open_volume(d + '/sections'), store.open_volume(d + '/prev'), store.open_volume(d + '/next')
@@ -360,7 +360,7 @@ def stages(work: pathlib.Path) -> None:
 def projection(work: pathlib.Path) -> None:
   import jax
   from jaxalign.align.pair import PairConfig, align_pair
-  from tests.stack_helpers import texture_stack
+  from tests.references import texture_stack
   c = FLAGS.pair_chunk
   secs = texture_stack(np.array([[0, 0], [3, -2]]), size=c)
   b = 1

@@ -13,7 +13,7 @@ from jaxalign.volume import chunking, distributed as jd, store, pipeline
 from jaxalign.stack.block import BlockConfig
 from jaxalign.volume.chunked import ChunkConfig, align_block_chunked
 from jaxalign.stack.chain import StackConfig
-from tests.stack_helpers import phase_aligner, random_shifts, texture_stack
+from tests.references import phase_aligner, random_shifts, texture_stack
 
 Z, SIZE = 8, 64
 CONFIG = pipeline.VolumeConfig(block_size=5, overlap=2, decay_distance=1e6, pyramid_levels=1, starters=(0, 4),

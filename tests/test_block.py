@@ -2,7 +2,7 @@
 
 Expectations are closed forms: sections are crops of one texture at known integer offsets, so the
 field of section z into section 0's frame is the constant `shifts[0] - shifts[z]`
-(`stack_helpers.expected_fields`, float64). The pair aligner is an exact FFT cross-correlation
+(`references.expected_fields`, float64). The pair aligner is an exact FFT cross-correlation
 stand-in so these tests check the block logic, not the finetuner.
 """
 
@@ -13,7 +13,7 @@ from scipy import ndimage
 from jaxalign.stack.block import BlockConfig, align_block, nearest_valid_voters
 from jaxalign.errors import InputError
 from jaxalign.stack.render import render
-from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
+from tests.references import expected_fields, phase_aligner, random_shifts, texture_stack
 
 SIZE = 64
 CFG = BlockConfig(aligner=phase_aligner)

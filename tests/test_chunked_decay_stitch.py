@@ -8,7 +8,7 @@ the volume pipeline.
 - `stitch_field_chunked` is checked against a closed form: with block N+1's fields
   `next(q) = prev(q - T) - T` the stitch field is the constant T (warp(S, next) is warp(S, prev)
   shifted by T), here 37 / -45 px, larger than the chunk overlap; the FFT stand-in aligner
-  (tests/stack_helpers.py) is exact for integer shifts.
+  (tests/references.py) is exact for integer shifts.
 - The pipeline with `VolumeConfig(chunk=...)` on sections larger than the chunk (blocks, stitches,
   decay, streamed rendering and pyramid all chunked) reproduces the closed-form fields and images.
 """
@@ -20,7 +20,7 @@ from jaxalign.volume import store, pipeline
 from jaxalign.stack.block import BlockConfig
 from jaxalign.volume.chunked import ChunkConfig, compose_with_decay_chunked, stitch_field_chunked
 from jaxalign.stack.chain import StackConfig
-from tests.stack_helpers import expected_fields, phase_aligner, texture_stack
+from tests.references import expected_fields, phase_aligner, texture_stack
 
 
 def _smooth(h, w, ty, tx, amp, phase):

@@ -164,7 +164,7 @@ def killing_aligner(srcs, tgts, **kw):
   - $JAXALIGN_TEST_KILL_AT=N (counter in $JAXALIGN_TEST_KILL_DIR): `os._exit` at the Nth call, as
     when the driver of an inline run is killed;
   - $JAXALIGN_TEST_KILL_MARKER: the first call anywhere (marker file absent) SIGKILLs its worker."""
-  from tests.stack_helpers import phase_aligner
+  from tests.references import phase_aligner
   if os.environ.get("JAXALIGN_TEST_KILL_AT"):
     counter = pathlib.Path(os.environ["JAXALIGN_TEST_KILL_DIR"]) / "calls"
     n = int(counter.read_text()) + 1 if counter.exists() else 1
@@ -194,7 +194,7 @@ def test_dask_volume_run_survives_killed_driver_and_worker(tmp_path, monkeypatch
   persistent compilation cache, which must not change a bit either."""
   pytest.importorskip("distributed")
   from jaxalign.volume import store, pipeline
-  from tests.stack_helpers import random_shifts, texture_stack
+  from tests.references import random_shifts, texture_stack
   sections = texture_stack(random_shifts(6, limit=5), size=64)
   src = str(tmp_path / "src")
   store.create_volume(src, sections.shape, "float32", (40, 4, 4)).write(sections)

@@ -12,9 +12,9 @@ from jaxalign.stack.block import BlockConfig
 from jaxalign.stack.drift import DriftConfig, drift_weights, remove_drift, section_translations, window_indices
 from jaxalign.errors import InputError
 from jaxalign.stack.chain import StackConfig, align_stack
-from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
-from tests.test_fields import smooth_field
-from tests.test_stack import _compose_ref
+from tests.references import expected_fields, phase_aligner, random_shifts, texture_stack
+from tests.references import smooth_field
+from tests.references import compose_ref
 
 SIZE = 48
 
@@ -67,12 +67,12 @@ def test_linear_nonrigid_drift_is_removed_and_the_rest_kept():
 
   # With per-section distortions: compose(out_z, L_z) == fields_z, L from float64 weights.
   distortions = np.stack([smooth_field(rng, (SIZE, SIZE), 2.0, 6.0) for _ in range(z_count)])
-  fields = np.stack([_compose_ref(distortions[z], drift[z]) for z in range(z_count)])
+  fields = np.stack([compose_ref(distortions[z], drift[z]) for z in range(z_count)])
   out = np.asarray(remove_drift(fields.astype(np.float32), config=config))
   weights = drift_weights(z_count, config)
   for z in range(z_count):
     est = np.tensordot(weights[z], fields[window_indices(z, z_count, config.radius)], axes=1)
-    back = _compose_ref(out[z].astype(np.float64), est)
+    back = compose_ref(out[z].astype(np.float64), est)
     np.testing.assert_allclose(back[10:-10, 10:-10], fields[z][10:-10, 10:-10], atol=0.05)
     # What is left is the distortion minus the neighbours' average distortion, not the drift.
     left = out[z] - (distortions[z] - np.tensordot(weights[z], distortions[window_indices(z, z_count, config.radius)], axes=1))
@@ -212,7 +212,7 @@ def test_volume_pipeline_removes_drift_and_renders(tmp_path, chunked):
   warped by them (float64 SciPy), and a re-run skips everything."""
   from jaxalign.volume import distributed as jd, store, pipeline
   from jaxalign.volume.chunked import ChunkConfig
-  from tests.test_fields import reference_warp
+  from tests.references import reference_warp
   z_count, size = 10, (192 if chunked else 64)
   shifts = random_shifts(z_count, seed=6, limit=8)
   sections = texture_stack(shifts, size=size)

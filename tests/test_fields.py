@@ -9,26 +9,12 @@ import jax.numpy as jnp
 from jax.test_util import check_grads
 
 import jaxalign as ja
-
-
-def smooth_field(rng, shape, amplitude, sigma):
-  """Random smooth field [H, W, 2], max |component| = amplitude px (float64)."""
-  f = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap") for _ in range(2)], -1)
-  return f / np.abs(f).max() * amplitude
+from tests.references import reference_warp, smooth_field
 
 
 def smooth_image(rng, shape, sigma=4.0):
   img = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
   return (img - img.min()) / (img.max() - img.min()) + 0.5
-
-
-def reference_warp(img, field, order=1, cval=0.0):
-  """Independent reference: scipy map_coordinates in float64 (grid-constant = blend to cval)."""
-  h, w = img.shape
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-  coords = [yy + field[..., 0], xx + field[..., 1]]
-  mode = "grid-constant" if order == 1 else "mirror"
-  return ndimage.map_coordinates(img.astype(np.float64), coords, order=order, mode=mode, cval=cval)
 
 
 def test_warp_matches_scipy_map_coordinates():

@@ -17,8 +17,8 @@ import jaxalign as ja
 from jaxalign.ops import fields
 from jaxalign.models import seamless, train_data, train_pyramid
 from jaxalign.bench.synthetic import SyntheticConfig, make_stack
-from tests.test_fields import reference_warp, smooth_field
-from tests.test_stack import _compose_ref
+from tests.references import reference_warp, smooth_field
+from tests.references import compose_ref
 from tests.test_train import TINY_AUG, tiny_level_cfg, tiny_train_cfg
 
 pytestmark = [pytest.mark.gpu,
@@ -45,7 +45,7 @@ def test_warp_and_compose_on_gpu_match_float64_references(sections):
   np.testing.assert_allclose(np.asarray(got), reference_warp(sections[0], u), atol=2e-4)
   # compose(a, b) applies a then b: c(r) = b(r) + a(r + b(r)) (sample points clamped to the section).
   c = np.asarray(ja.compose(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32)))
-  np.testing.assert_allclose(c, _compose_ref(u, v), atol=2e-4)
+  np.testing.assert_allclose(c, compose_ref(u, v), atol=2e-4)
 
 
 def test_align_pair_on_gpu_recovers_a_known_field_and_agrees_with_cpu(sections):

@@ -1,6 +1,6 @@
 """The volume pipeline (jaxalign.volume.pipeline), chunked sections (jaxalign.volume.chunked) and the align/render CLI.
 
-Stacks are crops of a slowly changing texture at known integer offsets (tests/stack_helpers.py), so
+Stacks are crops of a slowly changing texture at known integer offsets (tests/references.py), so
 the exact fields and the exact aligned images are closed forms (NumPy slicing); the pair aligner is
 the FFT stand-in, which is exact for integer translations, so these tests check the pipeline's
 plumbing (blocks, stitches, composition, rendering, records) and not the finetuner.
@@ -19,7 +19,7 @@ from jaxalign.stack.block import BlockConfig
 from jaxalign.volume.chunked import ChunkConfig, align_block_chunked, render_chunked
 from jaxalign.errors import InputError
 from jaxalign.stack.chain import StackConfig
-from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
+from tests.references import expected_fields, phase_aligner, random_shifts, texture_stack
 
 Z, SIZE = 10, 64
 SHIFTS = random_shifts(Z, limit=8)

@@ -22,7 +22,7 @@ from jaxalign.volume import pipeline
 from jaxalign.stack.block import BlockConfig
 from jaxalign.errors import InputError, ReadError
 from jaxalign.stack.chain import StackConfig
-from tests.stack_helpers import phase_aligner, random_shifts, texture_stack
+from tests.references import phase_aligner, random_shifts, texture_stack
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RES = (40.0, 4.0, 4.0)

@@ -15,8 +15,8 @@ from jaxalign.stack.block import BlockConfig
 from jaxalign.errors import InputError
 from jaxalign.stack.refine import MIN_TEMPLATE_COVERAGE, RefineConfig, neighbour_template, neighbour_weights, refine_to_neighbours, render_window
 from jaxalign.stack.chain import StackConfig, align_stack
-from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
-from tests.test_fields import smooth_field
+from tests.references import expected_fields, phase_aligner, random_shifts, texture_stack
+from tests.references import smooth_field
 
 
 def test_neighbour_weights_are_gaussian_without_the_section_blanks_or_outside():
@@ -203,7 +203,7 @@ def test_volume_pipeline_refines_and_renders(tmp_path, chunked, drift):
   from jaxalign.volume import distributed as jd, store, pipeline
   from jaxalign.volume.chunked import ChunkConfig
   from jaxalign.stack.drift import DriftConfig
-  from tests.test_fields import reference_warp
+  from tests.references import reference_warp
   z_count, size, bad = 10, (96 if chunked else 64), 6
   shifts = random_shifts(z_count, seed=6, limit=8)
   sections = texture_stack(shifts, size=size)

@@ -12,7 +12,7 @@ from scipy import ndimage
 from jaxalign.stack.block import BlockConfig, align_block
 from jaxalign.errors import InputError
 from jaxalign.stack.chain import StackConfig, align_block_task, align_stack, choose_starters, compose_with_decay, plan_blocks, section_quality
-from tests.stack_helpers import expected_fields, phase_aligner, random_shifts, texture_stack
+from tests.references import compose_ref, expected_fields, phase_aligner, random_shifts, texture_stack
 
 SIZE = 64
 CFG = StackConfig(drift=None, neighbour_refine=None, block=BlockConfig(aligner=phase_aligner))
@@ -67,15 +67,6 @@ def test_plan_rejects_bad_starters():
     choose_starters(np.ones(10), block_size=3, overlap=3)
 
 
-def _compose_ref(a, b):
-  """float64 c(r) = b(r) + a(r + b(r)), a bilinear and clamped at the border (SciPy)."""
-  h, w = a.shape[:2]
-  yy, xx = np.mgrid[:h, :w].astype(np.float64)
-  coords = [yy + b[..., 0], xx + b[..., 1]]
-  a_at = np.stack([ndimage.map_coordinates(a[..., c], coords, order=1, mode="nearest") for c in range(2)], -1)
-  return b + a_at
-
-
 def test_compose_with_decay_limits_match_float64_reference():
   rng = np.random.default_rng(5)
   smooth = lambda s: (s * ndimage.gaussian_filter(rng.standard_normal((32, 32, 2)), (4, 4, 0))).astype(np.float32)
@@ -83,7 +74,7 @@ def test_compose_with_decay_limits_match_float64_reference():
   stitches = np.stack([t2, t1])  # nearest interface first
   # Distance 0 everywhere: the plain composition field -> t2 -> t1.
   out0 = np.asarray(compose_with_decay(field, stitches, np.zeros(2, np.float32), decay_distance=100.0))
-  ref0 = _compose_ref(_compose_ref(field.astype(np.float64), t2.astype(np.float64)), t1.astype(np.float64))
+  ref0 = compose_ref(compose_ref(field.astype(np.float64), t2.astype(np.float64)), t1.astype(np.float64))
   np.testing.assert_allclose(out0, ref0, atol=2e-3)
   # At or beyond decay_distance both stitch fields are gone: the block field alone.
   out_far = np.asarray(compose_with_decay(field, stitches, np.array([100.0, 250.0], np.float32),

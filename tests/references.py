@@ -1,8 +1,16 @@
-"""Test fixtures for block/stack alignment: translated texture stacks and a fast exact aligner.
+"""Shared test references: what more than one test file uses, in one place (test files import from
+here rather than from one another).
 
-The stand-in aligner is FFT cross-correlation: for integer translations between textured images it
-returns the exact shift as a constant field, so block/stack logic can be tested against closed-form
-expectations without the (slow) Online Field Finetuner.
+* Independent float64 references of the kernels (SciPy): `reference_warp`, `compose_ref`, and
+  `smooth_field` (random smooth fields).
+* Block/stack alignment fixtures: translated texture stacks (`texture_stack`, `random_shifts`,
+  `expected_fields`) and a fast exact aligner (`phase_aligner`). The stand-in aligner is FFT
+  cross-correlation: for integer translations between textured images it returns the exact shift as
+  a constant field, so block/stack logic can be tested against closed-form expectations without the
+  (slow) Online Field Finetuner.
+
+Only NumPy, SciPy and JAX here (no jaxalign model code): worker processes of the distributed tests
+import this module to unpickle `phase_aligner`.
 """
 
 from __future__ import annotations
@@ -84,3 +92,29 @@ def random_shifts(z: int, *, seed: int = 1, step: int = 3, limit: int = 12) -> n
   for _ in range(z - 1):
     out.append(np.clip(out[-1] + rng.integers(-step, step + 1, 2), -limit, limit))
   return np.stack(out)
+
+
+# ----------------------------------------------------------------------------------- kernel references
+
+def smooth_field(rng, shape, amplitude, sigma):
+  """Random smooth field [H, W, 2], max |component| = amplitude px (float64)."""
+  f = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap") for _ in range(2)], -1)
+  return f / np.abs(f).max() * amplitude
+
+
+def reference_warp(img, field, order=1, cval=0.0):
+  """Independent reference: scipy map_coordinates in float64 (grid-constant = blend to cval)."""
+  h, w = img.shape
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+  coords = [yy + field[..., 0], xx + field[..., 1]]
+  mode = "grid-constant" if order == 1 else "mirror"
+  return ndimage.map_coordinates(img.astype(np.float64), coords, order=order, mode=mode, cval=cval)
+
+
+def compose_ref(a, b):
+  """float64 c(r) = b(r) + a(r + b(r)), a bilinear and clamped at the border (SciPy)."""
+  h, w = a.shape[:2]
+  yy, xx = np.mgrid[:h, :w].astype(np.float64)
+  coords = [yy + b[..., 0], xx + b[..., 1]]
+  a_at = np.stack([ndimage.map_coordinates(a[..., c], coords, order=1, mode="nearest") for c in range(2)], -1)
+  return b + a_at
