@@ -27,7 +27,7 @@ flags.DEFINE_string("output", str(REPO / "docs" / "api.md"), "markdown file to w
 flags.DEFINE_list("modules", [
     "jaxalign.ops.fields", "jaxalign.ops.losses", "jaxalign.ops.voting", "jaxalign.ops.decay", "jaxalign.ops.metrics",
     "jaxalign.ops.preprocess", "jaxalign.ops.tears", "jaxalign.errors",
-    "jaxalign.align.pair", "jaxalign.align.finetuner", "jaxalign.align.blockmatch",
+    "jaxalign.align.pair", "jaxalign.align.finetuner", "jaxalign.align.blockmatch", "jaxalign.align.protocols",
     "jaxalign.stack.block", "jaxalign.stack.chain", "jaxalign.stack.drift", "jaxalign.stack.refine", "jaxalign.stack.render",
     "jaxalign.volume.store", "jaxalign.volume.pyramid", "jaxalign.volume.images", "jaxalign.volume.chunking",
     "jaxalign.volume.pipeline", "jaxalign.volume.distributed",

@@ -14,7 +14,7 @@ What conventional (pre-deep-learning) EM pipelines do, as a baseline and an init
 5. rejected nodes are filled by iterative normalised averaging of their neighbours, the grid is
    bilinearly upsampled to a dense field and Gaussian-smoothed, then composed with the estimate.
 
-`block_match` follows the team's pluggable-aligner protocol
+`block_match` follows the team's pluggable-aligner protocol (`jaxalign.align.protocols.PairAligner`)
 `(src, tgt, *, init_field, src_defects, tgt_defects) -> field` so it can be passed as `model=` to
 `align_pair`. The field is smooth: it does not tear at cracks (that is the finetuner's job).
 """

@@ -6,10 +6,11 @@ Case kinds (issue 3 §4):
   use `flyem_medulla_fibsem` every 4th slice: FIB-SEM slices are intrinsically aligned);
 * ``stack``: the whole distorted stack, aligned into the frame of its (undistorted) section 0.
 
-An aligner follows the team protocol `aligner(src, tgt, *, init_field=None, src_defects=None,
-tgt_defects=None) -> [H, W, 2]` with `warp(src, f) ≈ tgt`. For stack cases either a stack aligner
-`fn(sections [Z, H, W], *, defects=[Z, H, W]) -> [Z, H, W, 2]` is passed (`stack_aligner=True`) or the
-pair aligner is chained section by section (each section to the previous aligned one).
+An aligner follows the team protocol (`jaxalign.align.protocols.PairAligner`) `aligner(src, tgt, *,
+init_field=None, src_defects=None, tgt_defects=None) -> [H, W, 2]` with `warp(src, f) ≈ tgt`. For stack
+cases either a stack aligner (`StackAligner`) `fn(sections [Z, H, W], *, defects=[Z, H, W]) -> [Z, H, W, 2]`
+is passed (`stack_aligner=True`) or the pair aligner is chained section by section (each section to the
+previous aligned one).
 
 On disk a case is a directory with `case.json` (kind, metadata, distortion config, per-section
 parameters, format version) and `arrays.npz` (compressed NumPy arrays, names as in `Case`).
@@ -28,7 +29,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,7 @@ from jaxalign.errors import InputError
 from jaxalign.ops.fields import FULL_SUPPORT, downsample_image, level_nearest, warp
 from jaxalign.bench.groundtruth import DistortionConfig, distort_stack
 from jaxalign.ops.metrics import LOW_CPC_THRESHOLD, cpc
+from jaxalign.align.protocols import PairAligner, StackAligner
 
 CASE_FORMAT_VERSION = 1
 CASE_KINDS = ("same", "neighbour", "stack")
@@ -339,7 +341,7 @@ def _has_data(image) -> bool:
   return bool(np.any(np.asarray(image) != 0))
 
 
-def _chain_stack(aligner: Callable, case: Case, progress: bool):
+def _chain_stack(aligner: PairAligner, case: Case, progress: bool):
   """Sequential stack alignment with a pair aligner: section z to the last aligned section with data."""
   n, h, w = case.src.shape
   fields = np.zeros((n, h, w, 2), np.float32)
@@ -360,7 +362,7 @@ def _chain_stack(aligner: Callable, case: Case, progress: bool):
   return fields, times
 
 
-def align_case(aligner: Callable, case: Case, *, stack_aligner: bool = False, progress: bool = True):
+def align_case(aligner: PairAligner | StackAligner, case: Case, *, stack_aligner: bool = False, progress: bool = True):
   """Runs `aligner` on every pair (or the stack) of `case`.
 
   Returns (fields `[N, H, W, 2]`, run mask `[N]` bool: pairs actually aligned, per-call times in s).
@@ -486,7 +488,7 @@ def score_fields(fields, case: Case, ran=None, *, config: EvalConfig | None = No
   )
 
 
-def evaluate(aligner: Callable, case: Case, *, name: str | None = None, stack_aligner: bool = False,
+def evaluate(aligner: PairAligner | StackAligner, case: Case, *, name: str | None = None, stack_aligner: bool = False,
              config: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
   """Runs an aligner on a case and returns one table row (dict).
 

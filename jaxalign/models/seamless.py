@@ -16,8 +16,9 @@ Paper: Popovych et al., Nat. Commun. 2024, Methods "Image pair alignment" / Resu
   `encoding_levels` 2x2-mean reductions of the encodings. A level may be placed in physical units
   (`LevelConfig.nm`): given the images' `resolution_nm`, it runs at the MIP whose pixel is nearest.
 * `Pyramid`: levels coarse -> fine; implements the team's pluggable aligner protocol
-  `pyramid(src, tgt, *, init_field=None, src_defects=None, tgt_defects=None) -> field [H, W, 2]`
-  with `warp(src, field) ≈ tgt`, so `ja.align_pair(src, tgt, model=pyramid)` just calls it.
+  (`jaxalign.align.protocols.PairAligner`) `pyramid(src, tgt, *, init_field=None, src_defects=None,
+  tgt_defects=None) -> field [H, W, 2]` with `warp(src, field) ≈ tgt`, so
+  `ja.align_pair(src, tgt, model=pyramid)` just calls it.
 
 `pretrained()` loads the default pyramid shipped in `jaxalign/models/weights/` (see the README there for the
 data and the exact command that reproduces it).

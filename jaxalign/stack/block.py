@@ -15,10 +15,10 @@ its own aligned data mask), so only targets that some pixel actually votes with 
 batches of `n` pairs (padded on accelerators, so the vmapped aligner compiles once per block shape;
 see `batch_rows`).
 
-The pair aligner is injectable (`BlockConfig.aligner`), with the batched protocol
+The pair aligner is injectable (`BlockConfig.aligner`), a `jaxalign.align.protocols.BatchedPairAligner`
 `aligner(srcs[B,H,W], tgts[B,H,W], *, src_defects[B,H,W] bool, tgt_defects[B,H,W] bool,
 init_fields[B,H,W,2]) -> [B,H,W,2]` (warp(srcs[b], out[b]) ≈ tgts[b]); by default it is
-`jaxalign.align.pair.align_pairs` with `model` and `BlockConfig.pair`.
+`jaxalign.align.pair.align_pairs` with `model` (a `PairAligner`) and `BlockConfig.pair`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from jaxalign import errors
 from jaxalign.ops.fields import warp
 from jaxalign.ops.voting import DEFAULT_BLUR_SIGMA, DEFAULT_TEMPERATURE, vector_vote
+from jaxalign.align.protocols import BatchedPairAligner, PairAligner
 
 # Paper (FAFB v15): each section votes over the 3 previous ones.
 DEFAULT_VOTING_DISTANCE = 3
@@ -57,7 +58,7 @@ class BlockConfig:
       thin strip; those pixels vote over fewer voters).
     init_from_target: start each pair alignment from the target's own field (both raw sections are
       roughly pre-aligned, so the answer is close to it); False starts from the identity.
-    aligner: batched pair aligner (protocol in the module docstring); None = `align_pairs`.
+    aligner: batched pair aligner (`BatchedPairAligner`); None = `align_pairs`.
     pair: `jaxalign.align.pair.PairConfig` for the default aligner (None = its defaults).
   """
   temperature: float = DEFAULT_TEMPERATURE
@@ -66,7 +67,7 @@ class BlockConfig:
   valid_threshold: float = 0.5
   min_voter_fraction: float = 0.05
   init_from_target: bool = True
-  aligner: Callable | None = None
+  aligner: BatchedPairAligner | None = None
   pair: Any = None
 
   def __post_init__(self):
@@ -117,7 +118,7 @@ def aligned_data(data: jax.Array, field: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- host side
 
 
-def default_aligner(model=None, pair_config=None) -> Callable:
+def default_aligner(model: PairAligner | None = None, pair_config=None) -> BatchedPairAligner:
   """`jaxalign.align.pair.align_pairs` bound to `model` and `pair_config`, in the batched protocol."""
   from jaxalign.align.pair import align_pairs  # deferred: pair pulls in the finetuner and optax
 
@@ -184,7 +185,8 @@ def _run_aligner(aligner, src, src_def, tgts, tgt_defs, inits, batch: int) -> np
   return np.concatenate(out)
 
 
-def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, model=None, defects=None,
+def align_block(sections, *, voting_distance: int = DEFAULT_VOTING_DISTANCE, model: PairAligner | None = None,
+                defects=None,
                 resolution_nm=None, config: BlockConfig | None = None, progress: bool = True,
                 return_info: bool = False, on_section: Callable[[int], None] | None = None):
   """Aligns a block of sections into the frame of its first section.

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +43,7 @@ from jaxalign import errors
 from jaxalign.stack.drift import window_indices
 from jaxalign.ops.fields import compose, warp
 from jaxalign.ops.preprocess import normalize
+from jaxalign.align.protocols import BatchedPairAligner, PairAligner
 
 # A template pixel needs data from neighbours carrying at least this fraction of the window's weight;
 # elsewhere the template has no data (with radius 2 and sigma 1, one second neighbour alone is 6 %).
@@ -106,8 +106,8 @@ class RefineConfig:
     return num_sections >= MIN_REFINE_SECTIONS
 
 
-def refine_aligner(config: RefineConfig, aligner: Callable | None = None, model=None,
-                   pair_config=None) -> Callable:
+def refine_aligner(config: RefineConfig, aligner: BatchedPairAligner | None = None, model: PairAligner | None = None,
+                   pair_config=None) -> BatchedPairAligner:
   """The residual aligner: `aligner` as given, else `align_pairs` with `model` and `pair_config`
   (default `PairConfig()`) whose elastic weights are multiplied by `config.stiffness`."""
   if aligner is not None:
@@ -181,7 +181,7 @@ def neighbour_template(rendered: jax.Array, weights: jax.Array) -> jax.Array:
 _compose_batch = jax.jit(jax.vmap(compose))
 
 
-def residual(aligner: Callable, srcs: np.ndarray, templates: np.ndarray) -> np.ndarray:
+def residual(aligner: BatchedPairAligner, srcs: np.ndarray, templates: np.ndarray) -> np.ndarray:
   """`[B, H, W, 2]` float32: the aligner's field taking each rendered section `srcs[b]` onto its
   template `templates[b]` from the identity (0 where either has no data at all)."""
   b, h, w = srcs.shape
@@ -218,14 +218,14 @@ def section_and_template(images, fields, data, weights, center: int,
   return np.asarray(rendered[center]), np.asarray(template)
 
 
-def refine_section(images, fields, data, weights, center: int, aligner: Callable,
+def refine_section(images, fields, data, weights, center: int, aligner: BatchedPairAligner,
                    valid_threshold: float) -> np.ndarray:
   """One section's refined field from its window (the volume pipeline's task; chunks use
   `jaxalign.volume.chunked.refine_section_chunked`).
 
   Args:
     images, fields, data, weights, center, valid_threshold: as `section_and_template`.
-    aligner: batched pair aligner (`jaxalign.stack.block` protocol).
+    aligner: batched pair aligner (`jaxalign.align.protocols.BatchedPairAligner`).
   Returns:
     `[H, W, 2]` float32: `compose(fields[center], R)`.
   """
@@ -235,8 +235,8 @@ def refine_section(images, fields, data, weights, center: int, aligner: Callable
 
 
 def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None, defects=None,
-                         section_weights=None, aligner: Callable | None = None, model=None,
-                         pair_config=None, progress: bool = False) -> jax.Array:
+                         section_weights=None, aligner: BatchedPairAligner | None = None,
+                         model: PairAligner | None = None, pair_config=None, progress: bool = False) -> jax.Array:
   """Re-aligns every section to the mean of its aligned neighbours on both sides (module docstring).
 
   Section z rendered with its field is aligned to its template (`neighbour_template`) from the
@@ -251,7 +251,7 @@ def refine_to_neighbours(sections, fields, *, config: RefineConfig | None = None
     section_weights: optional `[Z]` weights; a section with weight 0 is no one's neighbour and keeps
       its field (blank sections). Sections without data are treated so in any case.
     aligner: batched pair aligner `aligner(srcs, tgts, *, src_defects, tgt_defects, init_fields)`
-      (`jaxalign.stack.block` protocol); None = `refine_aligner` (`align_pairs` with `model` and
+      (`jaxalign.align.protocols.BatchedPairAligner`); None = `refine_aligner` (`align_pairs` with `model` and
       `pair_config`, elastic weights times `config.stiffness`).
     model, pair_config: for the default aligner.
     progress: tqdm bar over batches.

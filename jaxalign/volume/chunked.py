@@ -43,6 +43,7 @@ from jaxalign.volume import chunking
 from jaxalign.stack.drift import remove_one
 from jaxalign.errors import InputError
 from jaxalign.ops.fields import compose, downsample_image, upsample_field, warp
+from jaxalign.align.protocols import BatchedPairAligner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -735,7 +736,7 @@ def _rendered_window(image: Source, field: Source, y0: int, y1: int, x0: int, x1
   return np.asarray(_render_with_data(jnp.asarray(box), jnp.asarray(resid), valid_threshold))
 
 
-def refine_section_chunked(sections: Sequence, fields: Sequence, weights, center: int, *, aligner: Callable,
+def refine_section_chunked(sections: Sequence, fields: Sequence, weights, center: int, *, aligner: BatchedPairAligner,
                            valid_threshold: float = 0.5, config: ChunkConfig = ChunkConfig(),
                            sink: Callable[[tuple[slice, slice], np.ndarray], None] | None = None,
                            progress: bool = False):
@@ -753,7 +754,7 @@ def refine_section_chunked(sections: Sequence, fields: Sequence, weights, center
     fields: their K fields `[H, W, 2]` (arrays or `Source`s).
     weights: `[K]` template weights (`jaxalign.stack.refine.neighbour_weights` row, 0 at `center`).
     center: the section being refined.
-    aligner: batched pair aligner (`jaxalign.stack.block` protocol).
+    aligner: batched pair aligner (`jaxalign.align.protocols.BatchedPairAligner`).
     valid_threshold: see `jaxalign.stack.refine.RefineConfig`.
     config: `ChunkConfig` (chunk, overlap, render margin).
     sink: optional `sink(core_slices, field [h, w, 2])` instead of assembling the section.
