@@ -1,5 +1,8 @@
 """Self-supervised SEAMLeSS training (the metroem part), flax NNX + optax + orbax.
 
+The configs and the training data are in `jaxalign.models.train_data`, encoder-only levels in
+`jaxalign.models.train_encoder`, the flags of `jaxalign train` in `jaxalign.models.train_flags`.
+
 Paper: Popovych et al., Nat. Commun. 2024, Results "SEAMLeSS training", Methods "Image pair alignment".
 
 One call of `train(config, workdir)` trains every level of a `Pyramid`, coarse to fine:
