@@ -10,7 +10,7 @@ semantics on tgt's grid) minimises
 - `mse_mask` keeps pixels where tgt has data and where the *warped* src has data on all four bilinear
   neighbours, so that no-data regions (zeros, masked defects) neither add error nor attract the field.
 - the elastic term has per-spring weights: a spring is cut where its source-space segment under the
-  run's *initial* field crosses a src crack or fold (`jaxalign.tears`: one spring wide, so the field
+  run's *initial* field crosses a src crack or fold (`jaxalign.ops.tears`: one spring wide, so the field
   tears there and tissue on both sides aligns independently, while defect pixels stay attached to
   their side), and springs touching tgt defects are cut. The MSE mask is recomputed from the current
   field at every step (gradient stopped); the spring weights are fixed for the run (see
@@ -58,7 +58,7 @@ class FinetuneConfig:
     defect_dilation: radius (pixels of this level) by which tgt defect masks are grown before their
       springs are cut.
     tear_jump_px: full-resolution px; a spring is cut where the nearest-tissue map jumps by this much
-      more than the sample spacing along it (`jaxalign.tears.tear_springs`).
+      more than the sample spacing along it (`jaxalign.ops.tears.tear_springs`).
     patience: stop after this many steps without a relative loss improvement of `rel_tol`.
     rel_tol: relative improvement that resets the plateau counter.
   """
@@ -158,7 +158,7 @@ def _spring_weights(init_field, src_nearest, has_src_defects, tgt_defects, scale
   tgt_ok = 1.0 - _preprocess.dilate(tgt_defects > 0, config.defect_dilation).astype(jnp.float32)
   ones = jnp.ones(init_field.shape[:-1] + (len(_losses.SPRING_OFFSETS),), jnp.float32)
   if has_src_defects is False:
-    # Known at trace time (`tears=False` in `jaxalign.pair`): no tear code is traced at all.
+    # Known at trace time (`tears=False` in `jaxalign.align.pair`): no tear code is traced at all.
     return ones * _tears.spring_pairs(tgt_ok)
   # Without src defects every spring stays: skip the segment sampling (a cond, which under vmap
   # becomes a select that computes both branches; hence the static case above).

@@ -7,7 +7,7 @@ Pipeline (paper: Popovych et al. 2024, "Online field finetuner"; DESIGN.md §3 s
 2. Optional initial field: given by the caller, from block matching (`config.init="blockmatch"`), or
    from a pluggable aligner `model(src, tgt, *, init_field, src_defects, tgt_defects) -> field`.
 3. MIP pyramids (images by mean, tissue masks by min, defect masks by max). At the coarsest level the
-   Online Field Finetuner (`jaxalign.finetuner`) refines the (downsampled) initial field; the result is
+   Online Field Finetuner (`jaxalign.align.finetuner`) refines the (downsampled) initial field; the result is
    upsampled (`upsample_field`) and refined again at each finer level. Large displacements are caught
    at the coarse levels, where they are a few pixels.
 4. After each level, where the field's change from the caller's initial field departs from its
@@ -137,7 +137,7 @@ class PairConfig:
       level). `gammas` None = `COARSE_GAMMAS` (the paper's strong prior) with the physical defaults, else
       `DEFAULT_GAMMAS` (the precise setting and unknown resolutions: a light prior for pixel-scale
       polish).
-    gamma_scale: factor on every level's elastic weight (`jaxalign.refine` stiffens its residual
+    gamma_scale: factor on every level's elastic weight (`jaxalign.stack.refine` stiffens its residual
       aligner with it); passed to the compiled program as a value, so it costs no recompilation.
     median_sizes, median_strides: per working level (same layout): odd window (pixels of that level) of the
       separable running median (`fields.median_filter_field`) the field's change from the initial
@@ -183,7 +183,7 @@ class PairConfig:
       (`preprocess.destripe`). Measured on FIB-SEM 192² crops with 6-px stripes of relative amplitude
       1.0 / 0.3: median EPE 0.4-4.2 / 0.26-0.47 px without, 0.26-0.46 / 0.09-0.24 px with (0.07-0.16
       on the clean images, which it leaves unchanged).
-    init: "identity" or "blockmatch" (use `jaxalign.blockmatch.block_match` as the initial field when
+    init: "identity" or "blockmatch" (use `jaxalign.align.blockmatch.block_match` as the initial field when
       no `init_field` and no `model` is given).
     refine_model: when a `model` is given, also run the finetuner coarse to fine from its field.
   """
@@ -428,7 +428,7 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   tv_p = _fields.pyramid(tgt_valid, levels, "min")
   # Tissue masks (min) already exclude any coarse pixel touched by a defect, which keeps defects out of
   # the MSE. Springs across src defects are cut at every level from the full-resolution mask
-  # (`jaxalign.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
+  # (`jaxalign.ops.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
   # cut the springs of the coarse pixels they mostly cover.
   has_src_defects = jnp.any(src_defects > 0) if tears else False
   sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
@@ -544,7 +544,7 @@ def _block_match(src, tgt, *, init_field=None, src_defects=None, tgt_defects=Non
   try:
     bm = importlib.import_module("jaxalign.align.blockmatch")
   except ImportError as e:
-    raise errors.InputError(f"config.init='blockmatch' needs jaxalign.blockmatch ({e})") from None
+    raise errors.InputError(f"config.init='blockmatch' needs jaxalign.align.blockmatch ({e})") from None
   return bm.block_match(src, tgt, init_field=init_field, src_defects=src_defects, tgt_defects=tgt_defects)
 
 
@@ -576,7 +576,7 @@ def _initial_field(s, t, sd, td, init_field, model, config):
   if model is not None:
     extra = {}
     if config.resolution_nm is not None and _accepts(model, "resolution_nm"):
-      # Models whose levels are set in nm (`jaxalign.models.Pyramid`) place them by the resolution.
+      # Models whose levels are set in nm (`jaxalign.models.seamless.Pyramid`) place them by the resolution.
       extra["resolution_nm"] = config.resolution_nm
     out = model(s, t, init_field=None if init_field is None else jnp.asarray(init_field),
                 src_defects=jnp.asarray(sd), tgt_defects=jnp.asarray(td), **extra)
@@ -659,7 +659,7 @@ def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt
 def pairs_one_by_one() -> bool:
   """Whether `align_pairs` runs a batch pair after pair through the single-pair program (CPU) rather
   than as one vmapped program (accelerators). Callers pad batches to a fixed size only in the
-  vmapped case (`jaxalign.block.batch_rows`): there it saves a compile per batch size, here it
+  vmapped case (`jaxalign.stack.block.batch_rows`): there it saves a compile per batch size, here it
   would only cost time."""
   return jax.default_backend() == "cpu"
 
