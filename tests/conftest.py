@@ -11,11 +11,11 @@ import pytest
 os.environ.setdefault("JAXALIGN_COMPILATION_CACHE", "off")
 # The same XLA codegen as the command line (most of the suite's time is compiling).
 from jaxalign import compile_cache  # noqa: E402
+from jaxalign.bench.evaluation import em_data_dir  # noqa: E402
 
 compile_cache.quick_cpu_compile()
 
-EM_DATA = pathlib.Path(os.environ.get("JAXALIGN_EM_DATA",
-                                      pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "em")).resolve()
+EM_DATA = em_data_dir()  # `$JAXALIGN_EM_DATA`, else ../shared/data/em
 
 
 def em_stack_path(name: str) -> pathlib.Path:

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxalign.bench.evaluation import em_data_dir
 from jaxalign.errors import InputError
 from jaxalign.models import seamless as models
 from jaxalign.ops import fields
@@ -25,7 +26,8 @@ FULL_SUPPORT = fields.FULL_SUPPORT
 # A best-sample chunk needs at least this fraction of valid pixels to take part.
 MIN_CHUNK_COVERAGE = 0.5
 DEFAULT_STACKS = (("isbi2012_train", 1), ("gerhard_vnc_stack1", 1), ("flyem_medulla_fibsem", 4))
-DEFAULT_DATA_ROOT = str(pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "em")
+# The shared stacks (`$JAXALIGN_EM_DATA`, else ../shared/data/em): one home, `bench.evaluation.em_data_dir`.
+DEFAULT_DATA_ROOT = str(em_data_dir())
 
 
 # ----------------------------------------------------------------------------------------------

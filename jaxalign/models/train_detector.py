@@ -43,9 +43,10 @@ from flax import nnx
 from jaxalign.models import detector
 from jaxalign.ops import fields
 from jaxalign.bench import groundtruth
+from jaxalign.bench.evaluation import em_data_dir
 from jaxalign.errors import InputError
 
-DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em"
+DEFAULT_DATA_ROOT = em_data_dir()  # `$JAXALIGN_EM_DATA`, else ../shared/data/em
 FORBIDDEN_STACKS = ("damaged_pair_dolw7",)
 DARK_BLOBS = 3
 
