@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import ndimage
 
 from jaxalign.ops import losses
-from jaxalign.models import seamless, train_data, train_encoder, train_pyramid
+from jaxalign.models import nnx_weights, seamless, train_data, train_encoder, train_pyramid
 from jaxalign.errors import InputError
 from tests.conftest import load_sections
 
@@ -309,7 +309,7 @@ def test_malformed_dataset_and_config_dict_are_input_errors(tmp_path):
     train_data.build_dataset(tiny_train_cfg(data_root=str(tmp_path), stacks=(("empty", 1),)))
   with pytest.raises(InputError, match="stack"):
     train_data.make_pairs(np.zeros((1, 8, 8)), jax.random.PRNGKey(0), train_data.AugmentConfig())
-  d = train_data.config_to_dict(tiny_train_cfg())
+  d = nnx_weights.config_to_dict(tiny_train_cfg())
   assert train_data.config_from_dict(d) == tiny_train_cfg()
   d["pyramid"]["levels"][0]["encoder"]["channels"] = "wide"
   with pytest.raises(InputError):

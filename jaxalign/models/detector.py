@@ -501,10 +501,6 @@ def _fit(mask: np.ndarray, shape: Sequence[int], fill: bool) -> np.ndarray:
 # Weights: compact npz of the nnx parameters + JSON config (same format as models.save_weights)
 
 
-def config_to_dict(cfg: DetectorConfig) -> dict:
-  return {"channels": list(cfg.channels), "convs": cfg.convs, "nm_per_px": cfg.nm_per_px}
-
-
 def config_from_dict(d: dict) -> DetectorConfig:
   try:
     return DetectorConfig(channels=tuple(int(c) for c in d["channels"]), convs=int(d["convs"]),
@@ -518,7 +514,7 @@ def save_weights(model: UNet, path, meta: dict | None = None) -> pathlib.Path:
 
   Both are written to temporary names and renamed, so nothing is left half-written.
   """
-  return nnx_weights.save(model, path, {**config_to_dict(model.cfg), "meta": meta or {}})
+  return nnx_weights.save(model, path, {**nnx_weights.config_to_dict(model.cfg), "meta": meta or {}})
 
 
 def load_weights(path) -> UNet:

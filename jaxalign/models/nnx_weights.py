@@ -4,6 +4,7 @@ detector; training checkpoints use orbax instead (jaxalign.models.train_pyramid)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Callable
@@ -13,6 +14,12 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.errors import InputError
+
+
+def config_to_dict(cfg) -> dict:
+  """A (nested) frozen dataclass config -> plain JSON-able dict (tuples become lists): the one
+  serialiser of model and training configs; each config's `*_from_dict` validates on the way back."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def _value(v):

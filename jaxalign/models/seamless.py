@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Any, Sequence
@@ -156,13 +155,8 @@ class PyramidConfig:
   levels: tuple[LevelConfig, ...] = tuple(LevelConfig(mip=m, finetune=default_finetune(m)) for m in (2, 1, 0))
 
 
-def config_to_dict(cfg) -> dict:
-  """Frozen dataclass config -> plain JSON-able dict."""
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
 def pyramid_config_from_dict(d: dict) -> PyramidConfig:
-  """Inverse of `config_to_dict` for `PyramidConfig`; raises InputError naming a malformed entry."""
+  """Inverse of `nnx_weights.config_to_dict` for `PyramidConfig`; raises InputError naming a malformed entry."""
   try:
     levels = []
     for i, lv in enumerate(d["levels"]):
@@ -607,7 +601,7 @@ def save_weights(model: Pyramid, path) -> pathlib.Path:
 
   Both files are written to temporary names first and renamed, so nothing is left half-written.
   """
-  return nnx_weights.save(model, path, config_to_dict(model.cfg))
+  return nnx_weights.save(model, path, nnx_weights.config_to_dict(model.cfg))
 
 
 def load_weights(path) -> Pyramid:

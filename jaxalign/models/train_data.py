@@ -5,7 +5,6 @@ shared stacks, synthetic distortions and artifacts, and the training pairs made 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 from typing import NamedTuple
@@ -157,12 +156,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
       raise InputError(f"train config: {msg}")
 
 
-def config_to_dict(cfg: TrainConfig) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
 def config_from_dict(d: dict) -> TrainConfig:
-  """Inverse of `config_to_dict`; raises InputError on malformed input."""
+  """Inverse of `nnx_weights.config_to_dict`; raises InputError on malformed input."""
   try:
     d = dict(d)
     pyr = models.pyramid_config_from_dict(d.pop("pyramid"))

@@ -40,7 +40,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from jaxalign.models import detector
+from jaxalign.models import detector, nnx_weights
 from jaxalign.ops import fields
 from jaxalign.bench import groundtruth
 from jaxalign.bench.evaluation import em_data_dir
@@ -183,10 +183,6 @@ class DetectorTrainConfig:
   keep_checkpoints: int = 2
   seed: int = 0
   hard_negatives: HardNegativeConfig = HardNegativeConfig()
-
-
-def config_to_dict(cfg: DetectorTrainConfig) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,7 +604,7 @@ def train(cfg: DetectorTrainConfig, workdir, *, datasets: tuple[LabelledSet, Lab
   train_set, val_set = datasets if datasets is not None else build_datasets(cfg, root, mining_model=init)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+  (workdir / "config.json").write_text(json.dumps(nnx_weights.config_to_dict(cfg), indent=1))
   logging.info("detector data: %d train / %d held-out patches (%.1f s)", len(train_set.images),
                len(val_set.images), time.time() - t0)
   model = detector.UNet(cfg.detector, rngs=nnx.Rngs(cfg.seed))

@@ -18,6 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxalign.errors import InputError
+from jaxalign.models import nnx_weights
 from jaxalign.models import seamless as models
 from jaxalign.ops import fields, losses, preprocess
 from jaxalign.models.train_data import (DEFAULT_DATA_ROOT, FULL_SUPPORT, MIN_CHUNK_COVERAGE, AugmentConfig,
@@ -183,10 +184,6 @@ def validate_encoder_config(cfg: EncoderTrainConfig) -> None:
     models.validate_pyramid_config(models.PyramidConfig(levels=(cfg.level_config(),)))
   except InputError as err:
     raise InputError(f"encoder train config: {err}") from None
-
-
-def encoder_config_to_dict(cfg: EncoderTrainConfig) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 class LevelStack(NamedTuple):
@@ -560,7 +557,7 @@ def train_encoder(cfg: EncoderTrainConfig, workdir, *, stacks=None, val_stacks=N
   validate_encoder_config(cfg)
   workdir = pathlib.Path(workdir)
   cfg_path = workdir / "config.json"
-  cfg_dict = encoder_config_to_dict(cfg)
+  cfg_dict = nnx_weights.config_to_dict(cfg)
   if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg_dict:
     raise InputError(f"{workdir} holds a run with a different config; use a new workdir to start over")
   stacks = stacks if stacks is not None else load_level_stacks(cfg, "train")

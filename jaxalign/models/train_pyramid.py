@@ -46,10 +46,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxalign.errors import InputError
+from jaxalign.models import nnx_weights
 from jaxalign.models import seamless as models
 from jaxalign.ops import fields, losses, preprocess
 from jaxalign.models.train_data import (FULL_SUPPORT, MIN_CHUNK_COVERAGE, PairSet, TrainConfig,
-                                       build_dataset, config_to_dict, validate_train_config)
+                                       build_dataset, validate_train_config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +518,7 @@ def train(cfg: TrainConfig, workdir, *, datasets=None, max_steps: int | None = N
   validate_train_config(cfg)
   workdir = pathlib.Path(workdir)
   cfg_path = workdir / "config.json"
-  cfg_dict = config_to_dict(cfg)
+  cfg_dict = nnx_weights.config_to_dict(cfg)
   if cfg_path.exists() and json.loads(cfg_path.read_text()) != cfg_dict:
     raise InputError(f"{workdir} holds a run with a different config; use a new workdir to start over")
   # The dataset is checked before anything is written, so bad input leaves no half-made workdir.
