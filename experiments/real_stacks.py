@@ -348,9 +348,8 @@ def _cpc_maps(aligned: dict, common_pairs: dict, pairs, level: int, chunk: int) 
 
 
 def _low_fraction(maps) -> tuple[float, int, int]:
-  from jaxalign.bench.evaluation import low_cpc_counts
-  from jaxalign.ops.metrics import LOW_CPC_THRESHOLD
-  low, n = low_cpc_counts(maps, LOW_CPC_THRESHOLD)
+  from jaxalign.ops.metrics import low_cpc_counts
+  low, n = low_cpc_counts(maps)
   return (low / n if n else float("nan")), low, n
 
 

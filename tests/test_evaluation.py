@@ -5,6 +5,7 @@ import pytest
 
 from jaxalign.bench import evaluation as ev, groundtruth as gt_mod
 from jaxalign.errors import InputError
+from jaxalign.ops import metrics
 from tests.conftest import em_stack_path, load_sections
 
 CROP = 128
@@ -24,7 +25,11 @@ def test_epe_stats_hand_computed():
 
 def test_low_cpc_counts_and_cpc_map():
   maps = [np.array([[0.1, 0.9], [np.nan, 0.3]]), np.array([[0.2, np.nan]])]
-  assert ev.low_cpc_counts(maps, 0.25) == (2, 4)
+  assert metrics.low_cpc_counts(maps, threshold=0.25) == (2, 4)
+  assert metrics.low_cpc_fraction(maps, threshold=0.25) == 0.5
+  assert np.isnan(metrics.low_cpc_fraction([np.full((2, 2), np.nan)]))
+  stack = np.array([[[0.1, 0.9]], [[np.nan, np.nan]], [[0.2, 0.1]]])  # per section: 1/2, unscored, 2/2
+  np.testing.assert_array_equal(metrics.low_cpc_fraction(stack, axis=(1, 2)), [0.5, np.nan, 1.0])
   rng = np.random.default_rng(0)
   a = rng.uniform(0.1, 1, (64, 64)).astype(np.float32)
   b = (a + 0.3 * rng.uniform(0.1, 1, (64, 64))).astype(np.float32)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from jaxalign.errors import InputError
 from jaxalign.ops.fields import FULL_SUPPORT, downsample_image, level_nearest, warp
 from jaxalign.bench.groundtruth import DistortionConfig, distort_stack
-from jaxalign.ops.metrics import LOW_CPC_THRESHOLD, cpc
+from jaxalign.ops.metrics import LOW_CPC_THRESHOLD, cpc, low_cpc_fraction
 from jaxalign.align.protocols import PairAligner, StackAligner
 
 CASE_FORMAT_VERSION = 1
@@ -315,18 +315,6 @@ def cpc_map(a, b, mask=None, *, level: int = EvalConfig.cpc_level, chunk: int = 
   return np.asarray(cpc(a, b, chunk=chunk, mask=m > 0))
 
 
-def low_cpc_counts(maps, threshold: float = LOW_CPC_THRESHOLD) -> tuple[int, int]:
-  """(chunks below threshold, scored chunks) pooled over CPC maps (NaN chunks are unscored)."""
-  c = np.concatenate([np.asarray(x).ravel() for x in maps]) if len(maps) else np.zeros(0)
-  scored = ~np.isnan(c)
-  return int(np.sum(c[scored] < threshold)), int(scored.sum())
-
-
-def count_fraction(counts: tuple[int, int]) -> float:
-  low, n = counts
-  return low / n if n else float("nan")
-
-
 # ---------------------------------------------------------------------------------------------
 # Running aligners on cases
 
@@ -482,9 +470,9 @@ def score_fields(fields, case: Case, ran=None, *, config: EvalConfig | None = No
     epe_median=s["median"], epe_p95=s["p95"], epe_p99=s["p99"], epe_frac_over=s["frac_over"], epe_n=s["n"],
     near_median=sn["median"], near_p95=sn["p95"], near_frac_over=sn["frac_over"], near_n=sn["n"],
     shift_corrected_median=ss["median"], shift_corrected_p95=ss["p95"],
-    low_cpc=count_fraction(low_cpc_counts(maps, config.cpc_threshold)),
-    low_cpc_gt=count_fraction(low_cpc_counts(maps_gt, config.cpc_threshold)),
-    low_cpc_undistorted=count_fraction(low_cpc_counts(maps_ref, config.cpc_threshold)),
+    low_cpc=low_cpc_fraction(maps, threshold=config.cpc_threshold),
+    low_cpc_gt=low_cpc_fraction(maps_gt, threshold=config.cpc_threshold),
+    low_cpc_undistorted=low_cpc_fraction(maps_ref, threshold=config.cpc_threshold),
   )
 
 

@@ -148,16 +148,6 @@ def _neighbour_cpc(stack: np.ndarray) -> np.ndarray:
   return np.stack([cpc_map(stack[z - 1], stack[z]) for z in range(1, len(stack))])
 
 
-def _low_fraction(maps: np.ndarray, axis=None) -> np.ndarray | float:
-  """Fraction of scored chunks below the paper's 0.25 threshold (NaN chunks unscored)."""
-  from jaxalign.ops.metrics import LOW_CPC_THRESHOLD
-  scored = ~np.isnan(maps)
-  with np.errstate(invalid="ignore"):
-    low = np.sum(scored & (np.nan_to_num(maps, nan=1.0) < LOW_CPC_THRESHOLD), axis=axis)
-    return low / np.maximum(np.sum(scored, axis=axis), 1) if axis is not None else (
-        float(low / scored.sum()) if scored.any() else float("nan"))
-
-
 def _per_section_epe(fields: np.ndarray, case) -> np.ndarray:
   """Median end-point error per section `[Z]` (px) over its scorable pixels; NaN if none."""
   from jaxalign.bench.evaluation import endpoint_errors
@@ -190,6 +180,7 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
   Raises:
     InputError: bad settings or output folder (nothing is written).
   """
+  from jaxalign.ops.metrics import low_cpc_fraction  # deferred: `--help` stays light
   check_config(config)
   out = pathlib.Path(output).resolve()
   _check_output(out, overwrite)
@@ -252,7 +243,7 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
             "EPE p95 (px)": s["epe_p95"] if s else float("nan"),
             "EPE > 2 px (%)": 100 * s["epe_frac_over"] if s else float("nan"),
             "low CPC vs truth (%)": 100 * s["low_cpc"] if s else float("nan"),
-            "neighbour low CPC (%)": 100 * _low_fraction(maps),
+            "neighbour low CPC (%)": 100 * low_cpc_fraction(maps),
             "area change p1–p99": spread(d),
             "residual area change": spread(residual)}
 
@@ -297,7 +288,7 @@ def run_demo(output: str | os.PathLike, config: DemoConfig = DemoConfig(), *, ov
         per_section={
           "median EPE (px) vs known distortion": epe,
           # entry z is the pair (z-1, z), so the curves share the EPE panel's x axis
-          "neighbour low-CPC fraction (z-1, z)": {k: np.concatenate([[np.nan], _low_fraction(v, axis=(1, 2))])
+          "neighbour low-CPC fraction (z-1, z)": {k: np.concatenate([[np.nan], low_cpc_fraction(v, axis=(1, 2))])
                                                   for k, v in cpc_maps.items() if k != "exact inverse"},
         },
         summary=summary_rows,

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from jaxalign.errors import InputError
 from jaxalign.bench.evaluation import WORST_CHUNKS, cpc_scale
+from jaxalign.ops.metrics import low_cpc_fraction
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ground_truth", None, "ground-truth case directory (case.json + arrays.npz)")
@@ -76,7 +77,7 @@ def neighbour_cpc(stack, *, level: int, chunk: int, progress: bool = False, desc
     any_data = any_data or bool(np.any(cur))
     m = ev.cpc_map(prev, cur, level=level, chunk=chunk)
     maps.append(m)
-    fracs.append(ev.count_fraction(ev.low_cpc_counts([m])))
+    fracs.append(low_cpc_fraction([m]))
     prev = cur
   if not any_data:
     raise InputError("the volume has no data (every section is all zeros)")
@@ -230,7 +231,7 @@ def main(argv):
   maps, fracs = neighbour_cpc(vol, level=level, chunk=chunk, progress=FLAGS.progress, desc="cpc")
   summary: dict = dict(volume=url, shape=list(shape), resolution_nm=list(vol.resolution), level=level,
                        chunk=chunk, cpc_nm_per_px=cpc_nm, threshold=threshold,
-                       low_cpc=ev.count_fraction(ev.low_cpc_counts(maps, threshold)), low_cpc_per_pair=fracs)
+                       low_cpc=low_cpc_fraction(maps, threshold=threshold), low_cpc_per_pair=fracs)
   worst = ev.worst_chunks(maps, level=level, chunk=chunk, count=FLAGS.worst_chunks)
   rows = [("volume", summary["low_cpc"])]
   all_maps = {"volume": maps}
@@ -238,7 +239,7 @@ def main(argv):
     for name, stack in (("distorted input", case.src), ("undistorted original", case.tgt)):
       m, _ = neighbour_cpc(stack, level=level, chunk=chunk)
       all_maps[name] = m
-      summary[f"low_cpc_{name.split()[0]}"] = ev.count_fraction(ev.low_cpc_counts(m, threshold))
+      summary[f"low_cpc_{name.split()[0]}"] = low_cpc_fraction(m, threshold=threshold)
       rows.append((name, summary[f"low_cpc_{name.split()[0]}"]))
   deform = None
   if fvol is None:

@@ -57,14 +57,34 @@ def cpc(a: jax.Array, b: jax.Array, *, chunk: int = 64, mask: jax.Array | None =
   return jnp.where(enough, cov / jnp.where(denom > 0, denom, 1.0), jnp.nan)
 
 
-def low_cpc_fraction(cpc_map: jax.Array, threshold: float = LOW_CPC_THRESHOLD) -> float:
-  """Fraction of scored (non-NaN) chunks with CPC < threshold; NaN if no chunk was scored."""
-  c = jnp.asarray(cpc_map)
-  scored = ~jnp.isnan(c)
-  n = int(scored.sum())
-  if n == 0:
-    return float("nan")
-  return float(jnp.sum(scored & (c < threshold)) / n)
+def low_cpc_counts(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD) -> tuple[int, int]:
+  """(chunks with CPC < `threshold`, scored chunks), pooled over one CPC map or a sequence of maps of
+  any shapes; NaN chunks (too little tissue) are unscored. Sum counts over runs, then divide."""
+  maps = [cpc_maps] if hasattr(cpc_maps, "shape") else list(cpc_maps)
+  c = np.concatenate([np.asarray(m, np.float64).ravel() for m in maps]) if maps else np.zeros(0)
+  scored = ~np.isnan(c)
+  return int(np.sum(c[scored] < threshold)), int(scored.sum())
+
+
+def low_cpc_fraction(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD, axis=None):
+  """Fraction of scored chunks with CPC < `threshold` (the paper's criterion), NaN where none is scored.
+
+  Args:
+    cpc_maps: a CPC map (e.g. `[..., H/chunk, W/chunk]` from `cpc`) or a sequence of maps, pooled.
+    threshold: CPC below which a chunk counts as misaligned.
+    axis: with one array, the axes to reduce (e.g. `(1, 2)` for one fraction per section of a
+      `[Z, h, w]` stack of maps); None pools everything into one float.
+  Returns:
+    float (axis None) or an array over the remaining axes.
+  """
+  if axis is None:
+    low, n = low_cpc_counts(cpc_maps, threshold=threshold)
+    return low / n if n else float("nan")
+  c = np.asarray(cpc_maps, np.float64)
+  scored = ~np.isnan(c)
+  low = np.sum(scored & (np.nan_to_num(c, nan=np.inf) < threshold), axis=axis)
+  n = np.sum(scored, axis=axis)
+  return np.where(n > 0, low / np.maximum(n, 1), np.nan)
 
 
 # --------------------------------------------------------------------------- tissue deformation
