@@ -467,3 +467,18 @@ def test_empty_or_missing_encoder_dataset_is_input_error(tmp_path, tiny_level_st
     with pytest.raises(InputError, match="at least 2"):
       train_encoder.load_level_stacks(tiny_encoder_cfg(stacks=(("isbi2012_train", 4.0, 0, 1, 1),),
                                                data_root=train_data.DEFAULT_DATA_ROOT))
+
+
+def test_validation_epe_in_mip0_pixels_over_pixels_with_data():
+  # Fields off by (3, 4) level px everywhere: 5 level px = 5 * 2**mip MIP-0 px; the tgt's empty left
+  # half is not scored (its error is set to 100 px there to show it).
+  n, h, w = 2, 16, 16
+  src = np.ones((n, h, w), np.float32)
+  tgt = np.ones((n, h, w), np.float32)
+  tgt[:, :, : w // 2] = 0.0
+  gt = np.zeros((n, h, w, 2), np.float32)
+  pred = np.broadcast_to(np.array([3.0, 4.0], np.float32), (n, h, w, 2)).copy()
+  pred[:, :, : w // 2] = [60.0, 80.0]
+  data = train_pyramid.LevelData(src, tgt, np.zeros_like(src), np.zeros_like(gt), gt)
+  out = train_pyramid.epe(pred, data, mip=2)
+  assert out["epe_mean"] == pytest.approx(20.0) and out["epe_p95"] == pytest.approx(20.0)

@@ -45,6 +45,7 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxalign.bench.evaluation import endpoint_errors
 from jaxalign.errors import InputError
 from jaxalign.models import nnx_weights
 from jaxalign.models import seamless as models
@@ -230,21 +231,14 @@ def _field_up(f: np.ndarray, from_mip: int, to_mip: int) -> np.ndarray:
 
 
 @jax.jit
-def _epe_stats(field, gt, src, tgt, scale):
-  """Mean and p95 endpoint error (MIP-0 px) over pixels where both images have data."""
-  valid = (fields.warp((src != 0).astype(jnp.float32), gt) > FULL_SUPPORT) & (tgt != 0)
-  err = jnp.linalg.norm(field - gt, axis=-1) * scale
-  mean = jnp.sum(jnp.where(valid, err, 0.0)) / jnp.maximum(valid.sum(), 1)
-  return mean, err, valid
-
-
 def epe(fields_: np.ndarray, data: LevelData, mip: int) -> dict:
-  """Endpoint error of fields `[N, h, w, 2]` vs ground truth, in MIP-0 pixels (mean and p95)."""
+  """Endpoint error of fields `[N, h, w, 2]` vs ground truth, in MIP-0 pixels (mean and p95), over the
+  pixels where both images have data."""
   errs = []
   for i in range(fields_.shape[0]):
-    _, err, valid = _epe_stats(jnp.asarray(fields_[i]), jnp.asarray(data.gt[i]), jnp.asarray(data.src[i]),
-                               jnp.asarray(data.tgt[i]), float(2 ** mip))
-    errs.append(np.asarray(err)[np.asarray(valid)])
+    valid = (np.asarray(fields.warp(jnp.asarray(data.src[i] != 0, jnp.float32), jnp.asarray(data.gt[i])))
+             > FULL_SUPPORT) & (np.asarray(data.tgt[i]) != 0)
+    errs.append(endpoint_errors(fields_[i], data.gt[i])[valid] * float(2 ** mip))
   allerr = np.concatenate(errs) if errs else np.zeros(1)
   return {"epe_mean": float(allerr.mean()), "epe_p95": float(np.percentile(allerr, 95))}
 
