@@ -230,7 +230,6 @@ def _field_up(f: np.ndarray, from_mip: int, to_mip: int) -> np.ndarray:
   return np.asarray(models.field_to_mip(jnp.asarray(f), from_mip, to_mip))
 
 
-@jax.jit
 def epe(fields_: np.ndarray, data: LevelData, mip: int) -> dict:
   """Endpoint error of fields `[N, h, w, 2]` vs ground truth, in MIP-0 pixels (mean and p95), over the
   pixels where both images have data."""
