@@ -10,6 +10,7 @@ import pytest
 
 from jaxalign.ops import fields, preprocess
 from jaxalign.align.finetuner import FinetuneConfig, finetune, finetune_batch
+from jaxalign.errors import InputError
 from tests.conftest import load_sections
 
 N = 128
@@ -68,9 +69,10 @@ def test_plateau_stops_early_on_identical_images(img):
 
 
 def test_config_validation():
-  with pytest.raises(ValueError):
+  # InputError like every other config (exit status 2 at the command line), naming the setting.
+  with pytest.raises(InputError, match="schedule"):
     FinetuneConfig(schedule="bogus")
-  with pytest.raises(ValueError):
+  with pytest.raises(InputError, match="iterations"):
     FinetuneConfig(iterations=0)
 
 

@@ -76,17 +76,17 @@ class FinetuneConfig:
 
   def __post_init__(self):
     if self.iterations < 1:
-      raise ValueError(f"FinetuneConfig.iterations must be >= 1, got {self.iterations}")
+      raise InputError(f"FinetuneConfig.iterations must be >= 1, got {self.iterations}")
     if self.learning_rate <= 0:
-      raise ValueError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}")
+      raise InputError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}")
     if self.schedule not in ("cosine", "exponential", "constant"):
-      raise ValueError(f"FinetuneConfig.schedule must be cosine|exponential|constant, got {self.schedule!r}")
+      raise InputError(f"FinetuneConfig.schedule must be cosine|exponential|constant, got {self.schedule!r}")
     if self.optimizer not in ("adam", "sgd"):
-      raise ValueError(f"FinetuneConfig.optimizer must be adam|sgd, got {self.optimizer!r}")
+      raise InputError(f"FinetuneConfig.optimizer must be adam|sgd, got {self.optimizer!r}")
     if self.gamma < 0:
-      raise ValueError(f"FinetuneConfig.gamma must be >= 0, got {self.gamma}")
+      raise InputError(f"FinetuneConfig.gamma must be >= 0, got {self.gamma}")
     if not 0 < self.final_lr_fraction <= 1:
-      raise ValueError(f"FinetuneConfig.final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
+      raise InputError(f"FinetuneConfig.final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
 
 
 class FinetuneStats(NamedTuple):
