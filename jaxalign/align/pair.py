@@ -30,7 +30,7 @@ import functools
 import importlib
 import inspect
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from jaxalign.ops import losses as _losses
 from jaxalign.ops import preprocess as _preprocess
 from jaxalign.ops import tears as _tears
 from jaxalign.align.finetuner import FinetuneConfig, FinetuneStats, finetune_core
+from jaxalign.align.protocols import PairAligner
 
 # Per-level defaults, level 0 (full resolution) first. Coarse levels are cheap, so they get many
 # steps and a strong elastic prior (paper: gamma 5-25, larger at coarser levels); full resolution gets
@@ -606,7 +607,7 @@ def with_resolution(config: PairConfig | None, resolution_nm) -> PairConfig:
   return dataclasses.replace(config, resolution_nm=res)
 
 
-def align_pair(src, tgt, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
+def align_pair(src, tgt, *, model: PairAligner | None = None, src_defects=None, tgt_defects=None,
                resolution_nm=None, config: PairConfig | None = None, init_field=None,
                return_stats: bool = False):
   """Aligns `src` to `tgt`: returns `f` with `warp(src, f) ≈ tgt`.
@@ -664,7 +665,7 @@ def pairs_one_by_one() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def align_pairs(srcs, tgts, *, model: Callable | None = None, src_defects=None, tgt_defects=None,
+def align_pairs(srcs, tgts, *, model: PairAligner | None = None, src_defects=None, tgt_defects=None,
                 resolution_nm=None, config: PairConfig | None = None, init_fields=None,
                 return_stats: bool = False):
   """`align_pair` for a batch of pairs in one jitted, vmapped call (compiled once per (B, H, W)).
