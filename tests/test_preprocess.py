@@ -90,9 +90,9 @@ def test_dilate_erode_match_scipy():
   from scipy import ndimage as ndi
   rng = np.random.default_rng(3)
   mask = rng.random((2, 23, 31)) > 0.85
-  square = np.zeros((1, 5, 5), bool)
-  square[0] = True
-  np.testing.assert_array_equal(np.asarray(preprocess.dilate(mask, 2)), ndi.binary_dilation(mask, square))
-  np.testing.assert_array_equal(np.asarray(preprocess.erode(~mask, 2)),
-                                ndi.binary_erosion(~mask, square, border_value=1))
+  for radius in (2, 8):  # 8: windows wider than a third of the image (borders on both sides)
+    square = np.ones((1, 2 * radius + 1, 2 * radius + 1), bool)
+    np.testing.assert_array_equal(np.asarray(preprocess.dilate(mask, radius)), ndi.binary_dilation(mask, square))
+    np.testing.assert_array_equal(np.asarray(preprocess.erode(~mask, radius)),
+                                  ndi.binary_erosion(~mask, square, border_value=1))
   np.testing.assert_array_equal(np.asarray(preprocess.dilate(mask, 0)), mask)
