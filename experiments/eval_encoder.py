@@ -173,7 +173,7 @@ def stripe_ratio(p, pyr) -> dict:
   res = p["resolution"]
   mip = pyr.level_mips(res)[-1]
   level_img = lambda x: np.asarray(preprocess.normalize(fields.pyramid(
-      jnp.asarray(x[:x.shape[0] - x.shape[0] % 2 ** mip, :x.shape[1] - x.shape[1] % 2 ** mip]), mip + 1, "mean")[mip]))
+      jnp.asarray(x[:x.shape[0] - x.shape[0] % 2 ** mip, :x.shape[1] - x.shape[1] % 2 ** mip]), mip + 1, reduce="mean")[mip]))
   enc = lambda x: np.asarray(pyr.encode(x, resolution_nm=res))
   period, theta = p["period_px"] / 2 ** mip, p["theta"]
   ci, si = level_img(p["clean_tgt"]), level_img(p["tgt"])

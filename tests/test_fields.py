@@ -199,12 +199,12 @@ def test_strided_median_filter_vs_scipy_footprint():
   rng = np.random.default_rng(3)
   f = rng.normal(size=(50, 70, 2))
   foot = (np.arange(45) % 2 == 0)
-  out = np.asarray(ja.median_filter_field(jnp.float32(f), 45, 2))
+  out = np.asarray(ja.median_filter_field(jnp.float32(f), 45, stride=2))
   ref = ndimage.median_filter(f, footprint=foot[None, :, None], mode="nearest")
   ref = ndimage.median_filter(ref, footprint=foot[:, None, None], mode="nearest")
   np.testing.assert_allclose(out, ref, atol=1e-6)
   with pytest.raises(ja.InputError, match="stride"):
-    ja.median_filter_field(jnp.float32(f), 31, 2)
+    ja.median_filter_field(jnp.float32(f), 31, stride=2)
 
 
 def test_median_filter_keeps_trends_and_tears_drops_compact_excursions():

@@ -264,7 +264,7 @@ def test_shipped_encoder_suppresses_stripes_and_beats_raw_finetuner():
   assert np.percentile(e_enc, 95) < 0.9 * np.percentile(e_raw, 95), (np.percentile(e_enc, 95), np.percentile(e_raw, 95))
   # stripe energy at the stripe frequency (tgt, 60 px = 7.5 px at the encoder's 32 nm level)
   mip = pyr.level_mips(4.0)[0]
-  level = lambda x: np.asarray(preprocess.normalize(fields.pyramid(jnp.asarray(x), mip + 1, "mean")[mip]))
+  level = lambda x: np.asarray(preprocess.normalize(fields.pyramid(jnp.asarray(x), mip + 1, reduce="mean")[mip]))
   enc = lambda x: np.asarray(pyr.encode(x, resolution_nm=4.0))
   f_img = train_encoder.stripe_power_fraction(level(clean_tgt), level(tgt), TGT_PERIOD / 2 ** mip, 1.9)
   f_e = train_encoder.stripe_power_fraction(enc(clean_tgt), enc(tgt), TGT_PERIOD / 2 ** mip, 1.9)

@@ -394,7 +394,7 @@ def _replace_excursions(field, size: int, stride: int, keep: float, replace: flo
   """
   if size <= 1:
     return field
-  median = _fields.median_filter_field(field, size, stride)
+  median = _fields.median_filter_field(field, size, stride=stride)
   departure = jnp.linalg.norm(field - median, axis=-1, keepdims=True)
   weight = jnp.clip((departure - keep) / (replace - keep), 0.0, 1.0)
   return field + weight * (median - field)
@@ -423,17 +423,17 @@ def _coarse_to_fine(src, tgt, src_valid, tgt_valid, src_defects, tgt_defects, in
   Returns:
     (`[H, W, 2]` field, PairStats).
   """
-  src_p = _fields.pyramid(src * src_valid, levels, "mean")
-  tgt_p = _fields.pyramid(tgt * tgt_valid, levels, "mean")
-  sv_p = _fields.pyramid(src_valid, levels, "min")
-  tv_p = _fields.pyramid(tgt_valid, levels, "min")
+  src_p = _fields.pyramid(src * src_valid, levels, reduce="mean")
+  tgt_p = _fields.pyramid(tgt * tgt_valid, levels, reduce="mean")
+  sv_p = _fields.pyramid(src_valid, levels, reduce="min")
+  tv_p = _fields.pyramid(tgt_valid, levels, reduce="min")
   # Tissue masks (min) already exclude any coarse pixel touched by a defect, which keeps defects out of
   # the MSE. Springs across src defects are cut at every level from the full-resolution mask
   # (`jaxalign.ops.tears`), so the field can tear at coarse levels where a crack is sub-pixel; tgt defects
   # cut the springs of the coarse pixels they mostly cover.
   has_src_defects = jnp.any(src_defects > 0) if tears else False
-  sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, "mean")]
-  td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, "mean")]
+  sd_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(src_defects, levels, reduce="mean")]
+  td_p = [m >= RESOLVED_DEFECT_FRACTION for m in _fields.pyramid(tgt_defects, levels, reduce="mean")]
   init_p, ref_p = [init_field], [median_reference]
   for _ in range(levels - 1):
     init_p.append(_fields.downsample_field(init_p[-1]))

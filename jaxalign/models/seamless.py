@@ -498,10 +498,10 @@ class Pyramid(nnx.Module):
     init_p = jnp.asarray(np.pad(init, pad2 + ((0, 0),)))
 
     n_mips = mips[0] + 1
-    src_mips = fields.pyramid(src_p, n_mips, "mean")
-    tgt_mips = fields.pyramid(tgt_p, n_mips, "mean")
-    sdef_mips = fields.pyramid(sdef_p.astype(jnp.float32), n_mips, "max")
-    tdef_mips = fields.pyramid(tdef_p.astype(jnp.float32), n_mips, "max")
+    src_mips = fields.pyramid(src_p, n_mips, reduce="mean")
+    tgt_mips = fields.pyramid(tgt_p, n_mips, reduce="mean")
+    sdef_mips = fields.pyramid(sdef_p.astype(jnp.float32), n_mips, reduce="max")
+    tdef_mips = fields.pyramid(tdef_p.astype(jnp.float32), n_mips, reduce="max")
 
     field, field_mip = init_p, 0
     for level, mip in zip(self.levels, mips):
@@ -535,7 +535,7 @@ class Pyramid(nnx.Module):
     mip = mips[level]
     m = self._multiple(mips)
     img = jnp.asarray(np.pad(image, ((0, -image.shape[0] % m), (0, -image.shape[1] % m))))
-    img = fields.pyramid(img, mip + 1, "mean")[mip]
+    img = fields.pyramid(img, mip + 1, reduce="mean")[mip]
     enc = lv.encode(img[None])[0]
     sh, sw = -(-image.shape[0] // 2 ** mip), -(-image.shape[1] // 2 ** mip)
     return enc[:sh, :sw]
@@ -575,12 +575,12 @@ def finetune_encodings(src_enc, tgt_enc, init_field, *, src_mask, tgt_mask, src_
   sdp, tdp, init = [sd], [td], [jnp.asarray(init_field, jnp.float32)]
   for _ in range(levels):
     # Tissue masks by min (DESIGN.md §1), encodings averaged and zeroed off tissue.
-    sm.append(fields.downsample_image(sm[-1], "min"))
-    tm.append(fields.downsample_image(tm[-1], "min"))
+    sm.append(fields.downsample_image(sm[-1], reduce="min"))
+    tm.append(fields.downsample_image(tm[-1], reduce="min"))
     se.append(down_channels_last(se[-1][None])[0] * sm[-1][..., None])
     te.append(down_channels_last(te[-1][None])[0] * tm[-1][..., None])
-    sdp.append(fields.downsample_image(sdp[-1], "max"))
-    tdp.append(fields.downsample_image(tdp[-1], "max"))
+    sdp.append(fields.downsample_image(sdp[-1], reduce="max"))
+    tdp.append(fields.downsample_image(tdp[-1], reduce="max"))
     init.append(fields.downsample_field(init[-1]))
   field = init[-1]
   for k in range(levels, -1, -1):

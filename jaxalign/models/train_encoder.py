@@ -208,7 +208,7 @@ def load_level_stacks(cfg: EncoderTrainConfig, which: str = "train") -> list[Lev
     mip = fields.level_nearest(nm, cfg.nm)
     h, w = secs.shape[1:]
     secs = secs[:, :h - h % 2 ** mip, :w - w % 2 ** mip]
-    level = np.asarray(fields.pyramid(jnp.asarray(secs), mip + 1, "mean")[mip], np.float32)
+    level = np.asarray(fields.pyramid(jnp.asarray(secs), mip + 1, reduce="mean")[mip], np.float32)
     if min(level.shape[1:]) < cfg.crop:
       raise InputError(f"{which} stack {name!r}: {level.shape[1]}x{level.shape[2]} px at {nm * 2 ** mip:g} nm "
                        f"is smaller than the crop {cfg.crop}")

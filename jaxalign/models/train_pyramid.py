@@ -188,8 +188,8 @@ class LevelData(NamedTuple):
 
 @jax.jit
 def _down_pair(src, tgt, sdef, gt):
-  return (fields.downsample_image(src, "mean"), fields.downsample_image(tgt, "mean"),
-          fields.downsample_image(sdef, "max"), fields.downsample_field(gt))
+  return (fields.downsample_image(src, reduce="mean"), fields.downsample_image(tgt, reduce="mean"),
+          fields.downsample_image(sdef, reduce="max"), fields.downsample_field(gt))
 
 
 def level_data(ps: PairSet, mip: int, init: np.ndarray | None) -> LevelData:

@@ -258,8 +258,9 @@ def _check_even(shape, what: str) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("reduce",))
-def downsample_image(image: jax.Array, reduce: str = "mean") -> jax.Array:
-  """One MIP level down: `[..., H, W]` -> `[..., H/2, W/2]` by 2x2 mean, max or min.
+def downsample_image(image: jax.Array, *, reduce: str = "mean") -> jax.Array:
+  """One MIP level down: `[..., H, W]` -> `[..., H/2, W/2]` by 2x2 mean, max or min (each output pixel
+  covers 2x2 input pixels: twice the nm per px).
 
   Images use "mean", defect masks "max", tissue masks "min" (DESIGN.md §1).
   """
@@ -318,8 +319,9 @@ def level_nearest(pixel_nm: float, target_nm: float) -> int:
   return max(0, int(round(math.log2(target_nm / pixel_nm))))
 
 
-def pyramid(image: jax.Array, levels: int, reduce: str = "mean") -> list[jax.Array]:
-  """MIP pyramid `[level 0 = image, level 1, ..., level levels-1]`, each `[..., H/2^k, W/2^k]`.
+def pyramid(image: jax.Array, levels: int, *, reduce: str = "mean") -> list[jax.Array]:
+  """MIP pyramid `[level 0 = image, level 1, ..., level levels-1]`, each `[..., H/2^k, W/2^k]`
+  (level k: 2^k times the input's nm per px).
 
   Args:
     image: `[..., H, W]` float32 (H, W divisible by 2**(levels-1)).
@@ -343,7 +345,7 @@ def gaussian_kernel(sigma: float) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("sigma", "border"))
-def gaussian_blur(image: jax.Array, sigma: float, border: str = "reflect") -> jax.Array:
+def gaussian_blur(image: jax.Array, sigma: float, *, border: str = "reflect") -> jax.Array:
   """Separable Gaussian blur over the last two axes, reflect-padded.
 
   Args:
@@ -375,10 +377,10 @@ def gaussian_blur(image: jax.Array, sigma: float, border: str = "reflect") -> ja
 
 
 @functools.partial(jax.jit, static_argnames=("sigma", "border"))
-def blur_field(field: jax.Array, sigma: float, border: str = "reflect") -> jax.Array:
+def blur_field(field: jax.Array, sigma: float, *, border: str = "reflect") -> jax.Array:
   """Gaussian blur of each component of `[..., H, W, 2]` over (H, W); sigma in pixels and `border`
   as `gaussian_blur` (static)."""
-  return jnp.moveaxis(gaussian_blur(jnp.moveaxis(field, -1, 0), sigma, border), 0, -1)
+  return jnp.moveaxis(gaussian_blur(jnp.moveaxis(field, -1, 0), sigma, border=border), 0, -1)
 
 
 # --------------------------------------------------------------------------- median filter
@@ -460,7 +462,7 @@ def _median_along(x: jax.Array, size: int, stride: int, axis: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("size", "stride"))
-def median_filter_field(field: jax.Array, size: int, stride: int = 1) -> jax.Array:
+def median_filter_field(field: jax.Array, size: int, *, stride: int = 1) -> jax.Array:
   """Separable median filter of each component of a field: a running median of `size` pixels along
   x, then along y (an approximation of the 2-D `size`² median), borders edge-replicated.
 

@@ -68,7 +68,8 @@ def elastic_energy(field: jax.Array, mask: jax.Array | None = None) -> jax.Array
 
 @jax.jit
 def masked_mean(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Weighted mean of `x` over all axes; `mask` (bool or weights) broadcasts to `x`. Scalar.
+  """Weighted mean of `x` `[...]` (any units, e.g. squared intensity per pixel) over all axes; `mask`
+  (bool or weights) broadcasts to `x`. Scalar.
 
   An all-zero mask gives 0 (not NaN) so optimisation on empty regions stays finite.
   """

@@ -70,7 +70,8 @@ def low_cpc_fraction(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD, axis=Non
   """Fraction of scored chunks with CPC < `threshold` (the paper's criterion), NaN where none is scored.
 
   Args:
-    cpc_maps: a CPC map (e.g. `[..., H/chunk, W/chunk]` from `cpc`) or a sequence of maps, pooled.
+    cpc_maps: a CPC map (e.g. `[..., H/chunk, W/chunk]` from `cpc`, one value per chunk of `chunk` px)
+      or a sequence of maps, pooled.
     threshold: CPC below which a chunk counts as misaligned.
     axis: with one array, the axes to reduce (e.g. `(1, 2)` for one fraction per section of a
       `[Z, h, w]` stack of maps); None pools everything into one float.
