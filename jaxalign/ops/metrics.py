@@ -57,13 +57,21 @@ def cpc(a: jax.Array, b: jax.Array, *, chunk: int = 64, mask: jax.Array | None =
   return jnp.where(enough, cov / jnp.where(denom > 0, denom, 1.0), jnp.nan)
 
 
-def low_cpc_counts(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD) -> tuple[int, int]:
-  """(chunks with CPC < `threshold`, scored chunks), pooled over one CPC map or a sequence of maps of
-  any shapes; NaN chunks (too little tissue) are unscored. Sum counts over runs, then divide."""
-  maps = [cpc_maps] if hasattr(cpc_maps, "shape") else list(cpc_maps)
-  c = np.concatenate([np.asarray(m, np.float64).ravel() for m in maps]) if maps else np.zeros(0)
+def low_cpc_counts(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD, axis=None):
+  """(chunks with CPC < `threshold`, scored chunks); NaN chunks (too little tissue) are unscored.
+
+  With `axis` None, pooled over one CPC map or a sequence of maps of any shapes (two ints: sum counts
+  over runs, then divide); with `axis`, per remaining axis of one array (two int arrays).
+  """
+  if axis is None:
+    maps = [cpc_maps] if hasattr(cpc_maps, "shape") else list(cpc_maps)
+    c = np.concatenate([np.asarray(m, np.float64).ravel() for m in maps]) if maps else np.zeros(0)
+  else:
+    c = np.asarray(cpc_maps, np.float64)
   scored = ~np.isnan(c)
-  return int(np.sum(c[scored] < threshold)), int(scored.sum())
+  low = np.sum(scored & (np.nan_to_num(c, nan=np.inf) < threshold), axis=axis)
+  n = np.sum(scored, axis=axis)
+  return (int(low), int(n)) if axis is None else (low, n)
 
 
 def low_cpc_fraction(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD, axis=None):
@@ -78,13 +86,9 @@ def low_cpc_fraction(cpc_maps, *, threshold: float = LOW_CPC_THRESHOLD, axis=Non
   Returns:
     float (axis None) or an array over the remaining axes.
   """
+  low, n = low_cpc_counts(cpc_maps, threshold=threshold, axis=axis)
   if axis is None:
-    low, n = low_cpc_counts(cpc_maps, threshold=threshold)
     return low / n if n else float("nan")
-  c = np.asarray(cpc_maps, np.float64)
-  scored = ~np.isnan(c)
-  low = np.sum(scored & (np.nan_to_num(c, nan=np.inf) < threshold), axis=axis)
-  n = np.sum(scored, axis=axis)
   return np.where(n > 0, low / np.maximum(n, 1), np.nan)
 
 
